@@ -1,0 +1,40 @@
+"""The service's settings: one typed object, read once from the environment at start."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment variables of the same names (case-insensitive) set these fields."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Unset: an embedded Postgres is started under DATA_DIR (local runs and tests).
+    database_url: SecretStr | None = None
+    data_dir: str = ".data"
+    db_pool_min_size: int = Field(default=2, ge=1)
+    db_pool_max_size: int = Field(default=10, ge=1)
+    # Bounds every statement so a stuck database surfaces as UNAVAILABLE, not a hang.
+    db_command_timeout_s: float = Field(default=5.0, gt=0)
+
+    grpc_host: str = "[::]"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    # Comma-separated; several keys at once allow rotation without downtime.
+    admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # How long SIGTERM waits for in-flight calls before cancelling them.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # How long SIGTERM keeps serving while health says NOT_SERVING, so that Envoy's
+    # health check (1 s interval) takes the server out before its port closes.
+    shutdown_drain_s: float = Field(default=2.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("admin_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value

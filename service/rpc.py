@@ -1,0 +1,71 @@
+"""The InvoiceService servicer: protobuf in, validation, domain calls, protobuf out.
+It knows no SQL and no status codes; domain errors are mapped in interceptors."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from service import validation
+from service.domain import Invoice, InvoicePage, NewInvoice, Page, Unimplemented
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+
+
+class InvoiceStore(Protocol):
+    async def list_invoices(self, page: Page) -> InvoicePage: ...
+    async def get_invoice(self, key: str) -> Invoice: ...
+
+
+def invoice_message(invoice: Invoice) -> pb.Invoice:
+    created, updated = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+    created.FromDatetime(invoice.created_at)
+    updated.FromDatetime(invoice.updated_at)
+    return pb.Invoice(
+        id=invoice.id,
+        invoice_id=invoice.stripe_invoice_id,
+        user=pb.User(id=invoice.user.id, name=invoice.user.name),
+        status=invoice.status,
+        amount=invoice.amount,
+        invoice_pdf=invoice.invoice_pdf,
+        created_at=created,
+        updated_at=updated,
+    )
+
+
+def new_invoice(request: pb.CreateInvoiceRequest) -> NewInvoice:
+    return validation.new_invoice(
+        ((item.name, item.amount) for item in request.items), request.customer, request.payment_method
+    )
+
+
+class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
+    def __init__(self, store: InvoiceStore) -> None:
+        self._store = store
+
+    async def ListInvoices(
+        self,
+        request: pb.ListInvoicesRequest,
+        context: grpc.aio.ServicerContext[pb.ListInvoicesRequest, pb.ListInvoicesResponse],
+    ) -> pb.ListInvoicesResponse:
+        page = validation.page(
+            request.page if request.HasField("page") else None,
+            request.limit if request.HasField("limit") else None,
+        )
+        result = await self._store.list_invoices(page)
+        return pb.ListInvoicesResponse(invoices=[invoice_message(i) for i in result.invoices], count=result.total)
+
+    async def GetInvoice(
+        self, request: pb.GetInvoiceRequest, context: grpc.aio.ServicerContext[pb.GetInvoiceRequest, pb.Invoice]
+    ) -> pb.Invoice:
+        return invoice_message(await self._store.get_invoice(validation.invoice_id(request.id)))
+
+    async def CreateInvoice(
+        self,
+        request: pb.CreateInvoiceRequest,
+        context: grpc.aio.ServicerContext[pb.CreateInvoiceRequest, struct_pb2.Struct],
+    ) -> struct_pb2.Struct:
+        new_invoice(request)
+        raise Unimplemented("creating invoices in Stripe is not available yet")

@@ -1,0 +1,65 @@
+"""Turns raw request values into domain values, or raises InvalidArgument naming the
+field. Kept free of protobuf so the same rules serve every edge."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from service.domain import InvalidArgument, NewInvoice, NewItem, Page
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+MAX_ITEMS = 100
+# Stripe refuses amounts above eight digits in minor units.
+MAX_AMOUNT = 99_999_999
+MAX_NAME_LENGTH = 500
+# Deep pages cost an OFFSET scan; past this, callers must narrow the query.
+MAX_PAGE = 1_000_000
+
+RECORD_ID = re.compile(r"[0-9a-f]{24}")
+STRIPE_ID = {prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm")}
+
+
+def page(number: int | None, limit: int | None) -> Page:
+    number = 1 if number is None else number
+    limit = DEFAULT_PAGE_SIZE if limit is None else limit
+    if not 1 <= number <= MAX_PAGE:
+        raise InvalidArgument("page", f"must be between 1 and {MAX_PAGE}, got {number}")
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidArgument("limit", f"must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+    return Page(number=number, limit=limit)
+
+
+def invoice_id(value: str) -> str:
+    """An id is the service's own 24-hex-digit id or Stripe's `in_...` id."""
+    if RECORD_ID.fullmatch(value) or STRIPE_ID["in"].fullmatch(value):
+        return value
+    raise InvalidArgument("id", "must be 24 lowercase hex digits or a Stripe invoice id (in_...)")
+
+
+def _stripe_id(field: str, prefix: str, value: str) -> str:
+    if not STRIPE_ID[prefix].fullmatch(value):
+        raise InvalidArgument(field, f"must be a Stripe id of the form {prefix}_...")
+    return value
+
+
+def new_invoice(items: Iterable[tuple[str, int]], customer: str, payment_method: str) -> NewInvoice:
+    checked = []
+    for i, (name, amount) in enumerate(items):
+        if not name.strip():
+            raise InvalidArgument(f"items[{i}].name", "must not be blank")
+        if len(name) > MAX_NAME_LENGTH:
+            raise InvalidArgument(f"items[{i}].name", f"must be at most {MAX_NAME_LENGTH} characters")
+        if not 0 < amount <= MAX_AMOUNT:
+            raise InvalidArgument(f"items[{i}].amount", f"must be between 1 and {MAX_AMOUNT} minor units, got {amount}")
+        checked.append(NewItem(name=name, amount=amount))
+    if not checked:
+        raise InvalidArgument("items", "at least one item is required")
+    if len(checked) > MAX_ITEMS:
+        raise InvalidArgument("items", f"at most {MAX_ITEMS} items are allowed, got {len(checked)}")
+    return NewInvoice(
+        items=tuple(checked),
+        customer=_stripe_id("customer", "cus", customer),
+        payment_method=_stripe_id("payment_method", "pm", payment_method),
+    )
