@@ -1,0 +1,59 @@
+# The verbs a newcomer types: `make run` and `make test`. Everything they need is
+# installed here, into .venv (PyPI) and node_modules (npm), on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUF := node_modules/.bin/buf
+
+.DEFAULT_GOAL := help
+.PHONY: help install generate check-generated lint format typecheck test run clean
+
+help:
+	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it)"
+	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
+	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
+	@echo "make format    apply ruff and buf formatting"
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(BIN)/.installed $(BUF)
+
+generate: install
+	$(BIN)/python tools/generate.py
+
+# Regenerates into a temporary folder and fails if the committed code differs; it also
+# writes the build files (descriptor set, googleapis imports) that buf and Envoy read.
+check-generated: install
+	$(BIN)/python tools/generate.py --check
+
+lint: check-generated
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BUF) format -w
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+run: check-generated
+	$(BIN)/python -m service
+
+clean:
+	rm -rf .build .mypy_cache .ruff_cache .pytest_cache

