@@ -28,12 +28,12 @@ $(BUF): package.json package-lock.json
 install: $(BIN)/.installed $(BUF)
 
 generate: install
-	$(BIN)/python tools/generate.py
+	$(BIN)/python -m tools.generate
 
 # Regenerates into a temporary folder and fails if the committed code differs; it also
 # writes the build files (descriptor set, googleapis imports) that buf and Envoy read.
 check-generated: install
-	$(BIN)/python tools/generate.py --check
+	$(BIN)/python -m tools.generate --check
 
 lint: check-generated
 	$(BIN)/ruff check .
@@ -53,7 +53,7 @@ test: lint typecheck
 	$(BIN)/pytest
 
 run: check-generated
-	$(BIN)/python -m service
+	$(BIN)/python -m tools.stack
 
 clean:
 	rm -rf .build .mypy_cache .ruff_cache .pytest_cache

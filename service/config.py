@@ -32,6 +32,16 @@ class Settings(BaseSettings):
     shutdown_drain_s: float = Field(default=2.0, ge=0)
     log_level: str = "INFO"
 
+    # The Envoy gateway (gateway/render.py): REST on GATEWAY_PORT, gRPC upstream on
+    # GATEWAY_UPSTREAM_HOST:GRPC_PORT, its admin interface on loopback only.
+    gateway_host: str = "0.0.0.0"  # noqa: S104 - the gateway is the public edge
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    gateway_upstream_host: str = "127.0.0.1"
+    envoy_admin_port: int = Field(default=9901, ge=0, le=65535)
+    gateway_max_connections: int = Field(default=10_000, ge=1)
+    gateway_max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    gateway_route_timeout_s: int = Field(default=15, ge=1)
+
     @field_validator("admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

@@ -4,19 +4,28 @@ the real gRPC server on a free port with a real channel to it."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+import httpx
 import pytest
 
+from gateway.render import render
 from service import embedded, storage
 from service.app import GrpcServer, start_grpc
+from service.config import Settings
 from service.domain import Invoice, User, new_record_id
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from tools.stack import start_envoy, start_service
 
 API_KEY = "test-admin-key-current"
 ROTATED_KEY = "test-admin-key-next"
@@ -31,9 +40,6 @@ def with_database(dsn: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The server's admin DSN, with a migrated template database ready to clone."""
-    import asyncio
-    import os
-
     dsn = os.environ.get("TEST_DATABASE_URL") or embedded.start(tmp_path_factory.mktemp("pg") / "data", temporary=True)
 
     async def prepare() -> None:
@@ -96,6 +102,16 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.InvoiceServiceAsyncStub:
 AUTH = (("api-key", API_KEY),)
 
 
+def json_shape(value: object) -> object:
+    """Keys and JSON types, recursively (ints and floats apart); values dropped: what a
+    REST caller's parser depends on."""
+    if isinstance(value, dict):
+        return {k: json_shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_shape(v) for v in value[:1]]
+    return type(value).__name__
+
+
 def make_invoice(n: int, *, base: datetime | None = None, status: str = "paid") -> Invoice:
     """The n-th of a series of invoices, each a second newer than the one before."""
     created = (base or datetime(2026, 11, 1, tzinfo=UTC)) + timedelta(seconds=n, milliseconds=250)
@@ -109,3 +125,85 @@ def make_invoice(n: int, *, base: datetime | None = None, status: str = "paid") 
         created_at=created,
         updated_at=created + timedelta(seconds=5),
     )
+
+
+@dataclass
+class Stack:
+    """The real server process behind the real Envoy, on ports they picked themselves."""
+
+    database: str
+    grpc_port: int
+    gateway_port: int
+    admin_port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+
+def stack_env(database: str, tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database,
+        "ADMIN_API_KEYS": f"{API_KEY},{ROTATED_KEY}",
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": "0",
+        "SHUTDOWN_DRAIN_S": "0",
+        "DATA_DIR": str(tmp),
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    name = "gateway_tests"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(postgres)
+        try:
+            await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    database = with_database(postgres, name)
+    log = (tmp / "stack.log").open("w")
+    service, grpc_port = start_service(stack_env(database, tmp), log=log)
+    try:
+        config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=grpc_port)
+        envoy, gateway_port, admin_port = start_envoy(config, tmp / "envoy", log=log)
+        try:
+            stack = Stack(database, grpc_port, gateway_port, admin_port)
+            _wait_until_routed(stack)
+            yield stack
+        finally:
+            envoy.stop()
+    finally:
+        service.stop()
+        log.close()
+
+
+def _wait_until_routed(stack: Stack, timeout: float = 20) -> None:
+    """Envoy answers 503 until its first active health check of the server passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = httpx.get(f"{stack.base_url}/admin/api/invoices", headers={"Api-Key": API_KEY})
+        if reply.status_code == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the gateway never routed to the server")
+
+
+@pytest.fixture
+async def stack_store(stack: Stack) -> AsyncIterator[storage.Storage]:
+    """The store behind the gateway, emptied for this test."""
+    pool = await asyncpg.create_pool(stack.database, min_size=1, max_size=2)
+    await pool.execute("TRUNCATE invoices")
+    yield storage.Storage(pool)
+    await pool.close()
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.base_url, headers={"Api-Key": API_KEY}, timeout=10) as client:
+        yield client

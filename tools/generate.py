@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import re
 import shutil
 import sys
@@ -20,11 +21,15 @@ import google.api
 import grpc_tools
 from grpc_tools import protoc
 
+from tools import openapi
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 GEN = ROOT / "service" / "gen"
 BUILD = ROOT / ".build"
 DESCRIPTOR = BUILD / "invoice_service.binpb"
+OPENAPI = ROOT / "gateway" / "openapi.json"
+SERVICES = ["billing.v1.InvoiceService"]
 GOOGLEAPIS = Path(next(iter(google.api.__path__))).parent.parent
 WELL_KNOWN = Path(grpc_tools.__file__).parent / "_proto"
 BIN = Path(sys.executable).parent
@@ -65,7 +70,14 @@ def generate_build_files() -> None:
     deps.mkdir(parents=True, exist_ok=True)
     for name in ("annotations.proto", "http.proto"):
         shutil.copyfile(GOOGLEAPIS / "google" / "api" / name, deps / name)
-    _protoc("--include_imports", "--include_source_info", f"--descriptor_set_out={DESCRIPTOR}", *_sources())
+    # google.rpc types ride along so Envoy can print the error details the service sends.
+    extra = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
+    _protoc("--include_imports", "--include_source_info", f"--descriptor_set_out={DESCRIPTOR}", *_sources(), *extra)
+
+
+def openapi_document() -> str:
+    document = openapi.build(DESCRIPTOR.read_bytes(), services=SERVICES, title="InvoiceService admin API", version="v1")
+    return json.dumps(document, indent=2) + "\n"
 
 
 def _differences(left: Path, right: Path) -> list[str]:
@@ -85,13 +97,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             generate_python(Path(tmp))
             stale = _differences(GEN, Path(tmp))
+        if OPENAPI.read_text() != openapi_document():
+            stale.append(str(OPENAPI.relative_to(ROOT)))
         if stale:
-            raise SystemExit(f"service/gen is stale ({', '.join(stale)}): run `make generate` and commit")
+            raise SystemExit(f"generated files are stale ({', '.join(stale)}): run `make generate` and commit")
         print("generated code is up to date")
         return
     shutil.rmtree(GEN, ignore_errors=True)
     generate_python(GEN)
-    print(f"generated {GEN.relative_to(ROOT)} and {DESCRIPTOR.relative_to(ROOT)}")
+    OPENAPI.write_text(openapi_document())
+    print(f"generated {GEN.relative_to(ROOT)}, {OPENAPI.relative_to(ROOT)} and {DESCRIPTOR.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -58,10 +58,12 @@ class Invoice(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the record was created and last changed, RFC 3339 UTC in JSON."""
+        """When the record was created; RFC 3339 UTC with milliseconds in JSON."""
 
     @_builtins.property
-    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the record last changed; RFC 3339 UTC with milliseconds in JSON."""
+
     def __init__(
         self,
         *,

@@ -1,0 +1,1 @@
+"""The Envoy gateway: its configuration template and the code that renders it."""

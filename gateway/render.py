@@ -1,0 +1,88 @@
+"""Renders envoy.yaml.tmpl with the stack's settings, so every environment gets its ports
+from the same environment variables as the service. `python -m gateway.render OUT`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from string import Template
+
+from service.config import Settings
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TEMPLATE = HERE / "envoy.yaml.tmpl"
+OPENAPI = HERE / "openapi.json"
+DESCRIPTOR = ROOT / ".build" / "invoice_service.binpb"
+
+# Envoy's own replies (no route, unknown query parameter, body too large, no healthy
+# upstream...) get the JSON shape of the transcoded gRPC errors, google.rpc.Status, with
+# the gRPC code that matches the HTTP status, so REST callers parse one error shape.
+LOCAL_REPLY_CODES = {
+    400: 3,  # INVALID_ARGUMENT
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 5,  # NOT_FOUND
+    405: 12,  # UNIMPLEMENTED
+    408: 4,  # DEADLINE_EXCEEDED
+    413: 3,  # INVALID_ARGUMENT: the body is over the limit
+    429: 8,  # RESOURCE_EXHAUSTED
+    431: 3,  # INVALID_ARGUMENT: headers too large
+    503: 14,  # UNAVAILABLE
+    504: 4,  # DEADLINE_EXCEEDED
+}
+UNKNOWN = 2
+
+
+def _mapper(op: str, http: int, grpc: int) -> dict[str, object]:
+    comparison = {"op": op, "value": {"default_value": http, "runtime_key": f"gateway.local_reply_{op}_{http}"}}
+    return {
+        "filter": {"status_code_filter": {"comparison": comparison}},
+        "body_format_override": {"json_format": {"code": grpc, "message": "%LOCAL_REPLY_BODY%", "details": []}},
+    }
+
+
+def local_reply_config() -> dict[str, object]:
+    """Mappers only, and only for errors: a body format for all replies would also wrap
+    the direct responses (the OpenAPI document)."""
+    mappers = [_mapper("EQ", http, grpc) for http, grpc in LOCAL_REPLY_CODES.items()]
+    return {"mappers": [*mappers, _mapper("GE", 400, UNKNOWN)]}
+
+
+def render(
+    settings: Settings,
+    *,
+    gateway_port: int | None = None,
+    admin_port: int | None = None,
+    grpc_port: int | None = None,
+    descriptor: Path = DESCRIPTOR,
+) -> str:
+    """The Envoy configuration as YAML; the keyword arguments override settings (tests
+    pass port 0 and the ports their own servers picked)."""
+    values = {
+        "admin_port": settings.envoy_admin_port if admin_port is None else admin_port,
+        "gateway_host": settings.gateway_host,
+        "gateway_port": settings.gateway_port if gateway_port is None else gateway_port,
+        "grpc_host": settings.gateway_upstream_host,
+        "grpc_port": settings.grpc_port if grpc_port is None else grpc_port,
+        "max_connections": settings.gateway_max_connections,
+        "max_request_bytes": settings.gateway_max_request_bytes,
+        "route_timeout_s": settings.gateway_route_timeout_s,
+        "descriptor_path": json.dumps(str(descriptor)),
+        "openapi_path": json.dumps(str(OPENAPI)),
+        # JSON is YAML: the generated part is inserted as one flow mapping.
+        "local_reply_config": json.dumps(local_reply_config()),
+    }
+    return Template(TEMPLATE.read_text()).substitute(values)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(Settings()))
+    print(f"rendered {out}")
+
+
+if __name__ == "__main__":
+    main()

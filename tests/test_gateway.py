@@ -1,0 +1,187 @@
+"""The REST admin API through the real Envoy to the real server: the original JSON
+shapes, pagination, and a JSON body with the right status for every error."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from gateway.render import OPENAPI, render
+from service.config import Settings
+from service.storage import Storage
+from tests.conftest import ROTATED_KEY, Stack, json_shape, make_invoice
+from tools.stack import ENVOY, start_envoy
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RECORD_ID = re.compile(r"[0-9a-f]{24}")
+RFC3339_MILLIS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def _assert_formats(invoice: dict[str, Any]) -> None:
+    assert RECORD_ID.fullmatch(invoice["_id"])
+    assert invoice["invoiceId"].startswith("in_")
+    assert invoice["status"] in {"draft", "open", "paid", "uncollectible", "void"}
+    for key in ("createdAt", "updatedAt"):
+        assert RFC3339_MILLIS.fullmatch(invoice[key]), invoice[key]
+
+
+def _fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def _assert_error(reply: httpx.Response, status: int, grpc_code: int, message: str = "") -> dict[str, Any]:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = reply.json()
+    assert body["code"] == grpc_code
+    assert message in body["message"]
+    assert isinstance(body["details"], list)
+    return body
+
+
+async def test_list_has_the_referencejson_shape(http: httpx.AsyncClient, stack_store: Storage) -> None:
+    await stack_store.save_invoice(make_invoice(1))
+    reply = await http.get("/admin/api/invoices", params={"page": 1, "limit": 10})
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("application/json")
+    body = reply.json()
+    assert json_shape(body) == json_shape(_fixture("list-invoices.response.json"))
+    _assert_formats(body["invoices"][0])
+
+
+async def test_get_has_the_reference_shape_by_either_id(http: httpx.AsyncClient, stack_store: Storage) -> None:
+    saved = await stack_store.save_invoice(make_invoice(2))
+    by_id = (await http.get(f"/admin/api/invoices/{saved.id}")).json()
+    by_stripe_id = (await http.get(f"/admin/api/invoices/{saved.stripe_invoice_id}")).json()
+    assert by_id == by_stripe_id
+    assert json_shape(by_id) == json_shape(_fixture("get-invoice.response.json"))
+    _assert_formats(by_id)
+    assert by_id["amount"] == 300
+    assert by_id["user"] == {"_id": saved.user.id, "name": "User 2"}
+
+
+async def test_zero_values_keep_their_keys(http: httpx.AsyncClient, stack_store: Storage) -> None:
+    draft = make_invoice(3, status="draft")
+    saved = await stack_store.save_invoice(
+        type(draft)(**{**{f: getattr(draft, f) for f in draft.__slots__}, "amount": 0, "invoice_pdf": ""})
+    )
+    body = (await http.get(f"/admin/api/invoices/{saved.id}")).json()
+    assert body["amount"] == 0
+    assert body["invoicePdf"] == ""
+
+
+async def test_pagination_through_rest(http: httpx.AsyncClient, stack_store: Storage) -> None:
+    for i in range(7):
+        await stack_store.save_invoice(make_invoice(i))
+    pages = [(await http.get("/admin/api/invoices", params={"page": p, "limit": 3})).json() for p in (1, 2, 3, 4)]
+    assert [len(p["invoices"]) for p in pages] == [3, 3, 1, 0]
+    assert {p["count"] for p in pages} == {7}
+    ids = [i["invoiceId"] for p in pages for i in p["invoices"]]
+    assert ids == [f"in_test{n:06d}" for n in range(6, -1, -1)]
+
+
+async def test_the_api_key_header_reaches_the_service(http: httpx.AsyncClient, stack: Stack) -> None:
+    assert (await http.get("/admin/api/invoices", headers={"Api-Key": ROTATED_KEY})).status_code == 200
+    async with httpx.AsyncClient(base_url=stack.base_url) as anonymous:
+        _assert_error(await anonymous.get("/admin/api/invoices"), 401, 16, "api-key")
+        _assert_error(await anonymous.get("/admin/api/invoices", headers={"Api-Key": "wrong"}), 401, 16)
+        _assert_error(await anonymous.get("/admin/api/invoices", headers={"Api-Key": ""}), 401, 16)
+        _assert_error(await anonymous.post("/admin/api/invoices", json={}), 401, 16)
+
+
+async def test_headers_that_grpc_metadata_cannot_carry_are_dropped(http: httpx.AsyncClient) -> None:
+    """Found by schemathesis: a legal HTTP header name such as `k.LGu-*Y` made the server
+    fail the call with INTERNAL (500)."""
+    reply = await http.get("/admin/api/invoices", headers={"k.LGu-*Y": "", "a&b": "x"})
+    assert reply.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code", "message"),
+    [
+        ("/admin/api/invoices?page=0&limit=5", 400, 3, "page:"),
+        ("/admin/api/invoices?page=-1", 400, 3, "page:"),
+        ("/admin/api/invoices?limit=101", 400, 3, "limit:"),
+        ("/admin/api/invoices?page=abc", 400, 3, "page"),
+        ("/admin/api/invoices?page=99999999999", 400, 3, "page"),
+        ("/admin/api/invoices?sort=desc", 400, 3, "sort"),
+        ("/admin/api/invoices/not-an-id", 400, 3, "id:"),
+        ("/admin/api/invoices/in_%27%3B%20DROP%20TABLE%20invoices", 400, 3, "id:"),
+        ("/admin/api/invoices/0123456789abcdef01234567", 404, 5, "not found"),
+        ("/admin/api/invoices/in_nosuchinvoice", 404, 5, "not found"),
+        ("/admin/api/nothing", 404, 5, ""),
+        ("/nothing", 404, 5, ""),
+    ],
+)
+async def test_get_errors_are_json(
+    http: httpx.AsyncClient, stack_store: Storage, path: str, status: int, code: int, message: str
+) -> None:
+    _assert_error(await http.get(path), status, code, message)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        (b'{"items": [', 400, 3, ""),
+        (b"\xff\xfe not utf-8", 400, 3, ""),
+        (b'{"items": [], "customer": "cus_1", "paymentMethod": "pm_1"}', 400, 3, "items:"),
+        (b'{"items": [{"name": "x", "amount": 0}], "customer": "cus_1", "paymentMethod": "pm_1"}', 400, 3, "amount"),
+        (b'{"items": [{"name": "x", "amount": 3000000000}], "customer": "cus_1"}', 400, 3, ""),
+        (
+            b'{"items": [{"name": "x", "amount": 1}], "customer": "nobody", "paymentMethod": "pm_1"}',
+            400,
+            3,
+            "customer:",
+        ),
+        (b'{"unknownField": 1}', 400, 3, ""),
+    ],
+)
+async def test_create_errors_are_json(
+    http: httpx.AsyncClient, body: bytes, status: int, code: int, message: str
+) -> None:
+    reply = await http.post("/admin/api/invoices", content=body, headers={"content-type": "application/json"})
+    _assert_error(reply, status, code, message)
+
+
+async def test_a_body_over_the_limit_is_413(http: httpx.AsyncClient) -> None:
+    body = json.dumps({"customer": "cus_" + "a" * Settings().gateway_max_request_bytes}).encode()
+    _assert_error(await http.post("/admin/api/invoices", content=body), 413, 3)
+
+
+async def test_openapi_document_is_served_and_valid(http: httpx.AsyncClient) -> None:
+    reply = await http.get("/admin/api/openapi.json")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json() == json.loads(OPENAPI.read_text())
+    validate(reply.json())
+
+
+def test_the_rendered_config_passes_envoy_validation(tmp_path: Path) -> None:
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render(Settings()))
+    result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "admin:\n  # " in config.read_text()
+    assert "address: {socket_address: {address: 127.0.0.1" in config.read_text()
+
+
+def test_no_healthy_upstream_is_a_json_503(tmp_path: Path) -> None:
+    """Envoy in front of a port where nothing listens: its own 503 is JSON too."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=closed_port)
+    envoy, port, _ = start_envoy(config, tmp_path)
+    try:
+        _assert_error(httpx.get(f"http://127.0.0.1:{port}/admin/api/invoices"), 503, 14)
+    finally:
+        envoy.stop()
