@@ -3,6 +3,7 @@ shapes, pagination, and a JSON body with the right status for every error."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -14,9 +15,11 @@ import pytest
 from openapi_spec_validator import validate
 
 from gateway.render import OPENAPI, render
+from service.app import start_grpc
 from service.config import Settings
+from service.domain import Invoice, InvoicePage, Page, Unavailable
 from service.storage import Storage
-from tests.conftest import ROTATED_KEY, Stack, json_shape, make_invoice
+from tests.conftest import API_KEY, ROTATED_KEY, Stack, json_shape, make_invoice
 from tools.stack import ENVOY, start_envoy
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -185,3 +188,34 @@ def test_no_healthy_upstream_is_a_json_503(tmp_path: Path) -> None:
         _assert_error(httpx.get(f"http://127.0.0.1:{port}/admin/api/invoices"), 503, 14)
     finally:
         envoy.stop()
+
+
+class FailingStore:
+    """Isolates the gateway's mapping from storage: lists hang past the route timeout,
+    reads find the database down."""
+
+    async def list_invoices(self, page: Page) -> InvoicePage:
+        await asyncio.sleep(5)
+        return InvoicePage(invoices=[], total=0)
+
+    async def get_invoice(self, key: str) -> Invoice:
+        raise Unavailable("the invoice store is unavailable; retry later")
+
+
+async def test_timeouts_and_unavailable_dependencies_are_json(tmp_path: Path) -> None:
+    running = await start_grpc(FailingStore(), [API_KEY], "127.0.0.1:0")
+    settings = Settings(gateway_route_timeout_s=1)
+    config = render(settings, gateway_port=0, admin_port=0, grpc_port=running.port)
+    envoy, port, _ = await asyncio.to_thread(start_envoy, config, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Api-Key": API_KEY}) as http:
+            for _ in range(100):  # Envoy says "no healthy upstream" until its first health check passes
+                reply = await http.get("/admin/api/invoices/in_x")
+                if "no healthy upstream" not in reply.text:
+                    break
+                await asyncio.sleep(0.1)
+            _assert_error(reply, 503, 14, "invoice store is unavailable")
+            _assert_error(await http.get("/admin/api/invoices"), 504, 4)
+    finally:
+        envoy.stop()
+        await running.server.stop(None)
