@@ -3,6 +3,7 @@ that every edge maps to its own status codes (gRPC statuses at one interceptor).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -55,11 +56,18 @@ class NewItem:
 
 @dataclass(frozen=True, slots=True)
 class NewInvoice:
-    """A validated request to create an invoice in Stripe."""
+    """A validated request to create an invoice in Stripe. `user` is who the invoice
+    belongs to when the caller names one; otherwise the Stripe customer is."""
 
     items: tuple[NewItem, ...]
     customer: str
     payment_method: str
+    currency: str
+    user: User | None = None
+
+    def fingerprint(self) -> str:
+        """Identifies the request's content, to tell a retry from a reused idempotency key."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()
 
 
 def new_record_id() -> str:
@@ -89,3 +97,43 @@ class Unavailable(DomainError):
 
 class Unimplemented(DomainError):
     pass
+
+
+class AlreadyExists(DomainError):
+    """An idempotency key reused with a different request."""
+
+
+class ResourceExhausted(DomainError):
+    """A rate limit (Stripe's) was hit; retry with backoff."""
+
+
+class Internal(DomainError):
+    """The service itself is misconfigured; the message says what, never a secret."""
+
+
+@dataclass(frozen=True, slots=True)
+class StripeInvoice:
+    """What one Stripe invoice object (from an API answer or an event) says about an
+    invoice: enough to build or update the service's record."""
+
+    stripe_invoice_id: str
+    status: str
+    amount: int
+    invoice_pdf: str
+    user: User
+
+
+# Stripe's invoice state machine: draft -> open -> paid | uncollectible | void, and
+# uncollectible -> paid | void. A step may be skipped (an event lost), never reversed.
+_LATER_STATES = {
+    "draft": frozenset({"open", "paid", "uncollectible", "void"}),
+    "open": frozenset({"paid", "uncollectible", "void"}),
+    "uncollectible": frozenset({"paid", "void"}),
+    "paid": frozenset(),
+    "void": frozenset(),
+}
+
+
+def supersedes(current: str, new: str) -> bool:
+    """Whether an invoice in `current` may move to `new` (events arrive out of order)."""
+    return new in _LATER_STATES[current]

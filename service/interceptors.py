@@ -13,7 +13,16 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.domain import DomainError, InvalidArgument, NotFound, Unavailable, Unimplemented
+from service.domain import (
+    AlreadyExists,
+    DomainError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +36,9 @@ _CODES: dict[type[DomainError], tuple[grpc.StatusCode, int]] = {
     NotFound: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
     Unimplemented: (grpc.StatusCode.UNIMPLEMENTED, code_pb2.UNIMPLEMENTED),
+    AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
+    ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
+    Internal: (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL),
 }
 
 

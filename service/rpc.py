@@ -3,13 +3,13 @@ It knows no SQL and no status codes; domain errors are mapped in interceptors.""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import validation
-from service.domain import Invoice, InvoicePage, NewInvoice, Page, Unimplemented
+from service.domain import Invoice, InvoicePage, NewInvoice, Page
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 
@@ -17,6 +17,10 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 class InvoiceStore(Protocol):
     async def list_invoices(self, page: Page) -> InvoicePage: ...
     async def get_invoice(self, key: str) -> Invoice: ...
+
+
+class Creator(Protocol):
+    async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]: ...
 
 
 def invoice_message(invoice: Invoice) -> pb.Invoice:
@@ -35,15 +39,26 @@ def invoice_message(invoice: Invoice) -> pb.Invoice:
     )
 
 
-def new_invoice(request: pb.CreateInvoiceRequest) -> NewInvoice:
+def new_invoice(request: pb.CreateInvoiceRequest, default_currency: str) -> NewInvoice:
     return validation.new_invoice(
-        ((item.name, item.amount) for item in request.items), request.customer, request.payment_method
+        ((item.name, item.amount) for item in request.items),
+        request.customer,
+        request.payment_method,
+        currency=request.currency or default_currency,
+        user=(request.user.id, request.user.name) if request.HasField("user") else None,
     )
 
 
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    value = next((v for k, v in context.invocation_metadata() or () if k == key), None)
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
-    def __init__(self, store: InvoiceStore) -> None:
+    def __init__(self, store: InvoiceStore, creator: Creator, default_currency: str) -> None:
         self._store = store
+        self._creator = creator
+        self._default_currency = default_currency
 
     async def ListInvoices(
         self,
@@ -67,5 +82,8 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         request: pb.CreateInvoiceRequest,
         context: grpc.aio.ServicerContext[pb.CreateInvoiceRequest, struct_pb2.Struct],
     ) -> struct_pb2.Struct:
-        new_invoice(request)
-        raise Unimplemented("creating invoices in Stripe is not available yet")
+        new = new_invoice(request, self._default_currency)
+        key = validation.idempotency_key(_metadata(context, "idempotency-key"))
+        answer = struct_pb2.Struct()
+        answer.update(await self._creator.create(new, key))
+        return answer

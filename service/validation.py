@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from service.domain import InvalidArgument, NewInvoice, NewItem, Page
+from service.domain import InvalidArgument, NewInvoice, NewItem, Page, User
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -16,6 +16,11 @@ MAX_AMOUNT = 99_999_999
 MAX_NAME_LENGTH = 500
 # Deep pages cost an OFFSET scan; past this, callers must narrow the query.
 MAX_PAGE = 1_000_000
+
+# Stripe metadata values hold 500 characters; user ids and names stay well inside.
+MAX_USER_FIELD = 200
+CURRENCY = re.compile(r"[a-z]{3}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
 RECORD_ID = re.compile(r"[0-9a-f]{24}")
 STRIPE_ID = {prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm")}
@@ -44,7 +49,14 @@ def _stripe_id(field: str, prefix: str, value: str) -> str:
     return value
 
 
-def new_invoice(items: Iterable[tuple[str, int]], customer: str, payment_method: str) -> NewInvoice:
+def new_invoice(
+    items: Iterable[tuple[str, int]],
+    customer: str,
+    payment_method: str,
+    *,
+    currency: str,
+    user: tuple[str, str] | None = None,
+) -> NewInvoice:
     checked = []
     for i, (name, amount) in enumerate(items):
         if not name.strip():
@@ -58,8 +70,29 @@ def new_invoice(items: Iterable[tuple[str, int]], customer: str, payment_method:
         raise InvalidArgument("items", "at least one item is required")
     if len(checked) > MAX_ITEMS:
         raise InvalidArgument("items", f"at most {MAX_ITEMS} items are allowed, got {len(checked)}")
+    if not CURRENCY.fullmatch(currency.lower()):
+        raise InvalidArgument("currency", "must be an ISO 4217 code such as eur")
     return NewInvoice(
         items=tuple(checked),
         customer=_stripe_id("customer", "cus", customer),
         payment_method=_stripe_id("payment_method", "pm", payment_method),
+        currency=currency.lower(),
+        user=None if user is None else _user(*user),
     )
+
+
+def _user(user_id: str, name: str) -> User:
+    if not user_id.strip() or len(user_id) > MAX_USER_FIELD:
+        raise InvalidArgument("user._id", f"must be 1 to {MAX_USER_FIELD} characters")
+    if len(name) > MAX_USER_FIELD:
+        raise InvalidArgument("user.name", f"must be at most {MAX_USER_FIELD} characters")
+    return User(id=user_id, name=name)
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """Callers' keys, printable ASCII, short enough to derive Stripe's keys (255 max)."""
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidArgument("idempotency-key", "must be 1 to 200 printable ASCII characters")
+    return value

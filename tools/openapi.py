@@ -45,7 +45,9 @@ ERROR_STATUSES = {
     "400": "The request is invalid: a field, a query parameter or the JSON body.",
     "401": "The Api-Key header is missing or wrong.",
     "404": "No such invoice, or no such path.",
+    "409": "The Idempotency-Key was already used for a different request.",
     "413": "The body is over the size limit.",
+    "429": "Stripe's rate limit was reached; retry with backoff.",
     "503": "A dependency is unavailable; retry later.",
     "504": "The call took too long.",
 }

@@ -4,14 +4,27 @@ get domain objects and domain errors, never asyncpg types."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
-from service.domain import Invoice, InvoicePage, NotFound, Page, Unavailable, User
+from service.domain import (
+    AlreadyExists,
+    Invoice,
+    InvoicePage,
+    NotFound,
+    Page,
+    StripeInvoice,
+    Unavailable,
+    User,
+    new_record_id,
+    supersedes,
+)
 from service.storage.migrations import migrate
 
 log = logging.getLogger(__name__)
@@ -49,6 +62,34 @@ _UPSERT = """
         user_id = EXCLUDED.user_id, user_name = EXCLUDED.user_name, status = EXCLUDED.status,
         amount = EXCLUDED.amount, invoice_pdf = EXCLUDED.invoice_pdf, updated_at = EXCLUDED.updated_at
     RETURNING id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at"""
+
+_CLAIM_CREATE = """
+    INSERT INTO create_requests (idempotency_key, fingerprint) VALUES ($1, $2)
+    ON CONFLICT (idempotency_key) DO NOTHING"""
+_GET_CREATE = "SELECT fingerprint, response FROM create_requests WHERE idempotency_key = $1"
+_FINISH_CREATE = """
+    UPDATE create_requests SET stripe_invoice_id = $2, response = $3, completed_at = now()
+    WHERE idempotency_key = $1"""
+
+_RECORD_EVENT = """
+    INSERT INTO stripe_events (id, type, stripe_invoice_id, outcome) VALUES ($1, $2, $3, 'pending')
+    ON CONFLICT (id) DO NOTHING RETURNING id"""
+_SET_EVENT_OUTCOME = "UPDATE stripe_events SET outcome = $2 WHERE id = $1"
+_IS_DELETED = "SELECT 1 FROM deleted_invoices WHERE stripe_invoice_id = $1"
+_MARK_DELETED = "INSERT INTO deleted_invoices (stripe_invoice_id) VALUES ($1) ON CONFLICT DO NOTHING"
+_DELETE_INVOICE = "DELETE FROM invoices WHERE stripe_invoice_id = $1"
+_INSERT_FROM_STRIPE = """
+    INSERT INTO invoices
+        (id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at, stripe_updated)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
+    ON CONFLICT (stripe_invoice_id) DO NOTHING RETURNING id"""
+_LOCK_FROM_STRIPE = """
+    SELECT user_id, user_name, status, amount, invoice_pdf, stripe_updated
+    FROM invoices WHERE stripe_invoice_id = $1 FOR UPDATE"""
+_UPDATE_FROM_STRIPE = """
+    UPDATE invoices SET user_id = $2, user_name = $3, status = $4, amount = $5, invoice_pdf = $6,
+        updated_at = $7, stripe_updated = $8
+    WHERE stripe_invoice_id = $1"""
 
 
 def record_time(now: datetime | None = None) -> datetime:
@@ -124,6 +165,64 @@ class Storage:
         if row is None:
             raise RuntimeError("INSERT ... RETURNING returned no row")
         return _invoice(row)
+
+    async def claim_create(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        """Registers a Create under its idempotency key. Returns the answer of an earlier
+        Create with the same key and request, None if there is none yet (first attempt,
+        or an earlier one that did not finish), and refuses the key for another request."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_CLAIM_CREATE, key, fingerprint)
+            row = await conn.fetchrow(_GET_CREATE, key)
+        if row is None or row["fingerprint"] != fingerprint:
+            raise AlreadyExists("this Idempotency-Key was already used for a different request")
+        return None if row["response"] is None else dict(json.loads(row["response"]))
+
+    async def finish_create(self, key: str, stripe_invoice_id: str, response: dict[str, Any]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(_FINISH_CREATE, key, stripe_invoice_id, json.dumps(response))
+
+    async def apply_stripe_invoice(
+        self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
+    ) -> str:
+        """Brings the record to what Stripe said at `stripe_time`, in one transaction with
+        the event's record, so each event counts once. Returns the outcome: `created`,
+        `updated`, `unchanged`, `duplicate` (event seen before), `stale` (older than the
+        record) or `deleted`/`ignored-deleted` for invoices Stripe deleted."""
+        key = invoice.stripe_invoice_id
+        async with self._connection() as conn, conn.transaction():
+            if event_id is not None and await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
+                return "duplicate"
+            outcome = await self._apply(conn, invoice, stripe_time, deleted=event_type == "invoice.deleted")
+            if event_id is not None:
+                await conn.execute(_SET_EVENT_OUTCOME, event_id, outcome)
+        return outcome
+
+    @staticmethod
+    async def _apply(
+        conn: asyncpg.pool.PoolConnectionProxy, invoice: StripeInvoice, stripe_time: int, *, deleted: bool
+    ) -> str:
+        key = invoice.stripe_invoice_id
+        if deleted:
+            await conn.execute(_MARK_DELETED, key)
+            await conn.execute(_DELETE_INVOICE, key)
+            return "deleted"
+        if await conn.fetchval(_IS_DELETED, key):
+            return "ignored-deleted"
+        now = record_time()
+        user = invoice.user
+        values = (user.id, user.name, invoice.status, invoice.amount, invoice.invoice_pdf)
+        if await conn.fetchval(_INSERT_FROM_STRIPE, new_record_id(), key, *values, now, stripe_time) is not None:
+            return "created"
+        current = await conn.fetchrow(_LOCK_FROM_STRIPE, key)
+        if current is None:  # deleted by a concurrent invoice.deleted
+            return "ignored-deleted"
+        same_and_newer = invoice.status == current["status"] and stripe_time >= current["stripe_updated"]
+        if not (supersedes(current["status"], invoice.status) or same_and_newer):
+            return "stale"
+        if tuple(current)[:5] == values:
+            return "unchanged"
+        await conn.execute(_UPDATE_FROM_STRIPE, key, *values, now, max(stripe_time, current["stripe_updated"]))
+        return "updated"
 
 
 async def connect(dsn: str, *, min_size: int, max_size: int, command_timeout: float) -> asyncpg.Pool:

@@ -202,13 +202,26 @@ class CreateInvoiceRequest(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     CUSTOMER_FIELD_NUMBER: _builtins.int
     PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     customer: _builtins.str
     """Stripe's customer id, `cus_...`."""
     payment_method: _builtins.str
     """Stripe's payment method id, `pm_...`, charged automatically."""
+    currency: _builtins.str
+    """ISO 4217 currency of the amounts, e.g. `eur`; the service's default
+    (STRIPE_DEFAULT_CURRENCY) when empty.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceItem]:
         """The invoice lines: 1 to 100 items."""
+
+    @_builtins.property
+    def user(self) -> Global___User:
+        """Who the invoice belongs to (optional). Carried to Stripe in the invoice's
+        metadata and read back from its webhooks; without it the invoice belongs
+        to the Stripe customer (`_id` = `cus_...`, `name` = Stripe's customer name).
+        """
 
     def __init__(
         self,
@@ -216,10 +229,12 @@ class CreateInvoiceRequest(_message.Message):
         items: _abc.Iterable[Global___InvoiceItem] | None = ...,
         customer: _builtins.str = ...,
         payment_method: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        user: Global___User | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "items", b"items", "payment_method", b"payment_method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "customer", b"customer", "items", b"items", "payment_method", b"payment_method", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,9 +59,24 @@ class InvoiceServiceStub:
     """
     CreateInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.CreateInvoiceRequest, _struct_pb2.Struct]
     """CreateInvoice creates the invoice in Stripe for `customer`, carrying
-    exactly the requested items, and asks Stripe to charge `payment_method`.
-    The payment result arrives later on Stripe's webhook; only then is the
-    invoice recorded in the service's own store (see GetInvoice).
+    exactly the requested items (its total is their sum), finalizes it and
+    charges `payment_method` now. Stripe reports the payment result on its
+    webhook; the service records the invoice from those events (see
+    GetInvoice), so it can be read shortly after this call returns.
+
+    A declined card is not an error: the answer is the invoice, `open` with
+    `amount_paid` 0, and `invoice.payment_failed` follows on the webhook.
+
+    Idempotency: send metadata `idempotency-key` (REST: header
+    `Idempotency-Key`, 1 to 200 printable ASCII characters). A retry with the
+    same key and request never creates a second Stripe invoice and answers the
+    same invoice; the same key with a different request fails with
+    ALREADY_EXISTS (REST 409). Keys are kept by the service without expiry.
+
+    Errors: INVALID_ARGUMENT for bad fields and for a customer or payment
+    method Stripe does not know; UNAVAILABLE when Stripe is unreachable,
+    timing out or failing (retry with the same key); RESOURCE_EXHAUSTED when
+    Stripe rate-limits; INTERNAL when the service's Stripe key is refused.
 
     The answer is the Stripe invoice object exactly as Stripe returned it,
     as a google.protobuf.Struct: REST callers receive it as a top-level JSON
@@ -99,9 +114,24 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     """
     CreateInvoice: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.CreateInvoiceRequest, _struct_pb2.Struct]  # type: ignore[assignment]
     """CreateInvoice creates the invoice in Stripe for `customer`, carrying
-    exactly the requested items, and asks Stripe to charge `payment_method`.
-    The payment result arrives later on Stripe's webhook; only then is the
-    invoice recorded in the service's own store (see GetInvoice).
+    exactly the requested items (its total is their sum), finalizes it and
+    charges `payment_method` now. Stripe reports the payment result on its
+    webhook; the service records the invoice from those events (see
+    GetInvoice), so it can be read shortly after this call returns.
+
+    A declined card is not an error: the answer is the invoice, `open` with
+    `amount_paid` 0, and `invoice.payment_failed` follows on the webhook.
+
+    Idempotency: send metadata `idempotency-key` (REST: header
+    `Idempotency-Key`, 1 to 200 printable ASCII characters). A retry with the
+    same key and request never creates a second Stripe invoice and answers the
+    same invoice; the same key with a different request fails with
+    ALREADY_EXISTS (REST 409). Keys are kept by the service without expiry.
+
+    Errors: INVALID_ARGUMENT for bad fields and for a customer or payment
+    method Stripe does not know; UNAVAILABLE when Stripe is unreachable,
+    timing out or failing (retry with the same key); RESOURCE_EXHAUSTED when
+    Stripe rate-limits; INTERNAL when the service's Stripe key is refused.
 
     The answer is the Stripe invoice object exactly as Stripe returned it,
     as a google.protobuf.Struct: REST callers receive it as a top-level JSON
@@ -154,9 +184,24 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
         """CreateInvoice creates the invoice in Stripe for `customer`, carrying
-        exactly the requested items, and asks Stripe to charge `payment_method`.
-        The payment result arrives later on Stripe's webhook; only then is the
-        invoice recorded in the service's own store (see GetInvoice).
+        exactly the requested items (its total is their sum), finalizes it and
+        charges `payment_method` now. Stripe reports the payment result on its
+        webhook; the service records the invoice from those events (see
+        GetInvoice), so it can be read shortly after this call returns.
+
+        A declined card is not an error: the answer is the invoice, `open` with
+        `amount_paid` 0, and `invoice.payment_failed` follows on the webhook.
+
+        Idempotency: send metadata `idempotency-key` (REST: header
+        `Idempotency-Key`, 1 to 200 printable ASCII characters). A retry with the
+        same key and request never creates a second Stripe invoice and answers the
+        same invoice; the same key with a different request fails with
+        ALREADY_EXISTS (REST 409). Keys are kept by the service without expiry.
+
+        Errors: INVALID_ARGUMENT for bad fields and for a customer or payment
+        method Stripe does not know; UNAVAILABLE when Stripe is unreachable,
+        timing out or failing (retry with the same key); RESOURCE_EXHAUSTED when
+        Stripe rate-limits; INTERNAL when the service's Stripe key is refused.
 
         The answer is the Stripe invoice object exactly as Stripe returned it,
         as a google.protobuf.Struct: REST callers receive it as a top-level JSON
