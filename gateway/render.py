@@ -56,6 +56,7 @@ def render(
     gateway_port: int | None = None,
     admin_port: int | None = None,
     grpc_port: int | None = None,
+    webhook_port: int | None = None,
     descriptor: Path = DESCRIPTOR,
 ) -> str:
     """The Envoy configuration as YAML; the keyword arguments override settings (tests
@@ -66,6 +67,8 @@ def render(
         "gateway_port": settings.gateway_port if gateway_port is None else gateway_port,
         "grpc_host": settings.gateway_upstream_host,
         "grpc_port": settings.grpc_port if grpc_port is None else grpc_port,
+        "webhook_host": settings.gateway_upstream_host,
+        "webhook_port": settings.webhook_port if webhook_port is None else webhook_port,
         "max_connections": settings.gateway_max_connections,
         "max_request_bytes": settings.gateway_max_request_bytes,
         "route_timeout_s": settings.gateway_route_timeout_s,

@@ -1,18 +1,40 @@
-"""`python -m service`: runs the InvoiceService gRPC server with settings from the environment."""
+"""`python -m service [serve|webhooks|reconcile --since DATE]`: the gRPC server (the
+default), the Stripe webhook sidecar, or a reconcile run; settings from the environment."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+from datetime import UTC, datetime
 
 from service import logs
-from service.app import serve
+from service.app import reconcile, run_webhooks, serve
 from service.config import Settings
 
 
+def _date(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the gRPC server (default)")
+    commands.add_parser("webhooks", help="run the Stripe webhook sidecar")
+    rec = commands.add_parser("reconcile", help="bring the store to Stripe's state")
+    rec.add_argument("--since", type=_date, required=True, help="ISO date, e.g. 2026-11-01")
+    args = parser.parse_args()
+
     settings = Settings()
     logs.configure(settings.log_level)
-    asyncio.run(serve(settings))
+    if args.command == "webhooks":
+        asyncio.run(run_webhooks(settings))
+    elif args.command == "reconcile":
+        print(json.dumps(dict(asyncio.run(reconcile(settings, args.since)))))
+    else:
+        asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The composition root: builds the store, the servicer, the interceptors, health and
-reflection into one grpc.aio server, and runs it until SIGTERM or SIGINT."""
+"""The composition root: builds the store, Stripe, the servicer, the interceptors,
+health and reflection into one grpc.aio server; builds the webhook sidecar; and runs
+either until SIGTERM or SIGINT. Also the reconcile command's wiring."""
 
 from __future__ import annotations
 
@@ -7,18 +8,26 @@ import asyncio
 import logging
 import secrets
 import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+import asyncpg
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import embedded, storage
+from service import embedded, payments, storage, webhooks
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
 from service.interceptors import ApiKeyInterceptor, ErrorInterceptor
-from service.rpc import InvoiceServicer, InvoiceStore
+from service.invoices import InvoiceCreator, NoStripe
+from service.payments import StripePayments
+from service.rpc import Creator, InvoiceServicer, InvoiceStore
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +49,18 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-async def start_grpc(store: InvoiceStore, api_keys: list[str], address: str) -> GrpcServer:
+async def start_grpc(
+    store: InvoiceStore,
+    api_keys: list[str],
+    address: str,
+    *,
+    creator: Creator | None = None,
+    default_currency: str = "eur",
+) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running."""
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys), ErrorInterceptor()])
-    invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(store), server)
+    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
+    invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -77,24 +94,112 @@ def admin_api_keys(settings: Settings) -> list[str]:
     return [key]
 
 
-async def serve(settings: Settings) -> None:
-    keys = admin_api_keys(settings)
-    pool = await storage.connect(
+def stripe_payments(settings: Settings) -> StripePayments | None:
+    if settings.stripe_api_key is None:
+        log.warning("STRIPE_API_KEY is not set: CreateInvoice answers UNAVAILABLE")
+        return None
+    if settings.stripe_api_base:
+        log.info("Stripe API base overridden", extra={"stripe_api_base": settings.stripe_api_base})
+    return StripePayments(
+        payments.client(
+            settings.stripe_api_key.get_secret_value(),
+            api_base=settings.stripe_api_base,
+            timeout_s=settings.stripe_timeout_s,
+            max_retries=settings.stripe_max_retries,
+        )
+    )
+
+
+async def open_pool(settings: Settings) -> asyncpg.Pool:
+    return await storage.connect(
         database_url(settings),
         min_size=settings.db_pool_min_size,
         max_size=settings.db_pool_max_size,
         command_timeout=settings.db_command_timeout_s,
     )
+
+
+async def serve(settings: Settings) -> None:
+    keys = admin_api_keys(settings)
+    pool = await open_pool(settings)
     try:
-        running = await start_grpc(storage.Storage(pool), keys, f"{settings.grpc_host}:{settings.grpc_port}")
+        store = storage.Storage(pool)
+        stripe = stripe_payments(settings)
+        running = await start_grpc(
+            store,
+            keys,
+            f"{settings.grpc_host}:{settings.grpc_port}",
+            creator=InvoiceCreator(store, stripe) if stripe else None,
+            default_currency=settings.stripe_default_currency,
+        )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})
         print(f"gRPC  InvoiceService  localhost:{running.port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await _until_signalled()
         log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
         await running.stop(settings.shutdown_grace_s, settings.shutdown_drain_s)
     finally:
         await pool.close()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def webhook_secrets(settings: Settings) -> list[str]:
+    if not settings.stripe_webhook_secrets:
+        raise SystemExit("STRIPE_WEBHOOK_SECRETS must be set for the webhook sidecar")
+    return [s.get_secret_value() for s in settings.stripe_webhook_secrets]
+
+
+async def run_webhooks(settings: Settings) -> None:
+    """The sidecar: its own pool, an aiohttp site, stopped on SIGTERM after in-flight
+    deliveries finish (an unfinished one is simply retried by Stripe)."""
+    secrets = webhook_secrets(settings)
+    pool = await open_pool(settings)
+
+    async def close_pool(_: web.Application) -> AsyncIterator[None]:
+        yield
+        await pool.close()
+
+    app = webhooks.init(
+        storage.Storage(pool),
+        secrets,
+        tolerance_s=settings.stripe_webhook_tolerance_s,
+        max_body_bytes=settings.webhook_max_body_bytes,
+        cleanup=close_pool,
+    )
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner, settings.webhook_host, settings.webhook_port, shutdown_timeout=settings.shutdown_grace_s
+        )
+        await site.start()
+        port = runner.addresses[0][1]
+        log.info("webhook sidecar listening", extra={"port": port, "path": webhooks.PATH})
+        print(f"HTTP  webhook sidecar  localhost:{port}{webhooks.PATH}", flush=True)
+        await _until_signalled()
+    finally:
+        await runner.cleanup()
+
+
+async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
+    """Brings the store to Stripe's state for every invoice created since `since`: the
+    fix for webhooks that never arrived. Idempotent: a second run changes nothing."""
+    stripe = stripe_payments(settings)
+    if stripe is None:
+        raise SystemExit("STRIPE_API_KEY must be set to reconcile")
+    pool = await open_pool(settings)
+    outcomes: Counter[str] = Counter()
+    try:
+        store = storage.Storage(pool)
+        async for invoice in stripe.invoices_since(since):
+            outcomes[await store.apply_stripe_invoice(invoice, stripe_time=int(time.time()))] += 1
+    finally:
+        await pool.close()
+    log.info("reconciled", extra={"since": since.isoformat(), **outcomes})
+    return outcomes

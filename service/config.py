@@ -42,7 +42,26 @@ class Settings(BaseSettings):
     gateway_max_request_bytes: int = Field(default=1_048_576, ge=1024)
     gateway_route_timeout_s: int = Field(default=15, ge=1)
 
-    @field_validator("admin_api_keys", mode="before")
+    # Stripe. Unset STRIPE_API_KEY: `make run` starts the localstripe emulator on
+    # LOCALSTRIPE_PORT and points STRIPE_API_BASE at it.
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str | None = None
+    stripe_default_currency: str = Field(default="eur", pattern=r"^[a-z]{3}$")
+    # Bounds every Stripe call; the SDK retries connection errors and 5xx (with
+    # Stripe-Idempotency-Keys, so retries are safe) up to STRIPE_MAX_RETRIES times.
+    stripe_timeout_s: float = Field(default=10.0, gt=0)
+    stripe_max_retries: int = Field(default=2, ge=0, le=5)
+    # Comma-separated whsec_... secrets; several at once for rotation.
+    stripe_webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
+    localstripe_port: int = Field(default=8420, ge=0, le=65535)
+
+    # The webhook sidecar: Envoy routes POST /webhooks/stripe to it.
+    webhook_host: str = "0.0.0.0"  # noqa: S104 - reached by Envoy, possibly from another pod
+    webhook_port: int = Field(default=8081, ge=0, le=65535)
+    webhook_max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+    @field_validator("admin_api_keys", "stripe_webhook_secrets", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

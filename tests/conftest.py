@@ -6,26 +6,37 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import httpx
 import pytest
+import stripe
 
 from gateway.render import render
-from service import embedded, storage
+from service import embedded, payments, storage
 from service.app import GrpcServer, start_grpc
 from service.config import Settings
 from service.domain import Invoice, User, new_record_id
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tools.stack import start_envoy, start_service
+from tools.stack import (
+    LOCALSTRIPE_KEY,
+    register_webhook,
+    start_envoy,
+    start_localstripe,
+    start_service,
+    start_webhooks,
+)
 
 API_KEY = "test-admin-key-current"
 ROTATED_KEY = "test-admin-key-next"
@@ -127,23 +138,70 @@ def make_invoice(n: int, *, base: datetime | None = None, status: str = "paid") 
     )
 
 
+WEBHOOK_SECRET = "whsec_test_current"
+OLD_WEBHOOK_SECRET = "whsec_test_previous"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def localstripe() -> Iterator[str]:
+    """The Stripe emulator (with this project's extensions), fresh for the session."""
+    port = free_port()
+    part = start_localstripe(port, fresh=True, log=sys.stderr)
+    yield f"http://127.0.0.1:{port}"
+    part.stop()
+
+
+@pytest.fixture
+def stripe_client(localstripe: str) -> stripe.StripeClient:
+    """Per test: the SDK's async HTTP client belongs to one event loop."""
+    return payments.client(LOCALSTRIPE_KEY, api_base=localstripe, timeout_s=10, max_retries=0)
+
+
+VISA = "4242424242424242"
+
+
+async def customer_with_card(client: stripe.StripeClient, number: str = VISA) -> tuple[str, str]:
+    """A Stripe customer with an attached card payment method, as a dashboard user makes."""
+    customer = await client.v1.customers.create_async({"name": "John Doe", "email": "john.doe@mail.com"})
+    # Raw card numbers are what the emulator takes; real Stripe wants tokens (pm_card_visa).
+    card: Any = {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+    method = await client.v1.payment_methods.create_async({"type": "card", "card": card})
+    assert customer.id is not None and method.id is not None
+    await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
+    return customer.id, method.id
+
+
 @dataclass
 class Stack:
-    """The real server process behind the real Envoy, on ports they picked themselves."""
+    """The real server and webhook sidecar processes behind the real Envoy, with the
+    Stripe emulator, on ports they picked themselves."""
 
     database: str
     grpc_port: int
     gateway_port: int
     admin_port: int
+    localstripe: str
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
 
 
-def stack_env(database: str, tmp: Path) -> dict[str, str]:
+def stack_env(database: str, tmp: Path, localstripe: str = "") -> dict[str, str]:
     return {
         **os.environ,
+        "STRIPE_API_KEY": LOCALSTRIPE_KEY,
+        "STRIPE_API_BASE": localstripe,
+        "STRIPE_WEBHOOK_SECRETS": f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
+        "WEBHOOK_HOST": "127.0.0.1",
+        "WEBHOOK_PORT": "0",
         "DATABASE_URL": database,
         "ADMIN_API_KEYS": f"{API_KEY},{ROTATED_KEY}",
         "GRPC_HOST": "127.0.0.1",
@@ -154,7 +212,7 @@ def stack_env(database: str, tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def stack(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(postgres: str, localstripe: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("stack")
     name = "gateway_tests"
 
@@ -168,27 +226,33 @@ def stack(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     asyncio.run(create())
     database = with_database(postgres, name)
     log = (tmp / "stack.log").open("w")
-    service, grpc_port = start_service(stack_env(database, tmp), log=log)
+    env = stack_env(database, tmp, localstripe)
+    parts = []
     try:
-        config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=grpc_port)
+        service, grpc_port = start_service(env, log=log)
+        parts.append(service)
+        webhooks, webhook_port = start_webhooks(env, log=log)
+        parts.append(webhooks)
+        config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=grpc_port, webhook_port=webhook_port)
         envoy, gateway_port, admin_port = start_envoy(config, tmp / "envoy", log=log)
-        try:
-            stack = Stack(database, grpc_port, gateway_port, admin_port)
-            _wait_until_routed(stack)
-            yield stack
-        finally:
-            envoy.stop()
+        parts.append(envoy)
+        stack = Stack(database, grpc_port, gateway_port, admin_port, localstripe)
+        _wait_until_routed(stack)
+        register_webhook(int(localstripe.rsplit(":", 1)[1]), f"{stack.base_url}/webhooks/stripe", WEBHOOK_SECRET)
+        yield stack
     finally:
-        service.stop()
+        for part in reversed(parts):
+            part.stop()
         log.close()
 
 
 def _wait_until_routed(stack: Stack, timeout: float = 20) -> None:
-    """Envoy answers 503 until its first active health check of the server passes."""
+    """Envoy answers 503 until its first active health checks of the upstreams pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         reply = httpx.get(f"{stack.base_url}/admin/api/invoices", headers={"Api-Key": API_KEY})
-        if reply.status_code == 200:
+        hook = httpx.post(f"{stack.base_url}/webhooks/stripe", content=b"{}")
+        if reply.status_code == 200 and hook.status_code == 400:
             return
         time.sleep(0.1)
     raise RuntimeError("the gateway never routed to the server")
@@ -198,7 +262,7 @@ def _wait_until_routed(stack: Stack, timeout: float = 20) -> None:
 async def stack_store(stack: Stack) -> AsyncIterator[storage.Storage]:
     """The store behind the gateway, emptied for this test."""
     pool = await asyncpg.create_pool(stack.database, min_size=1, max_size=2)
-    await pool.execute("TRUNCATE invoices")
+    await pool.execute("TRUNCATE invoices, stripe_events, create_requests, deleted_invoices")
     yield storage.Storage(pool)
     await pool.close()
 

@@ -19,7 +19,7 @@ from service.app import start_grpc
 from service.config import Settings
 from service.domain import Invoice, InvoicePage, Page, Unavailable
 from service.storage import Storage
-from tests.conftest import API_KEY, ROTATED_KEY, Stack, json_shape, make_invoice
+from tests.conftest import API_KEY, ROTATED_KEY, Stack, free_port, json_shape, make_invoice
 from tools.stack import ENVOY, start_envoy
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -177,12 +177,7 @@ def test_the_rendered_config_passes_envoy_validation(tmp_path: Path) -> None:
 
 def test_no_healthy_upstream_is_a_json_503(tmp_path: Path) -> None:
     """Envoy in front of a port where nothing listens: its own 503 is JSON too."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=closed_port)
+    config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=free_port())
     envoy, port, _ = start_envoy(config, tmp_path)
     try:
         _assert_error(httpx.get(f"http://127.0.0.1:{port}/admin/api/invoices"), 503, 14)

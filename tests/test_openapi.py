@@ -56,7 +56,7 @@ def test_schemas_use_json_names_and_json_types() -> None:
     assert schemas["billing_v1_User"]["required"] == ["_id", "name"]
     request = schemas["billing_v1_CreateInvoiceRequest"]
     assert "required" not in request
-    assert set(request["properties"]) == {"items", "customer", "paymentMethod"}
+    assert set(request["properties"]) == {"items", "customer", "paymentMethod", "currency", "user"}
     assert request["additionalProperties"] is False
     assert schemas["google_rpc_Status"]["properties"]["details"]["items"]["required"] == ["@type"]
     assert schemas["billing_v1_ListInvoicesResponse"]["properties"]["count"]["type"] == "integer"

@@ -147,9 +147,10 @@ async def test_bad_create_requests_are_invalid_arguments(
     assert (error.details() or "").startswith(f"{field}:")
 
 
-async def test_valid_create_is_unimplemented_until_stripe_lands(stub: pb_grpc.InvoiceServiceAsyncStub) -> None:
+async def test_valid_create_without_stripe_configured_is_unavailable(stub: pb_grpc.InvoiceServiceAsyncStub) -> None:
     error = await _rpc_error(stub.CreateInvoice(_create(), metadata=AUTH))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "STRIPE_API_KEY" in (error.details() or "")
 
 
 @pytest.mark.parametrize("metadata", [(), (("api-key", ""),), (("api-key", "wrong"),), (("api-key", "x" * 4096),)])

@@ -1,7 +1,8 @@
-"""Runs the whole local stack in the foreground for `make run`: the gRPC server (which
-starts the embedded Postgres when DATABASE_URL is unset) and the Envoy gateway in front
-of it. Ctrl-C or SIGTERM stops them in order, gateway first; if one part dies, the
-others are stopped too. The same start-up helpers serve the test session."""
+"""Runs the whole local stack in the foreground for `make run`: the Stripe emulator
+(when STRIPE_API_KEY is unset), the gRPC server (which starts the embedded Postgres when
+DATABASE_URL is unset), the webhook sidecar and the Envoy gateway in front of both.
+Ctrl-C or SIGTERM stops them in order, gateway first; if one part dies, the others are
+stopped too. The same start-up helpers serve the test session."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ ENVOY = Path(sys.executable).parent / "envoy"
 # Several Envoys may run at once (tests, a second stack): each picks its own shared-memory id.
 ENVOY_FLAGS = ("--use-dynamic-base-id", "--log-level", "warn")
 READY_PREFIX = "gRPC  InvoiceService  localhost:"
+WEBHOOKS_READY_PREFIX = "HTTP  webhook sidecar  localhost:"
+# localstripe accepts any key of this form; it is not a secret.
+LOCALSTRIPE_KEY = "sk_test_localstripe"
+LOCAL_WEBHOOK_SECRET = "whsec_local_development_only"  # noqa: S105 - local emulator only
 
 
 @dataclass
@@ -48,27 +54,76 @@ def _relay(stream: IO[str], sink: IO[str]) -> None:
         sink.flush()
 
 
-def start_service(env: dict[str, str], *, log: IO[str] = sys.stderr, timeout: float = 60) -> tuple[Part, int]:
-    """Starts `python -m service`; returns it once it listens, with its gRPC port."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+def start_python(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    ready_prefix: str,
+    *,
+    log: IO[str] = sys.stderr,
+    timeout: float = 60,
+) -> tuple[Part, str]:
+    """Starts `python argv...`; returns it once it prints a line starting with
+    `ready_prefix`, with the rest of that line (where it listens)."""
+    proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     for line in proc.stdout:
         print(line, end="", file=sys.stdout, flush=True)
-        if line.startswith(READY_PREFIX):
+        if line.startswith(ready_prefix):
             threading.Thread(target=_relay, args=(proc.stdout, sys.stdout), daemon=True).start()
-            return Part("service", proc), int(line[len(READY_PREFIX) :])
+            return Part(name, proc), line[len(ready_prefix) :].strip()
         if time.monotonic() > deadline:
             break
     proc.kill()
-    raise RuntimeError(f"the gRPC server did not start (exit code {proc.wait()})")
+    raise RuntimeError(f"{name} did not start (exit code {proc.wait()})")
+
+
+def start_service(env: dict[str, str], *, log: IO[str] = sys.stderr) -> tuple[Part, int]:
+    """The gRPC server; returns it with its port."""
+    part, where = start_python("service", ["-m", "service", "serve"], env, READY_PREFIX, log=log)
+    return part, int(where)
+
+
+def start_webhooks(env: dict[str, str], *, log: IO[str] = sys.stderr) -> tuple[Part, int]:
+    """The webhook sidecar; returns it with its port."""
+    part, where = start_python("webhooks", ["-m", "service", "webhooks"], env, WEBHOOKS_READY_PREFIX, log=log)
+    return part, int(where.split("/", 1)[0])
+
+
+def start_localstripe(port: int, *, fresh: bool, log: IO[str] = sys.stderr, timeout: float = 30) -> Part:
+    """The Stripe emulator, with this project's extensions (tools/localstripe_launcher.py)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "tools.localstripe_launcher",
+        "--port",
+        str(port),
+        *(["--from-scratch"] if fresh else []),
+    ]
+    part = Part("localstripe", subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log, text=True))
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/customers?limit=1", headers={"Authorization": f"Bearer {LOCALSTRIPE_KEY}"}
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if part.process.poll() is not None:
+            raise RuntimeError(f"localstripe exited with code {part.process.returncode}")
+        try:
+            with urllib.request.urlopen(request, timeout=2):  # noqa: S310
+                return part
+        except OSError:
+            time.sleep(0.1)
+    part.stop()
+    raise RuntimeError("localstripe did not answer in time")
+
+
+def register_webhook(localstripe_port: int, url: str, secret: str) -> None:
+    """Points the emulator's signed webhooks at `url`, as a Stripe dashboard endpoint would."""
+    data = urllib.parse.urlencode({"url": url, "secret": secret}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{localstripe_port}/_config/webhooks/invoice-service", data=data)
+    with urllib.request.urlopen(request, timeout=5):  # noqa: S310
+        pass
 
 
 def start_envoy(config: str, workdir: Path, *, log: IO[str] = sys.stderr, timeout: float = 30) -> tuple[Part, int, int]:
@@ -105,18 +160,33 @@ def start_envoy(config: str, workdir: Path, *, log: IO[str] = sys.stderr, timeou
 
 def main() -> None:
     settings = Settings()
+    env = dict(os.environ)
     parts: list[Part] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        service, grpc_port = start_service(dict(os.environ))
+        emulated = settings.stripe_api_key is None
+        if emulated:
+            parts.append(start_localstripe(settings.localstripe_port, fresh=True))
+            env["STRIPE_API_KEY"] = LOCALSTRIPE_KEY
+            env["STRIPE_API_BASE"] = f"http://127.0.0.1:{settings.localstripe_port}"
+            env.setdefault("STRIPE_WEBHOOK_SECRETS", LOCAL_WEBHOOK_SECRET)
+            print(f"Stripe emulator        http://127.0.0.1:{settings.localstripe_port} (localstripe)", flush=True)
+        service, grpc_port = start_service(env)
         parts.append(service)
-        envoy, gateway_port, admin_port = start_envoy(render(settings, grpc_port=grpc_port), ROOT / ".build" / "envoy")
+        webhooks, webhook_port = start_webhooks(env)
+        parts.append(webhooks)
+        config = render(settings, grpc_port=grpc_port, webhook_port=webhook_port)
+        envoy, gateway_port, admin_port = start_envoy(config, ROOT / ".build" / "envoy")
         parts.append(envoy)
+        if emulated:
+            secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0]
+            register_webhook(settings.localstripe_port, f"http://127.0.0.1:{gateway_port}/webhooks/stripe", secret)
         print(
             f"REST  admin API        http://localhost:{gateway_port}/admin/api/invoices (header Api-Key)\n"
             f"REST  OpenAPI          http://localhost:{gateway_port}/admin/api/openapi.json\n"
+            f"HTTP  Stripe webhooks  http://localhost:{gateway_port}/webhooks/stripe (through Envoy)\n"
             f"Envoy admin            http://127.0.0.1:{admin_port} (loopback only)\n"
             "Ctrl-C stops everything.",
             flush=True,

@@ -1,0 +1,159 @@
+"""The Stripe webhook sidecar (aiohttp): verifies each delivery's Stripe-Signature over
+the raw body, then records the event and applies it to the invoice in one transaction.
+Stripe retries anything but a 2xx for days, so the answers are chosen for that: 400 for
+a delivery that can never be accepted, 503 while Postgres is away (Stripe will retry;
+nothing accepted is lost), 200 for applied, duplicate and ignored events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+import stripe
+from aiohttp import web
+
+from service.domain import InvalidArgument, StripeInvoice, Unavailable
+from service.payments import invoice_from_stripe
+
+log = logging.getLogger(__name__)
+
+PATH = "/webhooks/stripe"
+# The invoice events that change what the service records; others are answered 200.
+INVOICE_EVENTS = frozenset(
+    {
+        "invoice.created",
+        "invoice.finalized",
+        "invoice.updated",
+        "invoice.paid",
+        "invoice.payment_succeeded",
+        "invoice.payment_failed",
+        "invoice.voided",
+        "invoice.marked_uncollectible",
+        "invoice.deleted",
+    }
+)
+
+
+class EventStore(Protocol):
+    async def apply_stripe_invoice(
+        self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
+    ) -> str: ...
+
+
+STORE = web.AppKey("store", EventStore)
+SECRETS = web.AppKey("secrets", Sequence[str])
+TOLERANCE = web.AppKey("tolerance", int)
+
+
+def _reply(status: int, code: int, message: str, **extra: Any) -> web.Response:
+    """Errors in the google.rpc.Status shape the REST gateway uses, so one parser serves."""
+    body = {"code": code, "message": message, "details": []} if status >= 400 else {"received": True, **extra}
+    return web.json_response(body, status=status)
+
+
+def verified_event(payload: bytes, header: str | None, secrets: Sequence[str], tolerance: int) -> dict[str, Any]:
+    """The event, if any configured secret signed exactly these bytes recently enough.
+    Raises InvalidArgument naming what is wrong."""
+    if not header:
+        raise InvalidArgument("Stripe-Signature", "header missing")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument("body", "not UTF-8") from exc
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(text, header, secret, tolerance)
+            break
+        except stripe.SignatureVerificationError:
+            continue
+    else:
+        raise InvalidArgument("Stripe-Signature", "no valid signature for this body and time")
+    # The SDK refuses only old timestamps; one from the future is as suspect (a replay
+    # prepared in advance, or a sender's clock far off).
+    if _timestamp(header) > time.time() + tolerance:
+        raise InvalidArgument("Stripe-Signature", "timestamp is in the future")
+    try:
+        event = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument("body", "not JSON") from exc
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
+        raise InvalidArgument("body", "not a Stripe event (id, type)")
+    return event
+
+
+def _timestamp(header: str) -> int:
+    stamps = [v for k, _, v in (part.partition("=") for part in header.split(",")) if k.strip() == "t"]
+    try:
+        return int(stamps[0])
+    except (IndexError, ValueError) as exc:
+        raise InvalidArgument("Stripe-Signature", "no timestamp") from exc
+
+
+async def receive(request: web.Request) -> web.Response:
+    try:
+        payload = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _reply(413, 3, "body over the size limit")
+    try:
+        event = verified_event(
+            payload, request.headers.get("Stripe-Signature"), request.app[SECRETS], request.app[TOLERANCE]
+        )
+        if event["type"] not in INVOICE_EVENTS:
+            log.info("webhook ignored", extra={"event": event["id"], "type": event["type"]})
+            return _reply(200, 0, "", outcome="ignored")
+        invoice = invoice_from_stripe(_data_object(event))
+        created = event.get("created")
+        if not isinstance(created, int):
+            raise InvalidArgument("created", "must be the event's Unix time")
+    except InvalidArgument as error:
+        log.warning("webhook rejected", extra={"reason": str(error)})
+        return _reply(400, 3, str(error))
+    try:
+        outcome = await request.app[STORE].apply_stripe_invoice(
+            invoice, stripe_time=created, event_id=event["id"], event_type=event["type"]
+        )
+    except Unavailable:
+        log.warning("webhook deferred: database unavailable", extra={"event": event["id"]})
+        return _reply(503, 14, "the invoice store is unavailable; Stripe will retry")
+    log.info(
+        "webhook applied",
+        extra={"event": event["id"], "type": event["type"], "invoice": invoice.stripe_invoice_id, "outcome": outcome},
+    )
+    return _reply(200, 0, "", outcome=outcome)
+
+
+def _data_object(event: dict[str, Any]) -> dict[str, Any]:
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        raise InvalidArgument("data.object", "missing")
+    return obj
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "SERVING"})
+
+
+def init(
+    store: EventStore,
+    secrets: Sequence[str],
+    *,
+    tolerance_s: int = 300,
+    max_body_bytes: int = 1_048_576,
+    cleanup: Callable[[web.Application], AsyncIterator[None]] | None = None,
+) -> web.Application:
+    """The sidecar's application; `cleanup` owns resources such as the pool."""
+    if not secrets:
+        raise ValueError("at least one webhook secret is required")
+    app = web.Application(client_max_size=max_body_bytes)
+    app[STORE] = store
+    app[SECRETS] = list(secrets)
+    app[TOLERANCE] = tolerance_s
+    app.router.add_post(PATH, receive)
+    app.router.add_get("/healthz", health)
+    if cleanup is not None:
+        app.cleanup_ctx.append(cleanup)
+    return app
