@@ -17,7 +17,7 @@ from openapi_spec_validator import validate
 from gateway.render import OPENAPI, render
 from service.app import start_grpc
 from service.config import Settings
-from service.domain import Invoice, InvoicePage, Page, Unavailable
+from service.domain import Invoice, InvoicePage, NewInvoice, Page, ResourceExhausted, Unavailable
 from service.storage import Storage
 from tests.conftest import API_KEY, ROTATED_KEY, Stack, free_port, json_shape, make_invoice
 from tools.stack import ENVOY, start_envoy
@@ -197,8 +197,13 @@ class FailingStore:
         raise Unavailable("the invoice store is unavailable; retry later")
 
 
-async def test_timeouts_and_unavailable_dependencies_are_json(tmp_path: Path) -> None:
-    running = await start_grpc(FailingStore(), [API_KEY], "127.0.0.1:0")
+class RateLimitedCreator:
+    async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]:
+        raise ResourceExhausted("Stripe rate limit reached; retry with backoff")
+
+
+async def test_timeouts_rate_limits_and_unavailable_dependencies_are_json(tmp_path: Path) -> None:
+    running = await start_grpc(FailingStore(), [API_KEY], "127.0.0.1:0", creator=RateLimitedCreator())
     settings = Settings(gateway_route_timeout_s=1)
     config = render(settings, gateway_port=0, admin_port=0, grpc_port=running.port)
     envoy, port, _ = await asyncio.to_thread(start_envoy, config, tmp_path)
@@ -211,6 +216,8 @@ async def test_timeouts_and_unavailable_dependencies_are_json(tmp_path: Path) ->
                 await asyncio.sleep(0.1)
             _assert_error(reply, 503, 14, "invoice store is unavailable")
             _assert_error(await http.get("/admin/api/invoices"), 504, 4)
+            body = {"items": [{"name": "x", "amount": 1}], "customer": "cus_1", "paymentMethod": "pm_1"}
+            _assert_error(await http.post("/admin/api/invoices", json=body), 429, 8, "rate limit")
     finally:
         envoy.stop()
         await running.server.stop(None)
