@@ -31,21 +31,48 @@ class Invoice:
 
 
 @dataclass(frozen=True, slots=True)
+class Filters:
+    """What a list may be narrowed to; all None is every invoice."""
+
+    status: str | None = None
+    user_id: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A position in list order (newest first): just after this invoice."""
+
+    created_at: datetime
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
-    """A 1-based page of `limit` invoices, newest first."""
+    """`limit` invoices, newest first: the 1-based page `number`, or, with `after`, the
+    ones that follow that position (keyset paging)."""
 
     number: int
     limit: int
+    filters: Filters = Filters()
+    after: Cursor | None = None
+    keyset: bool = False
 
     @property
     def offset(self) -> int:
-        return (self.number - 1) * self.limit
+        return 0 if self.keyset else (self.number - 1) * self.limit
 
 
 @dataclass(frozen=True, slots=True)
 class InvoicePage:
     invoices: list[Invoice]
     total: int
+    # Where the next page starts; None when this page is the last.
+    next_after: Cursor | None = None
 
 
 @dataclass(frozen=True, slots=True)

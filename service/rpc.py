@@ -3,12 +3,13 @@ It knows no SQL and no status codes; domain errors are mapped in interceptors.""
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any, Protocol
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from service import validation
+from service import pagetoken, validation
 from service.domain import Invoice, InvoicePage, NewInvoice, Page
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
@@ -65,12 +66,23 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         request: pb.ListInvoicesRequest,
         context: grpc.aio.ServicerContext[pb.ListInvoicesRequest, pb.ListInvoicesResponse],
     ) -> pb.ListInvoicesResponse:
+        filters = validation.filters(
+            request.status,
+            request.user_id,
+            request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None,
+            request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None,
+        )
         page = validation.page(
             request.page if request.HasField("page") else None,
             request.limit if request.HasField("limit") else None,
+            token=request.page_token,
+            filters=filters,
         )
         result = await self._store.list_invoices(page)
-        return pb.ListInvoicesResponse(invoices=[invoice_message(i) for i in result.invoices], count=result.total)
+        reply = pb.ListInvoicesResponse(invoices=[invoice_message(i) for i in result.invoices], count=result.total)
+        if page.keyset and result.next_after is not None:
+            reply.next_page_token = pagetoken.encode(result.next_after, filters)
+        return reply
 
     async def GetInvoice(
         self, request: pb.GetInvoiceRequest, context: grpc.aio.ServicerContext[pb.GetInvoiceRequest, pb.Invoice]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from datetime import datetime
 
-from service.domain import InvalidArgument, NewInvoice, NewItem, Page, User
+from service import pagetoken
+from service.domain import STATUSES, Filters, InvalidArgument, NewInvoice, NewItem, Page, User
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -26,14 +28,43 @@ RECORD_ID = re.compile(r"[0-9a-f]{24}")
 STRIPE_ID = {prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm")}
 
 
-def page(number: int | None, limit: int | None) -> Page:
-    number = 1 if number is None else number
+def page(
+    number: int | None,
+    limit: int | None,
+    *,
+    token: str = "",
+    filters: Filters | None = None,
+) -> Page:
+    """A page by number (the original API, which always sent `page`), or by token
+    (AIP-158) when `page` is absent: the first page then has no token."""
+    filters = filters or Filters()
     limit = DEFAULT_PAGE_SIZE if limit is None else limit
-    if not 1 <= number <= MAX_PAGE:
-        raise InvalidArgument("page", f"must be between 1 and {MAX_PAGE}, got {number}")
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidArgument("limit", f"must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
-    return Page(number=number, limit=limit)
+    if token:
+        if number is not None:
+            raise InvalidArgument("page", "must be absent when page_token is given")
+        return Page(number=1, limit=limit, filters=filters, after=pagetoken.decode(token, filters), keyset=True)
+    if number is None:
+        return Page(number=1, limit=limit, filters=filters, keyset=True)
+    if not 1 <= number <= MAX_PAGE:
+        raise InvalidArgument("page", f"must be between 1 and {MAX_PAGE}, got {number}")
+    return Page(number=number, limit=limit, filters=filters)
+
+
+def filters(status: str, user_id: str, created_after: datetime | None, created_before: datetime | None) -> Filters:
+    if status and status not in STATUSES:
+        raise InvalidArgument("status", f"must be one of {', '.join(STATUSES)}")
+    if len(user_id) > MAX_USER_FIELD:
+        raise InvalidArgument("user_id", f"must be at most {MAX_USER_FIELD} characters")
+    if created_after and created_before and created_after >= created_before:
+        raise InvalidArgument("created_before", "must be after created_after")
+    return Filters(
+        status=status or None,
+        user_id=user_id or None,
+        created_after=created_after,
+        created_before=created_before,
+    )
 
 
 def invoice_id(value: str) -> str:

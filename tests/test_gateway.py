@@ -88,6 +88,17 @@ async def test_pagination_through_rest(http: httpx.AsyncClient, stack_store: Sto
     assert {p["count"] for p in pages} == {7}
     ids = [i["invoiceId"] for p in pages for i in p["invoices"]]
     assert ids == [f"in_test{n:06d}" for n in range(6, -1, -1)]
+    assert all("nextPageToken" not in p for p in pages), "the original calls keep their original keys"
+
+    by_token, params = [], {"limit": 3}
+    while True:
+        page = (await http.get("/admin/api/invoices", params=params)).json()
+        by_token.append(page)
+        if "nextPageToken" not in page:
+            break
+        params = {"limit": 3, "pageToken": page["nextPageToken"]}
+    assert [i["invoiceId"] for p in by_token for i in p["invoices"]] == ids
+    assert {p["count"] for p in by_token} == {7}
 
 
 async def test_the_api_key_header_reaches_the_service(http: httpx.AsyncClient, stack: Stack) -> None:

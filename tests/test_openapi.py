@@ -22,7 +22,13 @@ def test_paths_and_parameters_follow_the_http_annotations() -> None:
     assert [(p["name"], p["in"], p["required"]) for p in listing["parameters"]] == [
         ("page", "query", False),
         ("limit", "query", False),
+        ("pageToken", "query", False),
+        ("status", "query", False),
+        ("userId", "query", False),
+        ("createdAfter", "query", False),
+        ("createdBefore", "query", False),
     ]
+    assert listing["parameters"][5]["schema"] == {"type": "string", "format": "date-time"}
     get = doc["paths"]["/admin/api/invoices/{id}"]["get"]
     assert [(p["name"], p["in"], p["required"]) for p in get["parameters"]] == [("id", "path", True)]
     create = doc["paths"]["/admin/api/invoices"]["post"]

@@ -40,6 +40,8 @@ WELL_KNOWN: dict[str, dict[str, Any]] = {
         "additionalProperties": True,
     },
 }
+# Messages that travel as one query parameter (the transcoder parses RFC 3339).
+QUERY_MESSAGES = {".google.protobuf.Timestamp"}
 VERBS = ("get", "put", "post", "delete", "patch")
 ERROR_STATUSES = {
     "400": "The request is invalid: a field, a query parameter or the JSON body.",
@@ -129,7 +131,7 @@ def _operation(
     for field in request.field:
         if field.name in path_fields:
             where = "path"
-        elif body == "*" or field.type == FDP.TYPE_MESSAGE:
+        elif body == "*" or (field.type == FDP.TYPE_MESSAGE and field.type_name not in QUERY_MESSAGES):
             continue
         else:
             where = "query"

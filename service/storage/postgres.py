@@ -15,6 +15,8 @@ import asyncpg
 
 from service.domain import (
     AlreadyExists,
+    Cursor,
+    Filters,
     Invoice,
     InvoicePage,
     NotFound,
@@ -44,10 +46,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 
-# Statements are whole literals (no string building), so what runs is what is read here.
-_LIST = """
-    SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at
-    FROM invoices ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2"""
+# Statements are whole literals, except the list, whose WHERE is assembled from the
+# constant fragments below (values are always $n parameters).
+_SELECT = "SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at"
+_ORDER = "ORDER BY created_at DESC, id DESC"
+_FILTERS = {
+    "status": "status = ${}",
+    "user_id": "user_id = ${}",
+    "created_after": "created_at >= ${}",
+    "created_before": "created_at < ${}",
+}
+_AFTER = "(created_at, id) < (${}, ${})"
+_COUNT_ALL = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts"
+_COUNT_STATUS = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts WHERE status = $1"
 _GET_BY_ID = """
     SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at
     FROM invoices WHERE id = $1"""
@@ -101,6 +112,21 @@ def record_time(now: datetime | None = None) -> datetime:
     return now.replace(microsecond=millis * 1000)
 
 
+def _where(filters: Filters) -> tuple[list[str], list[object]]:
+    where: list[str] = []
+    args: list[object] = []
+    for name, fragment in _FILTERS.items():
+        value = getattr(filters, name)
+        if value is not None:
+            args.append(value)
+            where.append(fragment.format(len(args)))
+    return where, args
+
+
+def _clause(where: list[str]) -> str:
+    return f" WHERE {' AND '.join(where)}" if where else ""
+
+
 def _invoice(row: asyncpg.Record) -> Invoice:
     return Invoice(
         id=row["id"],
@@ -132,10 +158,27 @@ class Storage:
             await conn.fetchval("SELECT 1")
 
     async def list_invoices(self, page: Page) -> InvoicePage:
+        """One page and the matching total, from one snapshot so that they agree. The
+        total comes from the counters unless the filters need rows (user, time)."""
+        where, args = _where(page.filters)
+        count_sql, count_args = f"SELECT count(*) FROM invoices{_clause(where)}", args  # noqa: S608 - constant fragments
+        if page.filters.user_id is None and page.filters.created_after is None and page.filters.created_before is None:
+            status = page.filters.status
+            count_sql, count_args = (_COUNT_STATUS, [status]) if status else (_COUNT_ALL, [])
+        rows_args = list(args)
+        if page.after is not None:
+            rows_args += [page.after.created_at, page.after.id]
+            where = [*where, _AFTER.format(len(rows_args) - 1, len(rows_args))]
+        rows_args += [page.limit + 1, page.offset]
+        n = len(rows_args)
+        rows_sql = f"{_SELECT} FROM invoices{_clause(where)} {_ORDER} LIMIT ${n - 1} OFFSET ${n}"
         async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            total = await conn.fetchval("SELECT count(*) FROM invoices")
-            rows = await conn.fetch(_LIST, page.limit, page.offset)
-        return InvoicePage(invoices=[_invoice(r) for r in rows], total=total)
+            total = await conn.fetchval(count_sql, *count_args)
+            rows = await conn.fetch(rows_sql, *rows_args)
+        invoices = [_invoice(r) for r in rows[: page.limit]]
+        more = len(rows) > page.limit
+        next_after = Cursor(invoices[-1].created_at, invoices[-1].id) if more else None
+        return InvoicePage(invoices=invoices, total=total, next_after=next_after)
 
     async def get_invoice(self, key: str) -> Invoice:
         """Finds an invoice by the service's id or, for `in_...` keys, by Stripe's id."""

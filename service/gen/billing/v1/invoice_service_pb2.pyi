@@ -112,25 +112,66 @@ Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
 class ListInvoicesRequest(_message.Message):
-    """ListInvoicesRequest pages through the invoices by page number."""
+    """ListInvoicesRequest asks for one page of invoices, newest first, in one of
+    two ways:
+
+    - by number (`page`, `limit`), as the original API did. Simple, but a deep
+      page costs the database a scan of every invoice before it: page 20,000 of
+      20 reads 400,000 index entries first.
+    - by token (AIP-158): leave `page` out, pass `next_page_token` of the
+      previous answer as `page_token`. Every page costs the same however deep,
+      and pages stay stable while invoices are added: new ones land before the
+      first page, never shifting later pages.
+
+    The filters narrow either way and must stay the same across the pages of one
+    token sequence.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     page: _builtins.int
-    """1-based page number; 1 when absent. Below 1 is INVALID_ARGUMENT."""
+    """1-based page number. Below 1 is INVALID_ARGUMENT. Absent: paging by
+    token, starting at the first page. Not with `page_token`.
+    """
     limit: _builtins.int
     """Page size, 1 to 100; 20 when absent. Outside that is INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """`next_page_token` of the previous page; empty for the first page."""
+    status: _builtins.str
+    """Only invoices in this Stripe status (draft, open, paid, uncollectible, void)."""
+    user_id: _builtins.str
+    """Only invoices of this user (`user._id`; the Stripe customer id when the
+    invoice names no user).
+    """
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Only invoices recorded at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Only invoices recorded before this time."""
+
     def __init__(
         self,
         *,
         page: _builtins.int | None = ...,
         limit: _builtins.int | None = ...,
+        page_token: _builtins.str = ...,
+        status: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "limit", b"limit", "page", b"page"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "created_after", b"created_after", "created_before", b"created_before", "limit", b"limit", "page", b"page"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "limit", b"limit", "page", b"page"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "created_after", b"created_after", "created_before", b"created_before", "limit", b"limit", "page", b"page", "page_token", b"page_token", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
     _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
@@ -151,8 +192,17 @@ class ListInvoicesResponse(_message.Message):
 
     INVOICES_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     count: _builtins.int
-    """The total number of invoices, not the length of this page."""
+    """The total number of invoices that match the filters (all invoices without
+    filters), not the length of this page. Exact, and kept by counters rather
+    than counted on each call.
+    """
+    next_page_token: _builtins.str
+    """The token of the next page; absent on the last page. Only paging by
+    token (no `page`) answers it, so answers to the original `page` calls
+    keep their original keys.
+    """
     @_builtins.property
     def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]:
         """The invoices of the page, newest first; empty past the last page."""
@@ -162,12 +212,15 @@ class ListInvoicesResponse(_message.Message):
         *,
         invoices: _abc.Iterable[Global___Invoice] | None = ...,
         count: _builtins.int = ...,
+        next_page_token: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_next_page_token", b"_next_page_token", "next_page_token", b"next_page_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "invoices", b"invoices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_next_page_token", b"_next_page_token", "count", b"count", "invoices", b"invoices", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__next_page_token: _TypeAlias = _typing.Literal["next_page_token"]  # noqa: Y015
+    _WhichOneofArgType__next_page_token: _TypeAlias = _typing.Literal["_next_page_token", b"_next_page_token"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_page_token) -> _WhichOneofReturnType__next_page_token | None: ...
 
 Global___ListInvoicesResponse: _TypeAlias = ListInvoicesResponse  # noqa: Y015
 
