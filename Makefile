@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 
 .DEFAULT_GOAL := help
-.PHONY: help install generate check-generated lint format typecheck test run clean
+.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench clean
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it)"
 	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
+	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ $(BUF): package.json package-lock.json
 	touch $@
 
 install: $(BIN)/.installed $(BUF)
+
+# wrk (HTTP load) comes from Debian; the benchmark and its small run in `make test` need it.
+debian-tools:
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
 generate: install
 	$(BIN)/python -m tools.generate
@@ -49,11 +54,14 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck debian-tools
 	$(BIN)/pytest
 
 run: check-generated
 	$(BIN)/python -m tools.stack
+
+bench: check-generated debian-tools
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf .build .mypy_cache .ruff_cache .pytest_cache

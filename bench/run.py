@@ -1,0 +1,393 @@
+"""`make bench`: builds a database of BENCH_INVOICES invoices (COPY, realistic spread),
+starts the real stack on it (server, webhook sidecar, Envoy) plus a bare grpc.aio
+ceiling server, measures every case in one run on this machine, and writes a table to
+stdout, JSON and a PNG chart under results/ (git-ignored)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import string
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+
+from bench.ceiling import CONSTANT
+from gateway.render import render
+from service import embedded, pagetoken, storage
+from service.config import Settings
+from service.domain import Cursor, Filters, new_record_id
+from tools.stack import ROOT, Part, start_envoy, start_python, start_service, start_webhooks
+
+API_KEY = "bench-admin-key"
+SECRET = "whsec_bench"  # noqa: S105 - a local benchmark's own secret
+STATUSES = (["paid"] * 80) + (["open"] * 10) + (["void"] * 4) + (["uncollectible"] * 3) + (["draft"] * 3)
+DEEP_PAGE = 20_000
+PAGE_SIZE = 20
+
+
+def _env(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _stripe_id(rng: random.Random) -> str:
+    return "in_" + "".join(rng.choices(string.ascii_letters + string.digits, k=14))
+
+
+def rows(n: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
+    """n invoices over two years: 20,000 users, Stripe's usual status mix, times to the ms."""
+    rng = random.Random(seed)  # noqa: S311 - data shape, not secrets
+    start = datetime.now(UTC) - timedelta(days=730)
+    for _ in range(n):
+        created = start + timedelta(milliseconds=rng.randrange(730 * 86_400_000) + 1)
+        user = rng.randrange(20_000)
+        status = rng.choice(STATUSES)
+        amount = rng.choice((900, 1900, 3300, 4900, 9900, 19900)) * rng.randint(1, 3)
+        sid = _stripe_id(rng)
+        pdf = f"https://pay.stripe.com/invoice/acct_bench/{sid}/pdf" if status != "draft" else ""
+        updated = created + timedelta(milliseconds=rng.randrange(1, 86_400_000))
+        yield (new_record_id(), sid, f"user{user:05d}", f"User {user}", status, amount, pdf, created, updated)
+
+
+async def load(dsn: str, n: int) -> dict[str, Any]:
+    admin = await asyncpg.connect(dsn)
+    await admin.execute("DROP DATABASE IF EXISTS bench")
+    await admin.execute("CREATE DATABASE bench")
+    await admin.close()
+    url = dsn.replace("/postgres?", "/bench?")
+    pool = await storage.connect(url, min_size=1, max_size=1, command_timeout=600)
+    started = time.monotonic()
+    columns = ["id", "stripe_invoice_id", "user_id", "user_name", "status", "amount", "invoice_pdf"]
+    columns += ["created_at", "updated_at"]
+    async with pool.acquire() as conn:
+        await conn.copy_records_to_table("invoices", records=rows(n), columns=columns)
+        await conn.execute("ANALYZE invoices")
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM invoices TABLESAMPLE SYSTEM (1) LIMIT 500")]
+        ids += [r["stripe_invoice_id"] for r in await conn.fetch("SELECT stripe_invoice_id FROM invoices LIMIT 500")]
+        deep = await conn.fetchrow(
+            "SELECT created_at, id FROM invoices ORDER BY created_at DESC, id DESC OFFSET $1 LIMIT 1",
+            DEEP_PAGE * PAGE_SIZE - PAGE_SIZE - 1,
+        )
+        user = await conn.fetchval("SELECT user_id FROM invoices LIMIT 1")
+        plans = {name: await _plan(conn, sql, *args) for name, (sql, args) in _explained(deep, user).items()}
+    await pool.close()
+    token = pagetoken.encode(Cursor(deep["created_at"], deep["id"]), Filters()) if deep else ""
+    return {"url": url, "ids": ids, "token": token, "load_s": round(time.monotonic() - started, 1), "plans": plans}
+
+
+def _explained(deep: Any, user: str) -> dict[str, tuple[str, list[Any]]]:
+    cols = "SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at"
+    order = "ORDER BY created_at DESC, id DESC LIMIT 21"
+    after = [deep["created_at"], deep["id"]] if deep else [datetime.now(UTC), ""]
+    return {
+        "page 1": (f"{cols} FROM invoices {order}", []),
+        "count": ("SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts", []),
+        "deep page_token": (f"{cols} FROM invoices WHERE (created_at, id) < ($1, $2) {order}", after),
+        "deep page/limit": (f"{cols} FROM invoices {order} OFFSET {DEEP_PAGE * PAGE_SIZE - PAGE_SIZE}", []),
+        "status filter": (f"{cols} FROM invoices WHERE status = $1 {order}", ["uncollectible"]),
+        "user filter": (f"{cols} FROM invoices WHERE user_id = $1 {order}", [user]),
+        "created filter": (
+            f"{cols} FROM invoices WHERE created_at < $1 {order}",
+            [datetime.now(UTC) - timedelta(days=365)],
+        ),
+    }
+
+
+async def _plan(conn: asyncpg.pool.PoolConnectionProxy, sql: str, *args: Any) -> str:
+    lines = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS OFF, TIMING ON) {sql}", *args)
+    return "\n".join(r[0] for r in lines)
+
+
+class PeakRss:
+    """Samples a process's resident memory while a case runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _wrk(url: str, seconds: float, connections: int, threads: int = 2) -> dict[str, Any]:
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, int(seconds))}s", "--latency"]
+    out = subprocess.run([*argv, "-H", f"Api-Key: {API_KEY}", url], capture_output=True, text=True, check=True).stdout
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def latency(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        return round(float(m[1]) * scale[m[2]], 3) if m else 0.0
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    calls = re.search(r"(\d+) requests in", out)
+    return {
+        "calls": int(calls[1]) if calls else 0,
+        "errors": int(non2xx[1]) if non2xx else 0,
+        "rps": float(rps[1]) if rps else 0.0,
+        "p50_ms": latency("50"),
+        "p90_ms": latency("90"),
+        "p99_ms": latency("99"),
+    }
+
+
+def _grpc_load(target: str, case: str, seconds: float, processes: int, **extra: Any) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "bench.load", "--target", target, "--case", case, "--seconds", str(seconds)]
+    argv += ["--processes", str(processes), "--concurrency", "16", "--api-key", API_KEY]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _proxy_ceiling_route(config: str) -> str:
+    """The same listener, one more route: Envoy answering an invoice-sized body itself."""
+    body = json.dumps(json.dumps({"_id": CONSTANT.id, "invoiceId": CONSTANT.invoice_id, "pdf": CONSTANT.invoice_pdf}))
+    route = (
+        "                        - match: {path: /bench/fixed}\n"
+        f"                          direct_response: {{status: 200, body: {{inline_string: {body}}}}}\n"
+        "                          typed_per_filter_config:\n"
+        "                            envoy.filters.http.grpc_json_transcoder:\n"
+        '                              "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig\n'
+        "                              disabled: true\n"
+    )
+    anchor = "                        - match: {path: /webhooks/stripe}\n"
+    return config.replace(anchor, route + anchor, 1)
+
+
+@contextmanager
+def _parts() -> Iterator[list[Part]]:
+    parts: list[Part] = []
+    try:
+        yield parts
+    finally:
+        for part in reversed(parts):
+            part.stop()
+
+
+def _chart(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["case"] for r in results]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [r["p50_ms"] for r in results], width=0.4, label="p50")
+    ax.bar([i + 0.2 for i in x], [r["p99_ms"] for r in results], width=0.4, label="p99")
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("InvoiceService latency percentiles per case")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    n = int(_env("BENCH_INVOICES", 1_000_000))
+    seconds = _env("BENCH_SECONDS", 10)
+    hooks = int(_env("BENCH_WEBHOOK_INVOICES", 2000))
+    out_dir = Path(os.environ.get("BENCH_RESULTS", ROOT / "results"))
+    work = ROOT / ".build" / "bench"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    machine = {"nproc": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    print(f"bench: {n:,} invoices, {seconds:g} s per case, machine {machine}", flush=True)
+
+    dsn = embedded.start(work / "pg", temporary=True)
+    data = asyncio.run(load(dsn, n))
+    print(f"loaded {n:,} invoices in {data['load_s']} s", flush=True)
+    env = {
+        **os.environ,
+        "DATABASE_URL": data["url"],
+        "ADMIN_API_KEYS": API_KEY,
+        "STRIPE_WEBHOOK_SECRETS": SECRET,
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": "0",
+        "WEBHOOK_HOST": "127.0.0.1",
+        "WEBHOOK_PORT": "0",
+        "LOG_LEVEL": "WARNING",
+        "SHUTDOWN_DRAIN_S": "0",
+        "DATA_DIR": str(work),
+    }
+    log = (work / "stack.log").open("w")
+    results: list[dict[str, Any]] = []
+    with _parts() as parts:
+        service, grpc_port = start_service(env, log=log)
+        parts.append(service)
+        webhooks, webhook_port = start_webhooks(env, log=log)
+        parts.append(webhooks)
+        ceiling, where = start_python("ceiling", ["-m", "bench.ceiling"], env, "gRPC  ceiling  localhost:", log=log)
+        parts.append(ceiling)
+        config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=grpc_port, webhook_port=webhook_port)
+        envoy, gateway_port, _ = start_envoy(_proxy_ceiling_route(config), work / "envoy", log=log)
+        parts.append(envoy)
+        time.sleep(2)  # Envoy's first health checks
+        base = f"http://127.0.0.1:{gateway_port}"
+        direct = f"127.0.0.1:{grpc_port}"
+        ids = json.dumps(data["ids"])
+        some_id = data["ids"][0]
+
+        def case(name: str, tool: str, run: Any, pid: int) -> None:
+            with PeakRss(pid) as rss:
+                figures = run()
+            results.append({"case": name, "tool": tool, **figures, "peak_rss_mb": round(rss.peak / 2**20, 1)})
+            r = results[-1]
+            print(
+                f"  {name:<34} {r['rps']:>9.1f}/s  p50 {r['p50_ms']:>8.2f} ms  p99 {r['p99_ms']:>8.2f} ms", flush=True
+            )
+
+        pid = service.process.pid
+        case(
+            "framework ceiling (bare grpc.aio)",
+            "bench.load gRPC x2",
+            lambda: _grpc_load(f"127.0.0.1:{where}", "get", seconds, 2, ids=ids),
+            ceiling.process.pid,
+        )
+        case(
+            "proxy ceiling (Envoy direct)",
+            "wrk -t2 -c32",
+            lambda: _wrk(f"{base}/bench/fixed", seconds, 32),
+            envoy.process.pid,
+        )
+        case("GetInvoice gRPC", "bench.load gRPC x2", lambda: _grpc_load(direct, "get", seconds, 2, ids=ids), pid)
+        case(
+            "GetInvoice gRPC, 4 client procs",
+            "bench.load gRPC x4",
+            lambda: _grpc_load(direct, "get", seconds, 4, ids=ids),
+            pid,
+        )
+        case(
+            "GET /invoices/{id} via Envoy",
+            "wrk -t2 -c32",
+            lambda: _wrk(f"{base}/admin/api/invoices/{some_id}", seconds, 32),
+            pid,
+        )
+        case("ListInvoices page 1 + count", "bench.load gRPC x2", lambda: _grpc_load(direct, "list", seconds, 2), pid)
+        case(
+            f"ListInvoices page {DEEP_PAGE:,} (token)",
+            "bench.load gRPC x2",
+            lambda: _grpc_load(direct, "list_token", seconds, 2, token=data["token"]),
+            pid,
+        )
+        case(
+            f"ListInvoices page {DEEP_PAGE:,} (page/limit)",
+            "bench.load gRPC x2",
+            lambda: _grpc_load(
+                direct, "list_deep_page", seconds, 2, deep_page=DEEP_PAGE if n >= DEEP_PAGE * PAGE_SIZE else 2
+            ),
+            pid,
+        )
+        hook_args = [sys.executable, "-m", "bench.webhook_load", "--url", f"{base}/webhooks/stripe", "--secret", SECRET]
+        hook_args += ["--invoices", str(hooks)]
+
+        def webhooks_case() -> dict[str, Any]:
+            out = subprocess.run(hook_args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+            return dict(json.loads(out.strip().splitlines()[-1]))
+
+        case("webhooks via Envoy (30% dup)", "bench.webhook_load x2", webhooks_case, webhooks.process.pid)
+        results[-1] |= asyncio.run(_webhook_rows(data["url"], hooks))
+    log.close()
+    report(results, data, machine, n, out_dir)
+
+
+async def _webhook_rows(url: str, invoices: int) -> dict[str, Any]:
+    conn = await asyncpg.connect(url)
+    try:
+        events = await conn.fetchval("SELECT count(*) FROM stripe_events WHERE id LIKE 'evt_bench%'")
+        paid = await conn.fetchval(
+            "SELECT count(*) FROM invoices WHERE stripe_invoice_id LIKE 'in_bench%' AND status = 'paid'"
+        )
+        rows = await conn.fetchval("SELECT count(*) FROM invoices WHERE stripe_invoice_id LIKE 'in_bench%'")
+    finally:
+        await conn.close()
+    return {
+        "events_recorded": events,
+        "invoices_recorded": rows,
+        "invoices_paid": paid,
+        "nothing_lost_or_doubled": events == invoices * 3 and rows == invoices == paid,
+    }
+
+
+def report(results: list[dict[str, Any]], data: dict[str, Any], machine: dict[str, Any], n: int, out_dir: Path) -> None:
+    by = {r["case"]: r for r in results}
+    get, rest, ceiling = (
+        by["GetInvoice gRPC"],
+        by["GET /invoices/{id} via Envoy"],
+        by["framework ceiling (bare grpc.aio)"],
+    )
+    page1 = by["ListInvoices page 1 + count"]
+    deep = by[f"ListInvoices page {DEEP_PAGE:,} (token)"]
+    hooks = by["webhooks via Envoy (30% dup)"]
+    ratios = {
+        "REST get / gRPC get throughput (>= 0.8)": round(rest["rps"] / get["rps"], 2),
+        "gRPC get / framework ceiling throughput (>= 0.7)": round(get["rps"] / ceiling["rps"], 2),
+        "list page 1 p50 / get p50 (<= 2)": round(page1["p50_ms"] / get["p50_ms"], 2),
+        "deep token page p50 / page 1 p50 (<= 1.5)": round(deep["p50_ms"] / page1["p50_ms"], 2),
+        "webhook events/s (>= 500)": hooks["rps"],
+        "server peak RSS MB (<= 200)": max(
+            r["peak_rss_mb"] for r in results if r["case"].startswith(("Get", "GET", "List"))
+        ),
+        "client check: 4 procs / 2 procs get rps (~1 = client not the bottleneck)": round(
+            by["GetInvoice gRPC, 4 client procs"]["rps"] / get["rps"], 2
+        ),
+    }
+    stamp = datetime.now(UTC)
+    document = {
+        "date": stamp.isoformat(timespec="seconds"),
+        "invoices": n,
+        "machine": machine,
+        "load_s": data["load_s"],
+    }
+    document |= {"results": results, "ratios": ratios, "plans": data["plans"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"bench-{stamp:%Y%m%d-%H%M%S}"
+    (out_dir / f"{name}.json").write_text(json.dumps(document, indent=2, default=str))
+    _chart(results, out_dir / f"{name}.png")
+    shutil.copyfile(out_dir / f"{name}.json", out_dir / "latest.json")
+    shutil.copyfile(out_dir / f"{name}.png", out_dir / "latest.png")
+    print(f"\n{'case':<36}{'tool':<24}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'RSS MB':>9}")
+    for r in results:
+        print(
+            f"{r['case']:<36}{r['tool']:<24}{r['rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['peak_rss_mb']:>9.1f}"
+        )
+    print("\nratios:")
+    for key, value in ratios.items():
+        print(f"  {key}: {value}")
+    print(
+        f"\nwebhooks: {hooks.get('deliveries')} deliveries, {hooks.get('retries')} retries,"
+        f" events recorded {hooks.get('events_recorded')}, invoices {hooks.get('invoices_recorded')}"
+        f" (paid: {hooks.get('invoices_paid')}); nothing lost or doubled: {hooks.get('nothing_lost_or_doubled')}"
+    )
+    print(f"results: {out_dir / name}.json and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Sends signed Stripe invoice events to a webhook URL the way Stripe does: concurrently,
+shuffled, with a share of duplicates, retrying any non-2xx with backoff. Prints one JSON
+line: deliveries, retries, throughput and latency."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import multiprocessing
+import random
+import time
+from typing import Any
+
+import aiohttp
+
+from bench.load import summary
+
+LIFECYCLE = [("invoice.created", "draft", 0), ("invoice.finalized", "open", 4200), ("invoice.paid", "paid", 4200)]
+
+
+def events(invoices: int, duplicates: float, seed: int) -> list[str]:
+    """Every lifecycle event of `invoices` invoices, plus `duplicates` of them again, shuffled."""
+    rng = random.Random(seed)  # noqa: S311 - load shape, not secrets
+    now = int(time.time())
+    unique = []
+    for n in range(invoices):
+        for step, (kind, status, total) in enumerate(LIFECYCLE):
+            obj: dict[str, Any] = {"id": f"in_bench{seed:02d}{n:07d}", "object": "invoice"}
+            obj |= {"customer": f"cus_bench{n % 977}"}
+            obj |= {"status": status, "total": total, "invoice_pdf": None, "metadata": {}, "customer_name": "Bench"}
+            body = {
+                "id": f"evt_bench{seed:02d}{n:07d}{step}",
+                "type": kind,
+                "created": now + step,
+                "data": {"object": obj},
+            }
+            unique.append(json.dumps(body))
+    sent = unique + rng.sample(unique, int(len(unique) * duplicates / (1 - duplicates)))
+    rng.shuffle(sent)
+    return sent
+
+
+def sign(payload: str, secret: str) -> str:
+    at = int(time.time())
+    return f"t={at},v1={hmac.new(secret.encode(), f'{at}.{payload}'.encode(), hashlib.sha256).hexdigest()}"
+
+
+async def _send(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:
+    latencies: list[float] = []
+    retries = 0
+    queue = list(reversed(payloads))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal retries
+        while queue:
+            payload = queue.pop()
+            for attempt in range(8):
+                start = time.perf_counter()
+                headers = {"Stripe-Signature": sign(payload, secret), "Content-Type": "application/json"}
+                try:
+                    async with session.post(url, data=payload.encode(), headers=headers) as reply:
+                        await reply.read()
+                        ok = 200 <= reply.status < 300
+                except aiohttp.ClientError:
+                    ok = False
+                if ok:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                    break
+                retries += 1
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    out.put((latencies, retries))
+
+
+def _run(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:
+    asyncio.run(_send(url, secret, payloads, concurrency, out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--secret", required=True)
+    parser.add_argument("--invoices", type=int, default=1000)
+    parser.add_argument("--duplicates", type=float, default=0.3)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    payloads = events(args.invoices, args.duplicates, seed=1)
+    queue: Any = multiprocessing.Queue()
+    shares = [payloads[i :: args.processes] for i in range(args.processes)]
+    procs = [
+        multiprocessing.Process(target=_run, args=(args.url, args.secret, share, args.concurrency, queue))
+        for share in shares
+    ]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    seconds = time.monotonic() - start
+    figures = summary([x for r in results for x in r[0]], 0, seconds)
+    figures |= {"deliveries": len(payloads), "unique_events": args.invoices * len(LIFECYCLE)}
+    figures |= {"retries": sum(r[1] for r in results), "seconds": round(seconds, 2)}
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
