@@ -4,9 +4,10 @@ default), the Stripe webhook sidecar, or a reconcile run; settings from the envi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from datetime import UTC, datetime
+
+import uvloop
 
 from service import logs
 from service.app import reconcile, run_webhooks, serve
@@ -29,12 +30,13 @@ def main() -> None:
 
     settings = Settings()
     logs.configure(settings.log_level)
+    # uvloop: asyncpg's protocol and aiohttp run measurably faster on it (make bench).
     if args.command == "webhooks":
-        asyncio.run(run_webhooks(settings))
+        uvloop.run(run_webhooks(settings))
     elif args.command == "reconcile":
-        print(json.dumps(dict(asyncio.run(reconcile(settings, args.since)))))
+        print(json.dumps(dict(uvloop.run(reconcile(settings, args.since)))))
     else:
-        asyncio.run(serve(settings))
+        uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

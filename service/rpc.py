@@ -3,7 +3,7 @@ It knows no SQL and no status codes; domain errors are mapped in interceptors.""
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import grpc
@@ -24,10 +24,12 @@ class Creator(Protocol):
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]: ...
 
 
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    # Direct arithmetic: Timestamp.FromDatetime showed up in the list profile.
+    return timestamp_pb2.Timestamp(seconds=int(moment.timestamp()), nanos=moment.microsecond * 1000)
+
+
 def invoice_message(invoice: Invoice) -> pb.Invoice:
-    created, updated = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
-    created.FromDatetime(invoice.created_at)
-    updated.FromDatetime(invoice.updated_at)
     return pb.Invoice(
         id=invoice.id,
         invoice_id=invoice.stripe_invoice_id,
@@ -35,8 +37,8 @@ def invoice_message(invoice: Invoice) -> pb.Invoice:
         status=invoice.status,
         amount=invoice.amount,
         invoice_pdf=invoice.invoice_pdf,
-        created_at=created,
-        updated_at=updated,
+        created_at=_timestamp(invoice.created_at),
+        updated_at=_timestamp(invoice.updated_at),
     )
 
 
