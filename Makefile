@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench clean
+.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it)"
 	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
+	@echo "make chaos     the webhook storm through a Postgres restart, at full size"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml
@@ -62,6 +63,10 @@ run: check-generated
 
 bench: check-generated debian-tools
 	$(BIN)/python -m bench.run
+
+# Full size; `make test` runs it at 100 invoices (tests/test_chaos.py).
+chaos: check-generated
+	$(BIN)/python -m chaos.storm
 
 clean:
 	rm -rf .build .mypy_cache .ruff_cache .pytest_cache

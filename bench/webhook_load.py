@@ -12,28 +12,68 @@ import json
 import multiprocessing
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
 
 from bench.load import summary
 
-LIFECYCLE = [("invoice.created", "draft", 0), ("invoice.finalized", "open", 4200), ("invoice.paid", "paid", 4200)]
+Step = tuple[str, str, int]
+SHORT: list[list[Step]] = [
+    [("invoice.created", "draft", 0), ("invoice.finalized", "open", 4200), ("invoice.paid", "paid", 4200)]
+]
+# Seven events per invoice, three endings; the last event of each says the final state.
+LONG: list[list[Step]] = [
+    [
+        ("invoice.created", "draft", 0),
+        ("invoice.updated", "draft", 4200),
+        ("invoice.finalized", "open", 4200),
+        ("invoice.updated", "open", 4200),
+        ("invoice.payment_failed", "open", 4200),
+        ("invoice.updated", "open", 4200),
+        ("invoice.paid", "paid", 4200),
+    ],
+    [
+        ("invoice.created", "draft", 0),
+        ("invoice.updated", "draft", 4200),
+        ("invoice.finalized", "open", 4200),
+        ("invoice.payment_failed", "open", 4200),
+        ("invoice.updated", "open", 4200),
+        ("invoice.marked_uncollectible", "uncollectible", 4200),
+        ("invoice.voided", "void", 4200),
+    ],
+    [
+        ("invoice.created", "draft", 0),
+        ("invoice.finalized", "open", 4200),
+        ("invoice.updated", "open", 4200),
+        ("invoice.payment_failed", "open", 4200),
+        ("invoice.marked_uncollectible", "uncollectible", 4200),
+        ("invoice.updated", "uncollectible", 4200),
+        ("invoice.paid", "paid", 4200),
+    ],
+]
+LIFECYCLES = {"short": SHORT, "long": LONG}
 
 
-def events(invoices: int, duplicates: float, seed: int) -> list[str]:
+def lifecycle(kind: str, n: int) -> list[Step]:
+    variants = LIFECYCLES[kind]
+    return variants[n % len(variants)]
+
+
+def events(invoices: int, duplicates: float, seed: int, kind: str = "short") -> list[str]:
     """Every lifecycle event of `invoices` invoices, plus `duplicates` of them again, shuffled."""
     rng = random.Random(seed)  # noqa: S311 - load shape, not secrets
     now = int(time.time())
     unique = []
     for n in range(invoices):
-        for step, (kind, status, total) in enumerate(LIFECYCLE):
+        for step, (kind_, status, total) in enumerate(lifecycle(kind, n)):
             obj: dict[str, Any] = {"id": f"in_bench{seed:02d}{n:07d}", "object": "invoice"}
             obj |= {"customer": f"cus_bench{n % 977}"}
             obj |= {"status": status, "total": total, "invoice_pdf": None, "metadata": {}, "customer_name": "Bench"}
             body = {
                 "id": f"evt_bench{seed:02d}{n:07d}{step}",
-                "type": kind,
+                "type": kind_,
                 "created": now + step,
                 "data": {"object": obj},
             }
@@ -49,33 +89,41 @@ def sign(payload: str, secret: str) -> str:
 
 
 async def _send(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:
+    """Delivers every payload, retrying non-2xx answers with capped exponential backoff
+    until it is accepted or two minutes have passed for it, as Stripe retries."""
     latencies: list[float] = []
     retries = 0
+    answers: Counter[str] = Counter()
     queue = list(reversed(payloads))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal retries
         while queue:
             payload = queue.pop()
-            for attempt in range(8):
+            give_up = time.monotonic() + 120
+            attempt = 0
+            while time.monotonic() < give_up:
                 start = time.perf_counter()
                 headers = {"Stripe-Signature": sign(payload, secret), "Content-Type": "application/json"}
                 try:
                     async with session.post(url, data=payload.encode(), headers=headers) as reply:
                         await reply.read()
+                        answers[str(reply.status)] += 1
                         ok = 200 <= reply.status < 300
-                except aiohttp.ClientError:
+                except aiohttp.ClientError as exc:
+                    answers[type(exc).__name__] += 1
                     ok = False
                 if ok:
                     latencies.append((time.perf_counter() - start) * 1000)
                     break
                 retries += 1
+                attempt += 1
                 await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    out.put((latencies, retries))
+    out.put((latencies, retries, dict(answers)))
 
 
 def _run(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:
@@ -90,8 +138,9 @@ def main() -> None:
     parser.add_argument("--duplicates", type=float, default=0.3)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--lifecycle", choices=sorted(LIFECYCLES), default="short")
     args = parser.parse_args()
-    payloads = events(args.invoices, args.duplicates, seed=1)
+    payloads = events(args.invoices, args.duplicates, seed=1, kind=args.lifecycle)
     queue: Any = multiprocessing.Queue()
     shares = [payloads[i :: args.processes] for i in range(args.processes)]
     procs = [
@@ -106,7 +155,11 @@ def main() -> None:
         p.join()
     seconds = time.monotonic() - start
     figures = summary([x for r in results for x in r[0]], 0, seconds)
-    figures |= {"deliveries": len(payloads), "unique_events": args.invoices * len(LIFECYCLE)}
+    answers: Counter[str] = Counter()
+    for r in results:
+        answers.update(r[2])
+    unique = sum(len(lifecycle(args.lifecycle, n)) for n in range(args.invoices))
+    figures |= {"deliveries": len(payloads), "unique_events": unique, "answers": dict(answers)}
     figures |= {"retries": sum(r[1] for r in results), "seconds": round(seconds, 2)}
     print(json.dumps(figures))
 
