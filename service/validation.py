@@ -57,6 +57,7 @@ def filters(status: str, user_id: str, created_after: datetime | None, created_b
         raise InvalidArgument("status", f"must be one of {', '.join(STATUSES)}")
     if len(user_id) > MAX_USER_FIELD:
         raise InvalidArgument("user_id", f"must be at most {MAX_USER_FIELD} characters")
+    _storable("user_id", user_id)
     if created_after and created_before and created_after >= created_before:
         raise InvalidArgument("created_before", "must be after created_after")
     return Filters(
@@ -92,6 +93,7 @@ def new_invoice(
     for i, (name, amount) in enumerate(items):
         if not name.strip():
             raise InvalidArgument(f"items[{i}].name", "must not be blank")
+        _storable(f"items[{i}].name", name)
         if len(name) > MAX_NAME_LENGTH:
             raise InvalidArgument(f"items[{i}].name", f"must be at most {MAX_NAME_LENGTH} characters")
         if not 0 < amount <= MAX_AMOUNT:
@@ -112,11 +114,20 @@ def new_invoice(
     )
 
 
+def _storable(field: str, value: str) -> None:
+    """Postgres text cannot hold NUL: refused here as the caller's mistake it is, not
+    discovered by the database as an internal error."""
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain NUL characters")
+
+
 def _user(user_id: str, name: str) -> User:
     if not user_id.strip() or len(user_id) > MAX_USER_FIELD:
         raise InvalidArgument("user._id", f"must be 1 to {MAX_USER_FIELD} characters")
     if len(name) > MAX_USER_FIELD:
         raise InvalidArgument("user.name", f"must be at most {MAX_USER_FIELD} characters")
+    _storable("user._id", user_id)
+    _storable("user.name", name)
     return User(id=user_id, name=name)
 
 

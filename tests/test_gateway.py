@@ -127,6 +127,7 @@ async def test_headers_that_grpc_metadata_cannot_carry_are_dropped(http: httpx.A
         ("/admin/api/invoices?page=99999999999", 400, 3, "page"),
         ("/admin/api/invoices?sort=desc", 400, 3, "sort"),
         ("/admin/api/invoices/not-an-id", 400, 3, "id:"),
+        ("/admin/api/invoices?userId=a%00b", 400, 3, "user_id:"),
         ("/admin/api/invoices/in_%27%3B%20DROP%20TABLE%20invoices", 400, 3, "id:"),
         ("/admin/api/invoices/0123456789abcdef01234567", 404, 5, "not found"),
         ("/admin/api/invoices/in_nosuchinvoice", 404, 5, "not found"),
@@ -155,6 +156,12 @@ async def test_get_errors_are_json(
             "customer:",
         ),
         (b'{"unknownField": 1}', 400, 3, ""),
+        (
+            b'{"items": [{"name": "a\\u0000b", "amount": 1}], "customer": "cus_1", "paymentMethod": "pm_1"}',
+            400,
+            3,
+            "NUL",
+        ),
     ],
 )
 async def test_create_errors_are_json(
