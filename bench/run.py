@@ -26,11 +26,9 @@ import asyncpg
 import psutil
 
 from bench.ceiling import CONSTANT
-from gateway.render import render
 from service import embedded, pagetoken, storage
-from service.config import Settings
 from service.domain import Cursor, Filters, new_record_id
-from tools.stack import ROOT, Part, start_envoy, start_python, start_service, start_webhooks
+from tools.stack import ROOT, Part, backend, start_python
 
 API_KEY = "bench-admin-key"
 SECRET = "whsec_bench"  # noqa: S105 - a local benchmark's own secret
@@ -181,13 +179,11 @@ def _proxy_ceiling_route(config: str) -> str:
 
 
 @contextmanager
-def _parts() -> Iterator[list[Part]]:
-    parts: list[Part] = []
+def _stopped_after(part: Part) -> Iterator[None]:
     try:
-        yield parts
+        yield
     finally:
-        for part in reversed(parts):
-            part.stop()
+        part.stop()
 
 
 def _chart(results: list[dict[str, Any]], path: Path) -> None:
@@ -239,19 +235,12 @@ def main() -> None:
     }
     log = (work / "stack.log").open("w")
     results: list[dict[str, Any]] = []
-    with _parts() as parts:
-        service, grpc_port = start_service(env, log=log)
-        parts.append(service)
-        webhooks, webhook_port = start_webhooks(env, log=log)
-        parts.append(webhooks)
-        ceiling, where = start_python("ceiling", ["-m", "bench.ceiling"], env, "gRPC  ceiling  localhost:", log=log)
-        parts.append(ceiling)
-        config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=grpc_port, webhook_port=webhook_port)
-        envoy, gateway_port, _ = start_envoy(_proxy_ceiling_route(config), work / "envoy", log=log)
-        parts.append(envoy)
+    ceiling, where = start_python("ceiling", ["-m", "bench.ceiling"], env, "gRPC  ceiling  localhost:", log=log)
+    with _stopped_after(ceiling), backend(env, work, log=log, edit_config=_proxy_ceiling_route) as running:
+        service, webhooks, envoy = running.parts
         time.sleep(2)  # Envoy's first health checks
-        base = f"http://127.0.0.1:{gateway_port}"
-        direct = f"127.0.0.1:{grpc_port}"
+        base = f"http://127.0.0.1:{running.gateway_port}"
+        direct = f"127.0.0.1:{running.grpc_port}"
         ids = json.dumps(data["ids"])
         some_id = data["ids"][0]
 

@@ -19,10 +19,8 @@ from typing import Any
 import asyncpg
 
 from bench.webhook_load import lifecycle
-from gateway.render import render
 from service import embedded, storage
-from service.config import Settings
-from tools.stack import ROOT, Part, start_envoy, start_service, start_webhooks
+from tools.stack import ROOT, backend
 
 SECRET = "whsec_chaos"  # noqa: S105 - a local test's own secret
 
@@ -82,18 +80,9 @@ def main() -> None:
     env = {**os.environ, "DATABASE_URL": url, "ADMIN_API_KEYS": "chaos-key", "STRIPE_WEBHOOK_SECRETS": SECRET}
     env |= {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "WEBHOOK_HOST": "127.0.0.1", "WEBHOOK_PORT": "0"}
     env |= {"LOG_LEVEL": "WARNING", "SHUTDOWN_DRAIN_S": "0", "DATA_DIR": str(work), "DB_COMMAND_TIMEOUT_S": "2"}
-    parts: list[Part] = []
-    log = (work / "stack.log").open("w")
-    try:
-        service, grpc_port = start_service(env, log=log)
-        parts.append(service)
-        webhooks, webhook_port = start_webhooks(env, log=log)
-        parts.append(webhooks)
-        config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=grpc_port, webhook_port=webhook_port)
-        envoy, gateway_port, _ = start_envoy(config, work / "envoy", log=log)
-        parts.append(envoy)
+    with (work / "stack.log").open("w") as log, backend(env, work, log=log) as running:
         time.sleep(2)  # Envoy's first health checks
-        url_arg = f"http://127.0.0.1:{gateway_port}/webhooks/stripe"
+        url_arg = f"http://127.0.0.1:{running.gateway_port}/webhooks/stripe"
         options = ["--secret", SECRET, "--invoices", str(invoices), "--lifecycle", "long", "--concurrency", "16"]
         sender = subprocess.Popen(
             [sys.executable, "-m", "bench.webhook_load", "--url", url_arg, *options],
@@ -112,10 +101,6 @@ def main() -> None:
         figures = json.loads(out.strip().splitlines()[-1])
         figures |= {"postgres_stopped_at_events": halfway, "postgres_down_s": down_s}
         figures |= asyncio.run(_verify(url, invoices))
-    finally:
-        for part in reversed(parts):
-            part.stop()
-        log.close()
     print(json.dumps(figures))
     if not figures["ok"]:
         sys.exit(1)

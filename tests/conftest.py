@@ -23,20 +23,11 @@ import httpx
 import pytest
 import stripe
 
-from gateway.render import render
 from service import embedded, payments, storage
 from service.app import GrpcServer, start_grpc
-from service.config import Settings
 from service.domain import Invoice, User, new_record_id
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tools.stack import (
-    LOCALSTRIPE_KEY,
-    register_webhook,
-    start_envoy,
-    start_localstripe,
-    start_service,
-    start_webhooks,
-)
+from tools.stack import LOCALSTRIPE_KEY, backend, register_webhook, start_localstripe
 
 API_KEY = "test-admin-key-current"
 ROTATED_KEY = "test-admin-key-next"
@@ -225,25 +216,12 @@ def stack(postgres: str, localstripe: str, tmp_path_factory: pytest.TempPathFact
 
     asyncio.run(create())
     database = with_database(postgres, name)
-    log = (tmp / "stack.log").open("w")
     env = stack_env(database, tmp, localstripe)
-    parts = []
-    try:
-        service, grpc_port = start_service(env, log=log)
-        parts.append(service)
-        webhooks, webhook_port = start_webhooks(env, log=log)
-        parts.append(webhooks)
-        config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=grpc_port, webhook_port=webhook_port)
-        envoy, gateway_port, admin_port = start_envoy(config, tmp / "envoy", log=log)
-        parts.append(envoy)
-        stack = Stack(database, grpc_port, gateway_port, admin_port, localstripe)
+    with (tmp / "stack.log").open("w") as log, backend(env, tmp, log=log) as running:
+        stack = Stack(database, running.grpc_port, running.gateway_port, running.admin_port, localstripe)
         _wait_until_routed(stack)
         register_webhook(int(localstripe.rsplit(":", 1)[1]), f"{stack.base_url}/webhooks/stripe", WEBHOOK_SECRET)
         yield stack
-    finally:
-        for part in reversed(parts):
-            part.stop()
-        log.close()
 
 
 def _wait_until_routed(stack: Stack, timeout: float = 20) -> None:

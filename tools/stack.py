@@ -15,6 +15,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -158,48 +160,83 @@ def start_envoy(config: str, workdir: Path, *, log: IO[str] = sys.stderr, timeou
     raise RuntimeError("envoy did not open its listener in time")
 
 
+@dataclass
+class Backend:
+    """The running server, sidecar and Envoy, with the ports they listen on."""
+
+    parts: list[Part]
+    grpc_port: int
+    webhook_port: int
+    gateway_port: int
+    admin_port: int
+
+
+@contextmanager
+def backend(
+    env: dict[str, str],
+    workdir: Path,
+    *,
+    log: IO[str] = sys.stderr,
+    settings_ports: bool = False,
+    edit_config: Callable[[str], str] = lambda config: config,
+) -> Iterator[Backend]:
+    """Starts the gRPC server, the webhook sidecar and Envoy in front of both, and stops
+    them in reverse order on exit. Envoy takes GATEWAY_PORT and ENVOY_ADMIN_PORT with
+    `settings_ports` (make run), free ports otherwise (tests, bench, chaos)."""
+    parts: list[Part] = []
+    try:
+        service, grpc_port = start_service(env, log=log)
+        parts.append(service)
+        webhooks, webhook_port = start_webhooks(env, log=log)
+        parts.append(webhooks)
+        free = None if settings_ports else 0
+        config = render(Settings(), gateway_port=free, admin_port=free, grpc_port=grpc_port, webhook_port=webhook_port)
+        envoy, gateway_port, admin_port = start_envoy(edit_config(config), workdir / "envoy", log=log)
+        parts.append(envoy)
+        yield Backend(parts, grpc_port, webhook_port, gateway_port, admin_port)
+    finally:
+        for part in reversed(parts):
+            part.stop()
+
+
 def main() -> None:
     settings = Settings()
     env = dict(os.environ)
-    parts: list[Part] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    emulator: Part | None = None
     try:
-        emulated = settings.stripe_api_key is None
-        if emulated:
-            parts.append(start_localstripe(settings.localstripe_port, fresh=True))
+        if settings.stripe_api_key is None:
+            emulator = start_localstripe(settings.localstripe_port, fresh=True)
             env["STRIPE_API_KEY"] = LOCALSTRIPE_KEY
             env["STRIPE_API_BASE"] = f"http://127.0.0.1:{settings.localstripe_port}"
             env.setdefault("STRIPE_WEBHOOK_SECRETS", LOCAL_WEBHOOK_SECRET)
             print(f"Stripe emulator        http://127.0.0.1:{settings.localstripe_port} (localstripe)", flush=True)
-        service, grpc_port = start_service(env)
-        parts.append(service)
-        webhooks, webhook_port = start_webhooks(env)
-        parts.append(webhooks)
-        config = render(settings, grpc_port=grpc_port, webhook_port=webhook_port)
-        envoy, gateway_port, admin_port = start_envoy(config, ROOT / ".build" / "envoy")
-        parts.append(envoy)
-        if emulated:
-            secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0]
-            register_webhook(settings.localstripe_port, f"http://127.0.0.1:{gateway_port}/webhooks/stripe", secret)
-        print(
-            f"REST  admin API        http://localhost:{gateway_port}/admin/api/invoices (header Api-Key)\n"
-            f"REST  OpenAPI          http://localhost:{gateway_port}/admin/api/openapi.json\n"
-            f"HTTP  Stripe webhooks  http://localhost:{gateway_port}/webhooks/stripe (through Envoy)\n"
-            f"Envoy admin            http://127.0.0.1:{admin_port} (loopback only)\n"
-            "Ctrl-C stops everything.",
-            flush=True,
-        )
-        while not stop.is_set():
-            dead = [p for p in parts if p.process.poll() is not None]
-            if dead:
-                print(f"{dead[0].name} exited with code {dead[0].process.returncode}; stopping", file=sys.stderr)
-                raise SystemExit(1)
-            stop.wait(0.5)
+        with backend(env, ROOT / ".build", settings_ports=True) as running:
+            if emulator is not None:
+                secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0]
+                url = f"http://127.0.0.1:{running.gateway_port}/webhooks/stripe"
+                register_webhook(settings.localstripe_port, url, secret)
+            gateway = running.gateway_port
+            print(
+                f"REST  admin API        http://localhost:{gateway}/admin/api/invoices (header Api-Key)\n"
+                f"REST  OpenAPI          http://localhost:{gateway}/admin/api/openapi.json\n"
+                f"HTTP  Stripe webhooks  http://localhost:{gateway}/webhooks/stripe (through Envoy)\n"
+                f"Envoy admin            http://127.0.0.1:{running.admin_port} (loopback only)\n"
+                "Ctrl-C stops everything.",
+                flush=True,
+            )
+            watched = [*running.parts, *([emulator] if emulator else [])]
+            while not stop.is_set():
+                dead = [p for p in watched if p.process.poll() is not None]
+                if dead:
+                    print(f"{dead[0].name} exited with code {dead[0].process.returncode}; stopping", file=sys.stderr)
+                    raise SystemExit(1)
+                stop.wait(0.5)
     finally:
-        for part in reversed(parts):
-            part.stop()
+        if emulator is not None:
+            emulator.stop()
 
 
 if __name__ == "__main__":
