@@ -24,22 +24,25 @@ class Creator(Protocol):
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]: ...
 
 
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+def _set_time(target: timestamp_pb2.Timestamp, moment: datetime) -> None:
     # Direct arithmetic: Timestamp.FromDatetime showed up in the list profile.
-    return timestamp_pb2.Timestamp(seconds=int(moment.timestamp()), nanos=moment.microsecond * 1000)
+    target.seconds = int(moment.timestamp())
+    target.nanos = moment.microsecond * 1000
 
 
-def invoice_message(invoice: Invoice) -> pb.Invoice:
-    return pb.Invoice(
-        id=invoice.id,
-        invoice_id=invoice.stripe_invoice_id,
-        user=pb.User(id=invoice.user.id, name=invoice.user.name),
-        status=invoice.status,
-        amount=invoice.amount,
-        invoice_pdf=invoice.invoice_pdf,
-        created_at=_timestamp(invoice.created_at),
-        updated_at=_timestamp(invoice.updated_at),
-    )
+def fill_invoice(target: pb.Invoice, invoice: Invoice) -> pb.Invoice:
+    """Writes the invoice into `target` in place: building sub-messages and then copying
+    them into a parent (as keyword construction does) was a fifth of a list's time."""
+    target.id = invoice.id
+    target.invoice_id = invoice.stripe_invoice_id
+    target.user.id = invoice.user.id
+    target.user.name = invoice.user.name
+    target.status = invoice.status
+    target.amount = invoice.amount
+    target.invoice_pdf = invoice.invoice_pdf
+    _set_time(target.created_at, invoice.created_at)
+    _set_time(target.updated_at, invoice.updated_at)
+    return target
 
 
 def new_invoice(request: pb.CreateInvoiceRequest, default_currency: str) -> NewInvoice:
@@ -81,7 +84,9 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
             filters=filters,
         )
         result = await self._store.list_invoices(page)
-        reply = pb.ListInvoicesResponse(invoices=[invoice_message(i) for i in result.invoices], count=result.total)
+        reply = pb.ListInvoicesResponse(count=result.total)
+        for invoice in result.invoices:
+            fill_invoice(reply.invoices.add(), invoice)
         if page.keyset and result.next_after is not None:
             reply.next_page_token = pagetoken.encode(result.next_after, filters)
         return reply
@@ -89,7 +94,7 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
     async def GetInvoice(
         self, request: pb.GetInvoiceRequest, context: grpc.aio.ServicerContext[pb.GetInvoiceRequest, pb.Invoice]
     ) -> pb.Invoice:
-        return invoice_message(await self._store.get_invoice(validation.invoice_id(request.id)))
+        return fill_invoice(pb.Invoice(), await self._store.get_invoice(validation.invoice_id(request.id)))
 
     async def CreateInvoice(
         self,
