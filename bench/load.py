@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -74,16 +75,23 @@ def _run_grpc_worker(args: argparse.Namespace, out: Any) -> None:
     asyncio.run(_grpc_worker(args, out))
 
 
-def grpc_main(args: argparse.Namespace) -> None:
+def run_processes(target: Callable[..., None], argument_lists: list[tuple[Any, ...]]) -> tuple[list[Any], float]:
+    """Runs `target(*arguments, queue)` in one process per argument list; returns what
+    each put on the queue and the wall time."""
     queue: Any = multiprocessing.Queue()
-    workers = [multiprocessing.Process(target=_run_grpc_worker, args=(args, queue)) for _ in range(args.processes)]
+    workers = [multiprocessing.Process(target=target, args=(*arguments, queue)) for arguments in argument_lists]
     start = time.monotonic()
     for w in workers:
         w.start()
     results = [queue.get() for _ in workers]
     for w in workers:
         w.join()
-    seconds = max(args.seconds, time.monotonic() - start - 0.5)
+    return results, time.monotonic() - start
+
+
+def grpc_main(args: argparse.Namespace) -> None:
+    results, elapsed = run_processes(_run_grpc_worker, [(args,)] * args.processes)
+    seconds = max(args.seconds, elapsed - 0.5)
     latencies = [x for r in results for x in r[0]]
     print(json.dumps(summary(latencies, sum(r[1] for r in results), seconds)))
 

@@ -61,11 +61,7 @@ def rows(n: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
 
 
 async def load(dsn: str, n: int) -> dict[str, Any]:
-    admin = await asyncpg.connect(dsn)
-    await admin.execute("DROP DATABASE IF EXISTS bench")
-    await admin.execute("CREATE DATABASE bench")
-    await admin.close()
-    url = dsn.replace("/postgres?", "/bench?")
+    url = await storage.fresh_database(dsn, "bench")
     pool = await storage.connect(url, min_size=1, max_size=1, command_timeout=600)
     started = time.monotonic()
     columns = ["id", "stripe_invoice_id", "user_id", "user_name", "status", "amount", "invoice_pdf"]

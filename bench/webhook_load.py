@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import multiprocessing
 import random
 import time
 from collections import Counter
@@ -17,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.load import summary
+from bench.load import run_processes, summary
 
 Step = tuple[str, str, int]
 SHORT: list[list[Step]] = [
@@ -141,19 +140,8 @@ def main() -> None:
     parser.add_argument("--lifecycle", choices=sorted(LIFECYCLES), default="short")
     args = parser.parse_args()
     payloads = events(args.invoices, args.duplicates, seed=1, kind=args.lifecycle)
-    queue: Any = multiprocessing.Queue()
     shares = [payloads[i :: args.processes] for i in range(args.processes)]
-    procs = [
-        multiprocessing.Process(target=_run, args=(args.url, args.secret, share, args.concurrency, queue))
-        for share in shares
-    ]
-    start = time.monotonic()
-    for p in procs:
-        p.start()
-    results = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
-    seconds = time.monotonic() - start
+    results, seconds = run_processes(_run, [(args.url, args.secret, share, args.concurrency) for share in shares])
     figures = summary([x for r in results for x in r[0]], 0, seconds)
     answers: Counter[str] = Counter()
     for r in results:

@@ -25,17 +25,6 @@ from tools.stack import ROOT, backend
 SECRET = "whsec_chaos"  # noqa: S105 - a local test's own secret
 
 
-async def _prepare(dsn: str) -> str:
-    admin = await asyncpg.connect(dsn)
-    await admin.execute("DROP DATABASE IF EXISTS chaos")
-    await admin.execute("CREATE DATABASE chaos")
-    await admin.close()
-    url = dsn.replace("/postgres?", "/chaos?")
-    pool = await storage.connect(url, min_size=1, max_size=1, command_timeout=30)
-    await pool.close()
-    return url
-
-
 async def _recorded(url: str) -> int:
     conn = await asyncpg.connect(url)
     try:
@@ -76,7 +65,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     pg_dir = work / "pg"
-    url = asyncio.run(_prepare(embedded.start(pg_dir, temporary=True)))
+    url = asyncio.run(storage.fresh_database(embedded.start(pg_dir, temporary=True), "chaos"))
     env = {**os.environ, "DATABASE_URL": url, "ADMIN_API_KEYS": "chaos-key", "STRIPE_WEBHOOK_SECRETS": SECRET}
     env |= {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "WEBHOOK_HOST": "127.0.0.1", "WEBHOOK_PORT": "0"}
     env |= {"LOG_LEVEL": "WARNING", "SHUTDOWN_DRAIN_S": "0", "DATA_DIR": str(work), "DB_COMMAND_TIMEOUT_S": "2"}

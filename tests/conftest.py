@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -27,6 +26,7 @@ from service import embedded, payments, storage
 from service.app import GrpcServer, start_grpc
 from service.domain import Invoice, User, new_record_id
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.storage import with_database
 from tools.stack import LOCALSTRIPE_KEY, backend, register_webhook, start_localstripe
 
 API_KEY = "test-admin-key-current"
@@ -34,27 +34,12 @@ ROTATED_KEY = "test-admin-key-next"
 TEMPLATE = "invoices_template"
 
 
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The server's admin DSN, with a migrated template database ready to clone."""
     dsn = os.environ.get("TEST_DATABASE_URL") or embedded.start(tmp_path_factory.mktemp("pg") / "data", temporary=True)
 
-    async def prepare() -> None:
-        admin = await asyncpg.connect(dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
-        finally:
-            await admin.close()
-        pool = await storage.connect(with_database(dsn, TEMPLATE), min_size=1, max_size=1, command_timeout=10)
-        await pool.close()
-
-    asyncio.run(prepare())
+    asyncio.run(storage.fresh_database(dsn, TEMPLATE))
     yield dsn
 
 

@@ -32,7 +32,7 @@ async def test_migrating_again_applies_nothing(database: str) -> None:
 
 
 async def test_two_replicas_migrating_together_apply_each_version_once(postgres: str) -> None:
-    from tests.conftest import with_database
+    from service.storage import with_database
 
     admin = await asyncpg.connect(postgres)
     await admin.execute("CREATE DATABASE race_fresh")

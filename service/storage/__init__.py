@@ -1,5 +1,5 @@
 """Everything that touches Postgres: the pool, the SQL and the migrations."""
 
-from service.storage.postgres import Storage, connect
+from service.storage.postgres import Storage, connect, fresh_database, with_database
 
-__all__ = ["Storage", "connect"]
+__all__ = ["Storage", "connect", "fresh_database", "with_database"]

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -274,6 +275,28 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     or session advisory locks; open transactions are still rolled back by asyncpg), so
     the default RESET ALL query, one more round trip on every release, buys nothing: the
     GetInvoice profile showed it at 7% of the server's time."""
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server and credentials, another database."""
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def fresh_database(admin_dsn: str, name: str) -> str:
+    """Drops and recreates database `name` (a plain identifier), migrates it, and returns
+    its DSN: for the benchmark and the chaos runs, which own their databases."""
+    if not name.isidentifier():
+        raise ValueError(f"not a database name: {name!r}")
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    dsn = with_database(admin_dsn, name)
+    pool = await connect(dsn, min_size=1, max_size=1, command_timeout=60)
+    await pool.close()
+    return dsn
 
 
 async def connect(dsn: str, *, min_size: int, max_size: int, command_timeout: float) -> asyncpg.Pool:
