@@ -127,6 +127,12 @@ async def test_headers_that_grpc_metadata_cannot_carry_are_dropped(http: httpx.A
         ("/admin/api/invoices?page=99999999999", 400, 3, "page"),
         ("/admin/api/invoices?sort=desc", 400, 3, "sort"),
         ("/admin/api/invoices/not-an-id", 400, 3, "id:"),
+        ("/admin/api/invoices/..%2F..%2Fetc%2Fpasswd", 400, 3, "id:"),
+        ("/admin/api/invoices/a%2Fb", 400, 3, "id:"),
+        ("/admin/api/invoices/%00", 400, 3, "id:"),
+        ("/admin/api/invoices?page=-2147483648&limit=5", 400, 3, "page:"),
+        ("/admin/api/invoices?page=1&limit=2147483647", 400, 3, "limit:"),
+        ("/admin/api/invoices?page=1e3", 400, 3, "page"),
         ("/admin/api/invoices?userId=a%00b", 400, 3, "user_id:"),
         ("/admin/api/invoices/in_%27%3B%20DROP%20TABLE%20invoices", 400, 3, "id:"),
         ("/admin/api/invoices/0123456789abcdef01234567", 404, 5, "not found"),
@@ -169,6 +175,12 @@ async def test_create_errors_are_json(
 ) -> None:
     reply = await http.post("/admin/api/invoices", content=body, headers={"content-type": "application/json"})
     _assert_error(reply, status, code, message)
+
+
+async def test_very_long_api_keys_are_refused_as_json(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.base_url) as anonymous:
+        _assert_error(await anonymous.get("/admin/api/invoices", headers={"Api-Key": "k" * 8_000}), 401, 16)
+        _assert_error(await anonymous.get("/admin/api/invoices", headers={"Api-Key": "k" * 70_000}), 431, 3)
 
 
 async def test_a_body_over_the_limit_is_413(http: httpx.AsyncClient) -> None:
