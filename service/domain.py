@@ -122,10 +122,6 @@ class Unavailable(DomainError):
     """A dependency (Postgres, Stripe) cannot be reached now; retrying later may work."""
 
 
-class Unimplemented(DomainError):
-    pass
-
-
 class AlreadyExists(DomainError):
     """An idempotency key reused with a different request."""
 
