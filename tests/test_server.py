@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from service.domain import Invoice, InvoicePage, Page
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
-from tests.conftest import API_KEY, AUTH, make_invoice
+from tests.conftest import API_KEY, AUTH, make_invoice, stack_env
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
@@ -98,15 +97,8 @@ async def test_stop_drains_in_flight_calls_and_reports_not_serving_first() -> No
 
 
 def test_sigterm_stops_the_process_cleanly(database: str, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "DATABASE_URL": database,
-        "ADMIN_API_KEYS": API_KEY,
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": "0",
-        "SHUTDOWN_DRAIN_S": "0",
-        "DATA_DIR": str(tmp_path),
-    }
+    # `python -m service` with no subcommand, as an operator starts it: the default is serve.
+    env = stack_env(database, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
