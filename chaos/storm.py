@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +18,9 @@ from typing import Any
 import asyncpg
 
 from bench.webhook_load import lifecycle
-from service import embedded, storage
-from tools.stack import ROOT, backend
+from chaos import API_KEY, prepare, stack_env
+from service import embedded
+from tools.stack import ROOT, backend, wait_until_routed
 
 SECRET = "whsec_chaos"  # noqa: S105 - a local test's own secret
 
@@ -61,16 +61,11 @@ async def _verify(url: str, invoices: int) -> dict[str, Any]:
 def main() -> None:
     invoices = int(os.environ.get("CHAOS_INVOICES", "1000"))
     down_s = float(os.environ.get("CHAOS_PG_DOWN_S", "5"))
-    work = ROOT / ".build" / "chaos"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work, url = prepare("chaos")
     pg_dir = work / "pg"
-    url = asyncio.run(storage.fresh_database(embedded.start(pg_dir, temporary=True), "chaos"))
-    env = {**os.environ, "DATABASE_URL": url, "ADMIN_API_KEYS": "chaos-key", "STRIPE_WEBHOOK_SECRETS": SECRET}
-    env |= {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "WEBHOOK_HOST": "127.0.0.1", "WEBHOOK_PORT": "0"}
-    env |= {"LOG_LEVEL": "WARNING", "SHUTDOWN_DRAIN_S": "0", "DATA_DIR": str(work), "DB_COMMAND_TIMEOUT_S": "2"}
+    env = stack_env(url, work, SECRET, DB_COMMAND_TIMEOUT_S="2")
     with (work / "stack.log").open("w") as log, backend(env, work, log=log) as running:
-        time.sleep(2)  # Envoy's first health checks
+        wait_until_routed(f"http://127.0.0.1:{running.gateway_port}", API_KEY)
         url_arg = f"http://127.0.0.1:{running.gateway_port}/webhooks/stripe"
         options = ["--secret", SECRET, "--invoices", str(invoices), "--lifecycle", "long", "--concurrency", "16"]
         sender = subprocess.Popen(

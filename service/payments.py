@@ -73,6 +73,10 @@ def _domain_error(exc: stripe.StripeError) -> DomainError:
         if exc.code == "resource_missing":
             return InvalidArgument(field, f"no such Stripe object: {exc.user_message or exc.code}")
         return InvalidArgument(field, f"Stripe refused the request: {exc.user_message or exc.code}")
+    if isinstance(exc, stripe.IdempotencyError) and exc.http_status == 409:
+        # Another attempt with this key is still running at Stripe (a caller's retry
+        # overtook its first try); once that one ends, a retry gets its answer.
+        return Unavailable("an earlier attempt with this idempotency key is still in progress; retry shortly")
     if isinstance(exc, stripe.IdempotencyError):
         return AlreadyExists(f"Stripe saw this idempotency key with other parameters: {exc.user_message}")
     if isinstance(exc, stripe.RateLimitError):

@@ -19,8 +19,8 @@ from service.app import start_grpc
 from service.config import Settings
 from service.domain import Invoice, InvoicePage, NewInvoice, Page, ResourceExhausted, Unavailable
 from service.storage import Storage
-from tests.conftest import API_KEY, ROTATED_KEY, Stack, free_port, json_shape, make_invoice
-from tools.stack import ENVOY, start_envoy
+from tests.conftest import API_KEY, ROTATED_KEY, Stack, json_shape, make_invoice
+from tools.stack import ENVOY, free_port, start_envoy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORD_ID = re.compile(r"[0-9a-f]{24}")

@@ -16,8 +16,7 @@ import pytest
 import stripe
 from aiohttp import web
 
-from tests.conftest import customer_with_card, free_port
-from tools.stack import start_localstripe
+from tools.stack import customer_with_card, free_port, start_localstripe
 
 API_KEY = "sk_test_launcher"
 WEBHOOK_SECRET = "whsec_launcher_tests"

@@ -17,9 +17,9 @@ from gateway.render import render
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.conftest import free_port, stack_env
+from tests.conftest import stack_env
 from tests.test_stripe import event, sign
-from tools.stack import start_envoy, start_service, start_webhooks
+from tools.stack import free_port, start_envoy, start_service, start_webhooks
 
 ADMIN_KEY = "admin-key-0f6b2c9e41d7"
 STRIPE_KEY = "sk_test_secret_8d1c55aa90e2"

@@ -25,8 +25,8 @@ from service import payments, validation
 from service.app import reconcile
 from service.config import Settings
 from service.storage import Storage
-from tests.conftest import OLD_WEBHOOK_SECRET, WEBHOOK_SECRET, customer_with_card
-from tools.stack import LOCALSTRIPE_KEY
+from tests.conftest import OLD_WEBHOOK_SECRET, WEBHOOK_SECRET
+from tools.stack import LOCALSTRIPE_KEY, customer_with_card
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REQUEST = {"items": [{"name": "All resources", "amount": 3300}, {"name": "Support", "amount": 700}]}

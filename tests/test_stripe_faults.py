@@ -18,8 +18,9 @@ from service.app import start_grpc
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.invoices import InvoiceCreator
-from tests.conftest import API_KEY, AUTH, WEBHOOK_SECRET, free_port
+from tests.conftest import API_KEY, AUTH, WEBHOOK_SECRET
 from tests.test_stripe import event, sign
+from tools.stack import free_port
 
 CREATE = pb.CreateInvoiceRequest(
     items=[pb.InvoiceItem(name="x", amount=100)], customer="cus_abc", payment_method="pm_abc"
@@ -93,7 +94,8 @@ async def test_a_webhook_while_postgres_is_down_is_503_then_lands(tmp_path: Path
     redelivery after the restart is recorded."""
     data = tmp_path / "pg"
     dsn = embedded.start(data, temporary=True)
-    pool = await storage.connect(dsn, min_size=1, max_size=2, command_timeout=2)
+    await storage.migrate_database(dsn)
+    pool = await storage.connect(dsn, max_size=2, command_timeout=2)
     store = storage.Storage(pool)
     payload = event("in_pgdown0001", "invoice.paid", "paid", int(time.time()))
     try:

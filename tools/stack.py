@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import stripe
 
 from gateway.render import render
 from service.config import Settings
@@ -33,6 +37,52 @@ WEBHOOKS_READY_PREFIX = "HTTP  webhook sidecar  localhost:"
 # localstripe accepts any key of this form; it is not a secret.
 LOCALSTRIPE_KEY = "sk_test_localstripe"
 LOCAL_WEBHOOK_SECRET = "whsec_local_development_only"  # noqa: S105 - local emulator only
+
+
+# The emulator takes raw card numbers; real Stripe wants tokens (pm_card_visa).
+VISA = "4242424242424242"
+
+
+def free_port() -> int:
+    """A port free now, for parts that cannot report the one they picked (localstripe)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def customer_with_card(client: stripe.StripeClient, number: str = VISA) -> tuple[str, str]:
+    """A Stripe customer with an attached card payment method, as a dashboard user makes."""
+    customer = await client.v1.customers.create_async({"name": "John Doe", "email": "john.doe@mail.com"})
+    card: Any = {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+    method = await client.v1.payment_methods.create_async({"type": "card", "card": card})
+    if customer.id is None or method.id is None:
+        raise RuntimeError("the emulator answered objects without ids")
+    await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
+    return customer.id, method.id
+
+
+def wait_until_routed(base_url: str, api_key: str, timeout: float = 20) -> None:
+    """Envoy answers 503 until its first active health checks of the upstreams pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reply = _status(f"{base_url}/admin/api/invoices", {"Api-Key": api_key})
+            hook = _status(f"{base_url}/webhooks/stripe", {}, data=b"{}")
+        except OSError:
+            reply = hook = 0
+        if reply == 200 and hook == 400:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the gateway never routed to the server and the sidecar")
+
+
+def _status(url: str, headers: dict[str, str], data: bytes | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=5) as r:  # noqa: S310
+            return int(r.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
 
 
 @dataclass

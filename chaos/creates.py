@@ -1,0 +1,262 @@
+"""Creates under Stripe faults: CHAOS_CREATES invoices created through Envoy while a
+fault-injecting proxy (chaos/stripe_proxy.py) drops, fails or stalls CHAOS_FAULT_RATE of
+the service's Stripe calls. Each caller retries with its Idempotency-Key until it gets
+its invoice, as a careful client does. Afterwards Stripe must hold exactly one invoice,
+with exactly its one item, per key; the service's record of each key must name that
+invoice; and the invoices table, fed by the emulator's webhooks, must agree with Stripe.
+Prints the figures as JSON; exits 1 if anything is doubled, lost or disagrees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+
+from chaos import API_KEY, prepare, stack_env, stripe_proxy
+from service import payments
+from tools.stack import (
+    LOCALSTRIPE_KEY,
+    backend,
+    customer_with_card,
+    free_port,
+    register_webhook,
+    start_localstripe,
+    start_python,
+    wait_until_routed,
+)
+
+SECRET = "whsec_chaos_creates"  # noqa: S105 - a local run's own secret
+CUSTOMERS = 8
+# A Create's calls time out after this; the proxy's stalls last longer. One SDK retry
+# per call, so that a good share of the faults reaches the service and its callers.
+STRIPE_TIMEOUT_S = 1.0
+STRIPE_MAX_RETRIES = 1
+
+
+@dataclass
+class Tally:
+    answers: Counter[str] = field(default_factory=Counter)
+    attempts: Counter[int] = field(default_factory=Counter)
+    invoice_of: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
+    replays: int = 0
+    replays_with_other_invoice: int = 0
+
+
+def expected_amount(n: int) -> int:
+    return 100 + n % 900
+
+
+async def _create(
+    http: httpx.AsyncClient, key: str, body: dict[str, Any], tally: Tally, deadline_s: float = 300
+) -> None:
+    """One caller: retries 429, 5xx and lost connections with capped, jittered backoff,
+    always with the same key, until an answer; a 4xx other than 429 is final."""
+    started, attempt = time.monotonic(), 0
+    while time.monotonic() - started < deadline_s:
+        attempt += 1
+        try:
+            reply = await http.post("/admin/api/invoices", json=body, headers={"Idempotency-Key": key})
+            tally.answers[str(reply.status_code)] += 1
+        except httpx.HTTPError as exc:
+            tally.answers[type(exc).__name__] += 1
+        else:
+            if reply.status_code == 200:
+                tally.invoice_of[key] = str(reply.json()["id"])
+                tally.attempts[attempt] += 1
+                tally.seconds.append(time.monotonic() - started)
+                return
+            if reply.status_code < 500 and reply.status_code != 429:
+                tally.failed[key] = f"{reply.status_code} {reply.text[:300]}"
+                return
+        await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))  # noqa: S311 - jitter
+    tally.failed[key] = "gave up after the deadline"
+
+
+async def create_all(base_url: str, customers: list[tuple[str, str]], creates: int, run: str) -> Tally:
+    tally, replayed = Tally(), Tally()
+    gate = asyncio.Semaphore(16)
+
+    async def one(n: int, tally: Tally = tally) -> None:
+        customer, method = customers[n % len(customers)]
+        body = {
+            "items": [{"name": f"chaos item {n}", "amount": expected_amount(n)}],
+            "customer": customer,
+            "paymentMethod": method,
+        }
+        async with gate:
+            await _create(http, f"{run}-{n}", body, tally)
+
+    timeout = httpx.Timeout(30)
+    async with httpx.AsyncClient(base_url=base_url, headers={"Api-Key": API_KEY}, timeout=timeout) as http:
+        await asyncio.gather(*(one(n) for n in range(creates)))
+        # A replay after success answers the same invoice without touching Stripe.
+        await asyncio.gather(*(one(n, replayed) for n in range(0, creates, max(1, creates // 10))))
+    tally.replays = len(replayed.invoice_of)
+    tally.replays_with_other_invoice = sum(1 for k, i in replayed.invoice_of.items() if tally.invoice_of.get(k) != i)
+    return tally
+
+
+async def stripe_invoices(direct: str) -> list[dict[str, Any]]:
+    client = payments.client(LOCALSTRIPE_KEY, api_base=direct, timeout_s=30, max_retries=0)
+    page = await client.v1.invoices.list_async({"limit": 100})
+    return [invoice.to_dict(for_json=True) async for invoice in page.auto_paging_iter()]
+
+
+async def _database(url: str) -> tuple[dict[str, str | None], dict[str, tuple[str, int]]]:
+    conn = await asyncpg.connect(url)
+    try:
+        keys = {r["idempotency_key"]: r["stripe_invoice_id"] for r in await conn.fetch("SELECT * FROM create_requests")}
+        rows = {
+            r["stripe_invoice_id"]: (r["status"], r["amount"])
+            for r in await conn.fetch("SELECT stripe_invoice_id, status, amount FROM invoices")
+        }
+    finally:
+        await conn.close()
+    return keys, rows
+
+
+def verify(
+    invoices: list[dict[str, Any]],
+    keys: dict[str, str | None],
+    rows: dict[str, tuple[str, int]],
+    tally: Tally,
+    run: str,
+    creates: int,
+) -> dict[str, Any]:
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    orphans = 0
+    for invoice in invoices:
+        lines = invoice.get("lines", {}).get("data", [])
+        names = {line.get("description", "") for line in lines}
+        if len(names) != 1:
+            orphans += 1  # a draft without its item, or an invoice with mixed items
+            continue
+        n = int(next(iter(names)).rsplit(" ", 1)[1])
+        by_key.setdefault(f"{run}-{n}", []).append(invoice)
+    expected = {f"{run}-{n}": expected_amount(n) for n in range(creates)}
+    doubled = [k for k, found in by_key.items() if len(found) > 1]
+    missing = [k for k in expected if k not in by_key]
+    wrong_items = [
+        k for k, found in by_key.items() if len(found[0]["lines"]["data"]) != 1 or found[0]["total"] != expected.get(k)
+    ]
+    stripe_id = {k: found[0]["id"] for k, found in by_key.items()}
+    stripe_status = {inv["id"]: (inv["status"], inv["total"]) for inv in invoices}
+    answered_other = [k for k, i in tally.invoice_of.items() if stripe_id.get(k) != i]
+    recorded_other = [k for k in expected if keys.get(k) != stripe_id.get(k)]
+    disagree = [i for i, state in stripe_status.items() if rows.get(i) != state]
+    figures = {
+        "stripe_invoices": len(invoices),
+        "keys_with_one_invoice": sum(1 for found in by_key.values() if len(found) == 1),
+        "keys_with_several_invoices": len(doubled),
+        "keys_without_invoice": len(missing),
+        "invoices_without_their_one_item": orphans + len(wrong_items),
+        "answers_naming_another_invoice": len(answered_other),
+        "create_records_naming_another_invoice": len(recorded_other),
+        "rows": len(rows),
+        "rows_disagreeing_with_stripe": len(disagree),
+        "stripe_statuses": dict(Counter(s for s, _ in stripe_status.values())),
+    }
+    figures["ok"] = (
+        len(invoices) == creates
+        and not (doubled or missing or orphans or wrong_items or answered_other or recorded_other or disagree)
+        and len(rows) == creates
+        and not tally.failed
+        and tally.replays_with_other_invoice == 0
+        and tally.answers["500"] == 0
+    )
+    return figures
+
+
+async def settle(url: str, direct: str, within_s: float = 120) -> tuple[list[dict[str, Any]], Any, Any]:
+    """Stripe's state and the database's, once the webhooks in flight have landed."""
+    deadline = time.monotonic() + within_s
+    while True:
+        invoices = await stripe_invoices(direct)
+        keys, rows = await _database(url)
+        agree = all(rows.get(inv["id"]) == (inv["status"], inv["total"]) for inv in invoices)
+        if agree or time.monotonic() > deadline:
+            return invoices, keys, rows
+        await asyncio.sleep(1)
+
+
+async def _customers(direct: str) -> list[tuple[str, str]]:
+    client = payments.client(LOCALSTRIPE_KEY, api_base=direct, timeout_s=30, max_retries=0)
+    return [await customer_with_card(client) for _ in range(CUSTOMERS)]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else 0.0
+
+
+def main() -> None:
+    creates = int(os.environ.get("CHAOS_CREATES", "1000"))
+    fault_rate = float(os.environ.get("CHAOS_FAULT_RATE", "0.3"))
+    work, url = prepare("chaos-creates")
+    run = f"chaos-{uuid.uuid4().hex[:8]}"
+    stripe_port = free_port()
+    with (work / "stack.log").open("w") as log:
+        emulator = start_localstripe(stripe_port, fresh=True, log=log)
+        direct = f"http://127.0.0.1:{stripe_port}"
+        proxy_args = ["--upstream", direct, "--fault-rate", str(fault_rate), "--stall-s", str(STRIPE_TIMEOUT_S * 2)]
+        argv = ["-m", "chaos.stripe_proxy", *proxy_args]
+        proxy, where = start_python("stripe-proxy", argv, dict(os.environ), stripe_proxy.READY_PREFIX, log=log)
+        proxy_port = int(where)
+        env = stack_env(
+            url,
+            work,
+            SECRET,
+            STRIPE_API_KEY=LOCALSTRIPE_KEY,
+            STRIPE_API_BASE=f"http://127.0.0.1:{proxy_port}",
+            STRIPE_TIMEOUT_S=str(STRIPE_TIMEOUT_S),
+            STRIPE_MAX_RETRIES=str(STRIPE_MAX_RETRIES),
+        )
+        try:
+            with backend(env, work, log=log) as running:
+                base = f"http://127.0.0.1:{running.gateway_port}"
+                wait_until_routed(base, API_KEY)
+                register_webhook(stripe_port, f"{base}/webhooks/stripe", SECRET)
+                customers = asyncio.run(_customers(direct))
+                started = time.monotonic()
+                tally = asyncio.run(create_all(base, customers, creates, run))
+                elapsed = time.monotonic() - started
+                with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/_proxy/stats", timeout=5) as reply:
+                    faults = json.load(reply)
+                invoices, keys, rows = asyncio.run(settle(url, direct))
+        finally:
+            proxy.stop()
+            emulator.stop()
+    figures: dict[str, Any] = {
+        "creates": creates,
+        "fault_rate": fault_rate,
+        "stripe_calls_by_fault": faults,
+        "answers": dict(tally.answers),
+        "attempts_per_create": {str(k): v for k, v in sorted(tally.attempts.items())},
+        "create_seconds_p50": _percentile(tally.seconds, 0.5),
+        "create_seconds_p99": _percentile(tally.seconds, 0.99),
+        "elapsed_s": round(elapsed, 1),
+        "failed": dict(list(tally.failed.items())[:5]),
+        "replays_after_success": tally.replays,
+        "replays_naming_another_invoice": tally.replays_with_other_invoice,
+    }
+    figures |= verify(invoices, keys, rows, tally, run, creates)
+    print(json.dumps(figures))
+    if not figures["ok"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
