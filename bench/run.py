@@ -62,7 +62,7 @@ def rows(n: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
 
 async def load(dsn: str, n: int) -> dict[str, Any]:
     url = await storage.fresh_database(dsn, "bench")
-    pool = await storage.connect(url, min_size=1, max_size=1, command_timeout=600)
+    pool = await storage.connect(url, max_size=1, command_timeout=600)
     started = time.monotonic()
     columns = ["id", "stripe_invoice_id", "user_id", "user_name", "status", "amount", "invoice_pdf"]
     columns += ["created_at", "updated_at"]

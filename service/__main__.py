@@ -1,5 +1,6 @@
-"""`python -m service [serve|webhooks|reconcile --since DATE]`: the gRPC server (the
-default), the Stripe webhook sidecar, or a reconcile run; settings from the environment."""
+"""`python -m service [serve|webhooks|migrate|reconcile --since DATE]`: the gRPC server
+(the default), the Stripe webhook sidecar, a migration run (as MIGRATION_DATABASE_URL's
+role, granting DATABASE_URL's role) or a reconcile run; settings from the environment."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 import uvloop
 
 from service import logs
-from service.app import reconcile, run_webhooks, serve
+from service.app import migrate, reconcile, run_webhooks, serve
 from service.config import Settings
 
 
@@ -24,6 +25,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the gRPC server (default)")
     commands.add_parser("webhooks", help="run the Stripe webhook sidecar")
+    commands.add_parser("migrate", help="apply schema migrations and grant the service's role")
     rec = commands.add_parser("reconcile", help="bring the store to Stripe's state")
     rec.add_argument("--since", type=_date, required=True, help="ISO date, e.g. 2026-11-01")
     args = parser.parse_args()
@@ -33,6 +35,8 @@ def main() -> None:
     # uvloop: asyncpg's protocol and aiohttp run measurably faster on it (make bench).
     if args.command == "webhooks":
         uvloop.run(run_webhooks(settings))
+    elif args.command == "migrate":
+        print(json.dumps({"applied": uvloop.run(migrate(settings))}))
     elif args.command == "reconcile":
         print(json.dumps(dict(uvloop.run(reconcile(settings, args.since)))))
     else:

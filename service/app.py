@@ -10,7 +10,7 @@ import secrets
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +32,8 @@ from service.rpc import Creator, InvoiceServicer, InvoiceStore
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name
+# The embedded Postgres's runtime role: row privileges only (its superuser migrates).
+SERVICE_ROLE = "invoice_service"
 
 
 @dataclass
@@ -39,6 +41,10 @@ class GrpcServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+
+    async def set_serving(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
         """Reports NOT_SERVING first and keeps serving for `drain_delay` seconds, so health
@@ -56,8 +62,10 @@ async def start_grpc(
     *,
     creator: Creator | None = None,
     default_currency: str = "eur",
+    ready: bool = True,
 ) -> GrpcServer:
-    """Starts the server on `address` (port 0 picks a free one) and returns it running."""
+    """Starts the server on `address` (port 0 picks a free one) and returns it running;
+    health says SERVING now if `ready`, else NOT_SERVING until `set_serving`."""
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys), ErrorInterceptor()])
     servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
     invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(servicer, server)
@@ -66,16 +74,55 @@ async def start_grpc(
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(address)
     await server.start()
+    running = GrpcServer(server, port, health_servicer)
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return GrpcServer(server, port, health_servicer)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if ready:
+        await running.set_serving()
+    return running
 
 
-def database_url(settings: Settings) -> str:
+@dataclass(frozen=True)
+class Databases:
+    """Where the service connects (row privileges) and where migrations run (the owner)."""
+
+    service: str
+    owner: str
+
+
+async def databases(settings: Settings) -> Databases:
     if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
+        service = settings.database_url.get_secret_value()
+        owner = settings.migration_database_url
+        return Databases(service, owner.get_secret_value() if owner else service)
     log.info("DATABASE_URL is not set: starting the embedded Postgres under %s", settings.data_dir)
-    return embedded.start(Path(settings.data_dir) / "postgres")
+    admin = embedded.start(Path(settings.data_dir) / "postgres")
+    await storage.ensure_login_role(admin, SERVICE_ROLE)
+    return Databases(storage.with_user(admin, SERVICE_ROLE), admin)
+
+
+async def migrate(settings: Settings) -> list[int]:
+    """`python -m service migrate`: the schema owner migrates and grants the service's role."""
+    dbs = await databases(settings)
+    return await storage.migrate_database(dbs.owner, grant_to=storage.user_of(dbs.service))
+
+
+async def become_ready(prepare: Callable[[], Awaitable[None]], running: GrpcServer, retry_s: float = 1.0) -> None:
+    """Retries `prepare` (migrate, reach Postgres) until it succeeds, then reports SERVING.
+    Until then Envoy and the orchestrator see NOT_SERVING and send nothing."""
+    failures = 0
+    while True:
+        try:
+            await prepare()
+        except Exception as exc:
+            if failures % 30 == 0:
+                log.warning("not ready: %s: %s", type(exc).__name__, str(exc)[:200])
+            failures += 1
+            await asyncio.sleep(retry_s)
+        else:
+            await running.set_serving()
+            log.info("ready: schema current, Postgres reachable", extra={"after_failures": failures})
+            return
 
 
 def admin_api_keys(settings: Settings) -> list[str]:
@@ -110,18 +157,19 @@ def stripe_payments(settings: Settings) -> StripePayments | None:
     )
 
 
-async def open_pool(settings: Settings) -> asyncpg.Pool:
+async def open_pool(settings: Settings, dbs: Databases | None = None) -> asyncpg.Pool:
     return await storage.connect(
-        database_url(settings),
-        min_size=settings.db_pool_min_size,
+        (dbs or await databases(settings)).service,
         max_size=settings.db_pool_max_size,
         command_timeout=settings.db_command_timeout_s,
+        pooler=settings.database_pooler,
     )
 
 
 async def serve(settings: Settings) -> None:
     keys = admin_api_keys(settings)
-    pool = await open_pool(settings)
+    dbs = await databases(settings)
+    pool = await open_pool(settings, dbs)
     try:
         store = storage.Storage(pool)
         stripe = stripe_payments(settings)
@@ -131,10 +179,20 @@ async def serve(settings: Settings) -> None:
             f"{settings.grpc_host}:{settings.grpc_port}",
             creator=InvoiceCreator(store, stripe) if stripe else None,
             default_currency=settings.stripe_default_currency,
+            ready=False,
         )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})
         print(f"gRPC  InvoiceService  localhost:{running.port}", flush=True)
+
+        async def prepare() -> None:
+            if settings.migrate_on_start:
+                await storage.migrate_database(dbs.owner, grant_to=storage.user_of(dbs.service))
+            await store.check_ready()
+            await store.open_connections(settings.db_pool_min_size)
+
+        readiness = asyncio.create_task(become_ready(prepare, running))
         await _until_signalled()
+        readiness.cancel()
         log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
         await running.stop(settings.shutdown_grace_s, settings.shutdown_drain_s)
     finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -13,8 +13,18 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    # Unset: an embedded Postgres is started under DATA_DIR (local runs and tests).
+    # Unset: an embedded Postgres is started under DATA_DIR (local runs and tests), with
+    # the service connecting as the row-privileged role `invoice_service`.
     database_url: SecretStr | None = None
+    # The schema owner's DSN, used only to migrate (the service's role then gets row
+    # privileges and cannot drop tables). Unset: DATABASE_URL's role migrates.
+    migration_database_url: SecretStr | None = None
+    # Off where a separate step (the Kubernetes Job, `python -m service migrate`) migrates;
+    # the server then stays NOT_SERVING until the schema is current.
+    migrate_on_start: bool = True
+    # `pgbouncer`: DATABASE_URL points at a PgBouncer in transaction mode, which cannot
+    # keep prepared statements across transactions; asyncpg's statement cache goes off.
+    database_pooler: Literal["none", "pgbouncer"] = "none"
     data_dir: str = ".data"
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)

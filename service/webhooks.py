@@ -42,6 +42,8 @@ class EventStore(Protocol):
         self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
     ) -> str: ...
 
+    async def check_ready(self) -> None: ...
+
 
 STORE = web.AppKey("store", EventStore)
 SECRETS = web.AppKey("secrets", Sequence[str])
@@ -133,8 +135,20 @@ def _data_object(event: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-async def health(request: web.Request) -> web.Response:
+async def ready(request: web.Request) -> web.Response:
+    """Readiness (Envoy's and the orchestrator's): Postgres answers and the schema is
+    current. While not, Envoy answers Stripe 503 itself and Stripe retries later."""
+    try:
+        await request.app[STORE].check_ready()
+    except Unavailable as exc:
+        return _reply(503, 14, str(exc))
     return web.json_response({"status": "SERVING"})
+
+
+async def alive(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers; deliberately checks nothing else, so a database
+    outage never gets the process restarted."""
+    return web.json_response({"status": "ALIVE"})
 
 
 def init(
@@ -153,7 +167,8 @@ def init(
     app[SECRETS] = list(secrets)
     app[TOLERANCE] = tolerance_s
     app.router.add_post(PATH, receive)
-    app.router.add_get("/healthz", health)
+    app.router.add_get("/healthz", ready)
+    app.router.add_get("/livez", alive)
     if cleanup is not None:
         app.cleanup_ctx.append(cleanup)
     return app

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import grpc
@@ -23,11 +20,18 @@ import pytest
 import stripe
 
 from service import embedded, payments, storage
-from service.app import GrpcServer, start_grpc
+from service.app import SERVICE_ROLE, GrpcServer, start_grpc
 from service.domain import Invoice, User, new_record_id
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import with_database
-from tools.stack import LOCALSTRIPE_KEY, backend, register_webhook, start_localstripe
+from tools.stack import (
+    LOCALSTRIPE_KEY,
+    backend,
+    free_port,
+    register_webhook,
+    start_localstripe,
+    wait_until_routed,
+)
 
 API_KEY = "test-admin-key-current"
 ROTATED_KEY = "test-admin-key-next"
@@ -39,7 +43,8 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The server's admin DSN, with a migrated template database ready to clone."""
     dsn = os.environ.get("TEST_DATABASE_URL") or embedded.start(tmp_path_factory.mktemp("pg") / "data", temporary=True)
 
-    asyncio.run(storage.fresh_database(dsn, TEMPLATE))
+    asyncio.run(storage.ensure_login_role(dsn, SERVICE_ROLE))
+    asyncio.run(storage.fresh_database(dsn, TEMPLATE, grant_to=SERVICE_ROLE))
     yield dsn
 
 
@@ -58,7 +63,7 @@ async def database(postgres: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await storage.connect(database, min_size=1, max_size=4, command_timeout=5)
+    pool = await storage.connect(database, max_size=4, command_timeout=5)
     yield pool
     await pool.close()
 
@@ -118,13 +123,6 @@ WEBHOOK_SECRET = "whsec_test_current"
 OLD_WEBHOOK_SECRET = "whsec_test_previous"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def localstripe() -> Iterator[str]:
     """The Stripe emulator (with this project's extensions), fresh for the session."""
@@ -138,20 +136,6 @@ def localstripe() -> Iterator[str]:
 def stripe_client(localstripe: str) -> stripe.StripeClient:
     """Per test: the SDK's async HTTP client belongs to one event loop."""
     return payments.client(LOCALSTRIPE_KEY, api_base=localstripe, timeout_s=10, max_retries=0)
-
-
-VISA = "4242424242424242"
-
-
-async def customer_with_card(client: stripe.StripeClient, number: str = VISA) -> tuple[str, str]:
-    """A Stripe customer with an attached card payment method, as a dashboard user makes."""
-    customer = await client.v1.customers.create_async({"name": "John Doe", "email": "john.doe@mail.com"})
-    # Raw card numbers are what the emulator takes; real Stripe wants tokens (pm_card_visa).
-    card: Any = {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
-    method = await client.v1.payment_methods.create_async({"type": "card", "card": card})
-    assert customer.id is not None and method.id is not None
-    await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
-    return customer.id, method.id
 
 
 @dataclass
@@ -178,7 +162,8 @@ def stack_env(database: str, tmp: Path, localstripe: str = "") -> dict[str, str]
         "STRIPE_WEBHOOK_SECRETS": f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
         "WEBHOOK_HOST": "127.0.0.1",
         "WEBHOOK_PORT": "0",
-        "DATABASE_URL": database,
+        # The row-privileged role a deployment uses, not the owner the tests inspect with.
+        "DATABASE_URL": storage.with_user(database, SERVICE_ROLE),
         "ADMIN_API_KEYS": f"{API_KEY},{ROTATED_KEY}",
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": "0",
@@ -204,21 +189,9 @@ def stack(postgres: str, localstripe: str, tmp_path_factory: pytest.TempPathFact
     env = stack_env(database, tmp, localstripe)
     with (tmp / "stack.log").open("w") as log, backend(env, tmp, log=log) as running:
         stack = Stack(database, running.grpc_port, running.gateway_port, running.admin_port, localstripe)
-        _wait_until_routed(stack)
+        wait_until_routed(stack.base_url, API_KEY)
         register_webhook(int(localstripe.rsplit(":", 1)[1]), f"{stack.base_url}/webhooks/stripe", WEBHOOK_SECRET)
         yield stack
-
-
-def _wait_until_routed(stack: Stack, timeout: float = 20) -> None:
-    """Envoy answers 503 until its first active health checks of the upstreams pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        reply = httpx.get(f"{stack.base_url}/admin/api/invoices", headers={"Api-Key": API_KEY})
-        hook = httpx.post(f"{stack.base_url}/webhooks/stripe", content=b"{}")
-        if reply.status_code == 200 and hook.status_code == 400:
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the gateway never routed to the server")
 
 
 @pytest.fixture

@@ -73,7 +73,8 @@ async def test_postgres_gone_is_unavailable(tmp_path: Path) -> None:
     """A real, separate Postgres that is stopped while the server runs: callers get
     UNAVAILABLE with a message, never UNKNOWN."""
     dsn = embedded.start(tmp_path / "doomed", temporary=True)
-    pool = await storage.connect(dsn, min_size=1, max_size=2, command_timeout=2)
+    await storage.migrate_database(dsn)
+    pool = await storage.connect(dsn, max_size=2, command_timeout=2)
     running = await start_grpc(storage.Storage(pool), [API_KEY], "127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -94,8 +95,9 @@ async def test_postgres_gone_is_unavailable(tmp_path: Path) -> None:
 
 
 async def test_store_maps_lost_connections_to_unavailable(database: str) -> None:
-    pool = await storage.connect(database, min_size=1, max_size=1, command_timeout=2)
+    pool = await storage.connect(database, max_size=1, command_timeout=2)
     store = storage.Storage(pool)
+    await store.open_connections(1)  # the pool connects lazily; this one is then cut
     admin = await asyncpg.connect(database)
     try:
         await admin.execute(

@@ -1,5 +1,23 @@
 """Everything that touches Postgres: the pool, the SQL and the migrations."""
 
-from service.storage.postgres import Storage, connect, fresh_database, with_database
+from service.storage.postgres import (
+    Storage,
+    connect,
+    ensure_login_role,
+    fresh_database,
+    migrate_database,
+    user_of,
+    with_database,
+    with_user,
+)
 
-__all__ = ["Storage", "connect", "fresh_database", "with_database"]
+__all__ = [
+    "Storage",
+    "connect",
+    "ensure_login_role",
+    "fresh_database",
+    "migrate_database",
+    "user_of",
+    "with_database",
+    "with_user",
+]

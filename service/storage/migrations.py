@@ -1,7 +1,8 @@
 """Versioned schema migrations: numbered SQL files beside this module, applied in order,
 each recorded in schema_migrations. All of them run in one transaction under an
 advisory lock, so running twice is a no-op and two replicas starting together apply
-each migration once."""
+each migration once. The role that migrates owns the tables; the service's own role
+gets only row privileges (`grant`), so it cannot drop, alter or truncate them."""
 
 from __future__ import annotations
 
@@ -40,8 +41,26 @@ def available() -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[int]:
-    """Applies the migrations the database lacks; returns the versions applied."""
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+def latest() -> int:
+    return len(available())
+
+
+async def current_version(conn: Connection) -> int:
+    """The newest version applied; 0 on a database never migrated. Needs only SELECT."""
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+
+
+async def migrate(conn: Connection) -> list[int]:
+    """Applies the migrations the database lacks; returns the versions applied. A schema
+    already up to date is left alone without any DDL, so a role that may not create
+    tables can run this at start."""
+    if await current_version(conn) >= latest():
+        return []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
         await conn.execute(
@@ -59,3 +78,16 @@ async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -
             applied.append(m.version)
     log.info("migrations applied", extra={"applied": applied, "already": sorted(done)})
     return applied
+
+
+async def grant(conn: Connection, role: str) -> None:
+    """Row privileges on every table to `role`, the service's runtime role; read-only on
+    the migration history. Ownership, and with it DROP, ALTER and TRUNCATE, stays with
+    the migrating role."""
+    name = await conn.fetchval("SELECT quote_ident($1)", role)
+    async with conn.transaction():
+        await conn.execute(f"GRANT USAGE ON SCHEMA public TO {name}")
+        await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}")
+        await conn.execute(f"REVOKE INSERT, UPDATE, DELETE ON schema_migrations FROM {name}")
+        await conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {name}")
+    log.info("granted row privileges", extra={"role": role})

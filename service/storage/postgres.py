@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -28,7 +28,7 @@ from service.domain import (
     new_record_id,
     supersedes,
 )
-from service.storage.migrations import migrate
+from service.storage import migrations
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,27 @@ class Storage:
         except CONNECTION_ERRORS as exc:
             log.warning("database unavailable: %s", type(exc).__name__)
             raise Unavailable("the invoice store is unavailable; retry later") from exc
+        except asyncpg.UndefinedTableError as exc:
+            # The server started before its migrations ran; health still says NOT_SERVING.
+            raise Unavailable("the invoice store's schema is not migrated yet; retry later") from exc
 
     async def ping(self) -> None:
         async with self._connection() as conn:
             await conn.fetchval("SELECT 1")
+
+    async def open_connections(self, n: int) -> None:
+        """Opens up to `n` pooled connections now, so the first calls do not pay for them."""
+        async with AsyncExitStack() as held:
+            for _ in range(n):
+                await held.enter_async_context(self._connection())
+
+    async def check_ready(self) -> None:
+        """Raises Unavailable unless Postgres answers and the schema is the one this code
+        expects (a deploy's migrations may not have run yet)."""
+        async with self._connection() as conn:
+            version = await migrations.current_version(conn)
+        if version < migrations.latest():
+            raise Unavailable(f"the schema is at version {version}, this code needs {migrations.latest()}")
 
     async def list_invoices(self, page: Page) -> InvoicePage:
         """One page and the matching total in one statement, so one snapshot (they agree)
@@ -282,9 +299,48 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
-async def fresh_database(admin_dsn: str, name: str) -> str:
-    """Drops and recreates database `name` (a plain identifier), migrates it, and returns
-    its DSN: for the benchmark and the chaos runs, which own their databases."""
+def with_user(dsn: str, user: str) -> str:
+    """The same server and database, another role (no password: local trust auth only)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+def user_of(dsn: str) -> str | None:
+    return urlsplit(dsn).username
+
+
+async def ensure_login_role(admin_dsn: str, role: str) -> None:
+    """Creates `role` (login, no other attribute) if it does not exist: for the embedded
+    Postgres, where this process is the DBA. Elsewhere the DBA creates the role."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+            name = await admin.fetchval("SELECT quote_ident($1)", role)
+            await admin.execute(f"CREATE ROLE {name} LOGIN")
+    except asyncpg.DuplicateObjectError:
+        pass  # another process created it meanwhile
+    finally:
+        await admin.close()
+
+
+async def migrate_database(dsn: str, *, grant_to: str | None = None) -> list[int]:
+    """Brings the schema up to date as the role of `dsn` (its owner) and, when the
+    service runs as another role, grants that role row privileges."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        applied = await migrations.migrate(conn)
+        if grant_to is not None and grant_to != user_of(dsn):
+            await migrations.grant(conn, grant_to)
+    finally:
+        await conn.close()
+    return applied
+
+
+async def fresh_database(admin_dsn: str, name: str, *, migrate: bool = True, grant_to: str | None = None) -> str:
+    """Drops and recreates database `name` (a plain identifier), migrates it unless told
+    not to, and returns its DSN: for the benchmark, the chaos runs and the tests, which
+    own their databases."""
     if not name.isidentifier():
         raise ValueError(f"not a database name: {name!r}")
     admin = await asyncpg.connect(admin_dsn)
@@ -294,20 +350,24 @@ async def fresh_database(admin_dsn: str, name: str) -> str:
     finally:
         await admin.close()
     dsn = with_database(admin_dsn, name)
-    pool = await connect(dsn, min_size=1, max_size=1, command_timeout=60)
-    await pool.close()
+    if migrate:
+        await migrate_database(dsn, grant_to=grant_to)
     return dsn
 
 
-async def connect(dsn: str, *, min_size: int, max_size: int, command_timeout: float) -> asyncpg.Pool:
-    """Creates the pool and brings the schema up to date before anyone can use it."""
+async def connect(dsn: str, *, max_size: int, command_timeout: float, pooler: str = "none") -> asyncpg.Pool:
+    """Creates the pool without connecting, so the server starts (NOT_SERVING) while
+    Postgres is still away; `Storage.open_connections` opens DB_POOL_MIN_SIZE of them once it
+    answers (asyncpg refuses a floor above the initial size). Behind PgBouncer in transaction mode
+    (`pooler="pgbouncer"`) a connection's prepared statements may live on another
+    server session, so asyncpg's statement cache is off."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout, reset=_keep_session
+        dsn,
+        init_size=0,
+        min_size=0,
+        max_size=max_size,
+        command_timeout=command_timeout,
+        reset=_keep_session,
+        statement_cache_size=0 if pooler == "pgbouncer" else 100,
     )
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-    except BaseException:
-        await pool.close()
-        raise
     return pool

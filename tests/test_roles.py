@@ -1,0 +1,127 @@
+"""Two database roles: the schema owner migrates, the service's role may only read and
+write rows, so a bug or an injected statement in the service cannot drop, alter or
+truncate a table. And readiness: a server whose schema is not migrated yet says
+NOT_SERVING and refuses calls with UNAVAILABLE, then serves once migrations ran."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service import storage
+from service.app import SERVICE_ROLE
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from tests.conftest import AUTH, Stack, stack_env
+from tools.stack import ROOT, start_service
+
+DENIED = asyncpg.InsufficientPrivilegeError
+
+
+@pytest.fixture
+async def as_service(database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(storage.with_user(database, SERVICE_ROLE))
+    yield conn
+    await conn.close()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TABLE invoices",
+        "TRUNCATE invoices",
+        "ALTER TABLE invoices ADD COLUMN x int",
+        "CREATE TABLE intruder (x int)",
+        "DELETE FROM schema_migrations",
+        "DROP TRIGGER invoices_count_insert ON invoices",
+        "DROP TABLE invoice_counts",
+        "CREATE INDEX intruder ON invoices (amount)",
+        "ALTER TABLE invoices DISABLE TRIGGER ALL",
+    ],
+)
+async def test_the_service_role_cannot_change_the_schema(as_service: asyncpg.Connection, statement: str) -> None:
+    with pytest.raises(DENIED):
+        await as_service.execute(statement)
+
+
+async def test_the_service_role_reads_and_writes_rows(as_service: asyncpg.Connection) -> None:
+    async with as_service.transaction():
+        await as_service.execute(
+            "INSERT INTO invoices (id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf,"
+            " created_at, updated_at)"
+            " VALUES ('0123456789abcdef01234567', 'in_role1', 'u', 'n', 'paid', 1, '', now(), now())"
+        )
+        # The counters are kept by triggers, which run with the caller's privileges.
+        assert await as_service.fetchval("SELECT sum(n) FROM invoice_counts") == 1
+        await as_service.execute("DELETE FROM invoices WHERE stripe_invoice_id = 'in_role1'")
+    assert await as_service.fetchval("SELECT max(version) FROM schema_migrations") >= 3
+
+
+async def test_the_running_stack_connects_as_the_service_role(stack: Stack, http: httpx.AsyncClient) -> None:
+    assert (await http.get("/admin/api/invoices")).status_code == 200
+    admin = await asyncpg.connect(stack.database)
+    try:
+        users = await admin.fetch(
+            "SELECT DISTINCT usename FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+    assert {u["usename"] for u in users} == {SERVICE_ROLE}
+
+
+def _health(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="billing.v1.InvoiceService"), timeout=5
+        )
+        return int(reply.status)
+
+
+def _migrate(owner: str, service: str) -> dict[str, list[int]]:
+    env = {**os.environ, "MIGRATION_DATABASE_URL": owner, "DATABASE_URL": service, "LOG_LEVEL": "WARNING"}
+    run = subprocess.run(
+        [sys.executable, "-m", "service", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    result: dict[str, list[int]] = json.loads(run.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_not_serving_until_the_migration_job_ran(postgres: str, tmp_path: Path) -> None:
+    """The Kubernetes shape: MIGRATE_ON_START off, an empty database, the Job later."""
+    owner = asyncio.run(storage.fresh_database(postgres, "t_unmigrated", migrate=False))
+    service = storage.with_user(owner, SERVICE_ROLE)
+    env = stack_env(owner, tmp_path) | {"DATABASE_URL": service, "MIGRATE_ON_START": "false"}
+    server, port = start_service(env)
+    try:
+        time.sleep(1.5)  # a readiness attempt has failed by now
+        assert _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.InvoiceServiceStub(channel).ListInvoices(pb.ListInvoicesRequest(), metadata=AUTH, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not migrated" in (info.value.details() or "")
+
+        assert _migrate(owner, service) == {"applied": [1, 2, 3]}
+        deadline = time.monotonic() + 10
+        while _health(port) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "never became SERVING after the migration"
+            time.sleep(0.2)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InvoiceServiceStub(channel)
+            assert stub.ListInvoices(pb.ListInvoicesRequest(), metadata=AUTH, timeout=5).count == 0
+        assert _migrate(owner, service) == {"applied": []}
+    finally:
+        server.stop()
