@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
+# checkov pins packaging<24, pytest 9 needs >=24: it gets a venv of its own.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 
 .DEFAULT_GOAL := help
 .PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean
@@ -14,7 +17,7 @@ help:
 	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
-	@echo "make chaos     the webhook storm through a Postgres restart, at full size"
+	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, restart"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml
@@ -27,7 +30,12 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(BIN)/.installed $(BUF)
+$(CHECKOV):
+	rm -rf .tools/checkov-$(CHECKOV_VERSION)
+	$(PYTHON) -m venv .tools/checkov-$(CHECKOV_VERSION)
+	.tools/checkov-$(CHECKOV_VERSION)/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
+
+install: $(BIN)/.installed $(BUF) $(CHECKOV)
 
 # wrk (HTTP load) comes from Debian; the benchmark and its small run in `make test` need it.
 debian-tools:
@@ -64,9 +72,9 @@ run: check-generated
 bench: check-generated debian-tools
 	$(BIN)/python -m bench.run
 
-# Full size; `make test` runs it at 100 invoices (tests/test_chaos.py).
+# Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py).
 chaos: check-generated
-	$(BIN)/python -m chaos.storm
+	$(BIN)/python -m chaos
 
 clean:
 	rm -rf .build .mypy_cache .ruff_cache .pytest_cache

@@ -1,10 +1,17 @@
 """Renders envoy.yaml.tmpl with the stack's settings, so every environment gets its ports
-from the same environment variables as the service. `python -m gateway.render OUT`."""
+from the same environment variables as the service.
+
+`python -m gateway.render OUT [--descriptor PATH] [--openapi PATH] [--copy-assets]`:
+the paths are where Envoy will find the descriptor set and the OpenAPI document (by
+default this checkout's); with --copy-assets they are copied there first, so that Envoy
+can run from a folder of its own (Kubernetes: an init container fills a shared volume).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import shutil
 from pathlib import Path
 from string import Template
 
@@ -58,6 +65,7 @@ def render(
     grpc_port: int | None = None,
     webhook_port: int | None = None,
     descriptor: Path = DESCRIPTOR,
+    openapi: Path = OPENAPI,
 ) -> str:
     """The Envoy configuration as YAML; the keyword arguments override settings (tests
     pass port 0 and the ports their own servers picked)."""
@@ -73,17 +81,32 @@ def render(
         "max_request_bytes": settings.gateway_max_request_bytes,
         "route_timeout_s": settings.gateway_route_timeout_s,
         "descriptor_path": json.dumps(str(descriptor)),
-        "openapi_path": json.dumps(str(OPENAPI)),
+        "openapi_path": json.dumps(str(openapi)),
         # JSON is YAML: the generated part is inserted as one flow mapping.
         "local_reply_config": json.dumps(local_reply_config()),
     }
     return Template(TEMPLATE.read_text()).substitute(values)
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gateway.render", description="Render Envoy's configuration.")
+    parser.add_argument("out", type=Path, help="where to write envoy.yaml")
+    parser.add_argument("--descriptor", type=Path, default=DESCRIPTOR, help="the descriptor set Envoy loads")
+    parser.add_argument("--openapi", type=Path, default=OPENAPI, help="the OpenAPI document Envoy serves")
+    parser.add_argument(
+        "--copy-assets",
+        action="store_true",
+        help="copy this checkout's descriptor set and OpenAPI document to --descriptor and --openapi",
+    )
+    args = parser.parse_args(argv)
+    if args.copy_assets:
+        for source, target in ((DESCRIPTOR, args.descriptor), (OPENAPI, args.openapi)):
+            if source.resolve() != target.resolve():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+    out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(Settings()))
+    out.write_text(render(Settings(), descriptor=args.descriptor, openapi=args.openapi))
     print(f"rendered {out}")
 
 
