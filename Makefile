@@ -37,9 +37,11 @@ $(CHECKOV):
 
 install: $(BIN)/.installed $(BUF) $(CHECKOV)
 
-# wrk (HTTP load) comes from Debian; the benchmark and its small run in `make test` need it.
+# From Debian: wrk (HTTP load) for the benchmark and its small run in `make test`, and
+# pgbouncer for the test of the service behind a transaction-mode pooler.
 debian-tools:
-	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	@(command -v wrk && test -x /usr/sbin/pgbouncer) >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq wrk pgbouncer)
 
 generate: install
 	$(BIN)/python -m tools.generate

@@ -223,6 +223,7 @@ def main() -> None:
         "STRIPE_WEBHOOK_SECRETS": SECRET,
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": "0",
+        "METRICS_PORT": "0",
         "WEBHOOK_HOST": "127.0.0.1",
         "WEBHOOK_PORT": "0",
         "LOG_LEVEL": "WARNING",

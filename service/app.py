@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from service import embedded, payments, storage, webhooks
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
-from service.interceptors import ApiKeyInterceptor, ErrorInterceptor
+from service.interceptors import ApiKeyInterceptor, ErrorInterceptor, ObservingInterceptor
 from service.invoices import InvoiceCreator, NoStripe
+from service.metrics import Metrics, add_routes
 from service.payments import StripePayments
 from service.rpc import Creator, InvoiceServicer, InvoiceStore
 
@@ -63,10 +64,13 @@ async def start_grpc(
     creator: Creator | None = None,
     default_currency: str = "eur",
     ready: bool = True,
+    metrics: Metrics | None = None,
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
     health says SERVING now if `ready`, else NOT_SERVING until `set_serving`."""
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys), ErrorInterceptor()])
+    # Outermost first: every call is observed, refused ones included.
+    interceptors = [ObservingInterceptor(metrics or Metrics()), ApiKeyInterceptor(api_keys), ErrorInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors)
     servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
     invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -141,7 +145,7 @@ def admin_api_keys(settings: Settings) -> list[str]:
     return [key]
 
 
-def stripe_payments(settings: Settings) -> StripePayments | None:
+def stripe_payments(settings: Settings, metrics: Metrics | None = None) -> StripePayments | None:
     if settings.stripe_api_key is None:
         log.warning("STRIPE_API_KEY is not set: CreateInvoice answers UNAVAILABLE")
         return None
@@ -153,7 +157,8 @@ def stripe_payments(settings: Settings) -> StripePayments | None:
             api_base=settings.stripe_api_base,
             timeout_s=settings.stripe_timeout_s,
             max_retries=settings.stripe_max_retries,
-        )
+        ),
+        observe=metrics.observe_stripe if metrics else None,
     )
 
 
@@ -166,13 +171,27 @@ async def open_pool(settings: Settings, dbs: Databases | None = None) -> asyncpg
     )
 
 
+async def start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
+    """The server's small HTTP side: GET /metrics and GET /livez on METRICS_PORT."""
+    app = web.Application()
+    add_routes(app, metrics)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+    print(f"HTTP  metrics  localhost:{runner.addresses[0][1]}/metrics", flush=True)
+    return runner
+
+
 async def serve(settings: Settings) -> None:
     keys = admin_api_keys(settings)
     dbs = await databases(settings)
+    metrics = Metrics()
     pool = await open_pool(settings, dbs)
+    metrics.watch_pool(pool)
+    metrics_site = await start_metrics(settings, metrics)
     try:
-        store = storage.Storage(pool)
-        stripe = stripe_payments(settings)
+        store = storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
+        stripe = stripe_payments(settings, metrics)
         running = await start_grpc(
             store,
             keys,
@@ -180,6 +199,7 @@ async def serve(settings: Settings) -> None:
             creator=InvoiceCreator(store, stripe) if stripe else None,
             default_currency=settings.stripe_default_currency,
             ready=False,
+            metrics=metrics,
         )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})
         print(f"gRPC  InvoiceService  localhost:{running.port}", flush=True)
@@ -196,6 +216,7 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
         await running.stop(settings.shutdown_grace_s, settings.shutdown_drain_s)
     finally:
+        await metrics_site.cleanup()
         await pool.close()
 
 
@@ -217,18 +238,21 @@ async def run_webhooks(settings: Settings) -> None:
     """The sidecar: its own pool, an aiohttp site, stopped on SIGTERM after in-flight
     deliveries finish (an unfinished one is simply retried by Stripe)."""
     secrets = webhook_secrets(settings)
+    metrics = Metrics()
     pool = await open_pool(settings)
+    metrics.watch_pool(pool)
 
     async def close_pool(_: web.Application) -> AsyncIterator[None]:
         yield
         await pool.close()
 
     app = webhooks.init(
-        storage.Storage(pool),
+        storage.Storage(pool, observe_wait=metrics.observe_pool_wait),
         secrets,
         tolerance_s=settings.stripe_webhook_tolerance_s,
         max_body_bytes=settings.webhook_max_body_bytes,
         cleanup=close_pool,
+        metrics=metrics,
     )
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # health check (1 s interval) takes the server out before its port closes.
     shutdown_drain_s: float = Field(default=2.0, ge=0)
     log_level: str = "INFO"
+    # The server's GET /metrics (Prometheus) and GET /livez; the sidecar serves both on
+    # WEBHOOK_PORT. Not routed by Envoy: scraped from inside the cluster.
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other pods
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
 
     # The Envoy gateway (gateway/render.py): REST on GATEWAY_PORT, gRPC upstream on
     # GATEWAY_UPSTREAM_HOST:GRPC_PORT, its admin interface on loopback only.

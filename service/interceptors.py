@@ -1,11 +1,16 @@
-"""The gRPC edge's cross-cutting rules: who may call (admin API keys) and how domain
-errors become gRPC statuses. Both wrap every InvoiceService method; the health and
-reflection services stay open so probes and grpcurl work without a key."""
+"""The gRPC edge's cross-cutting rules: every call observed (a log line and metrics,
+under its request id), who may call (admin API keys), and how domain errors become gRPC
+statuses. All wrap every InvoiceService method; the health and reflection services stay
+open (and unlogged: Envoy checks health every second) so probes and grpcurl work without
+a key."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
@@ -22,6 +27,8 @@ from service.domain import (
     ResourceExhausted,
     Unavailable,
 )
+from service.logs import REQUEST_ID
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +77,16 @@ def _status(error: DomainError) -> grpc.Status:
     return result
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to their status and anything unexpected to INTERNAL with a
-    generic message: callers never see UNKNOWN or a stack trace."""
+def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    value = next((v for k, v in details.invocation_metadata or () if k == key), None)
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the unary behavior of every InvoiceService method (not the open services)."""
+
+    def wrapper(self, details: grpc.HandlerCallDetails) -> Callable[[Behavior], Behavior]:
+        raise NotImplementedError
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -80,6 +94,56 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or _is_open(handler_call_details.method):
             return handler
+        return _wrap_unary(handler, self.wrapper(handler_call_details))
+
+
+class ObservingInterceptor(_WrappingInterceptor):
+    """The outermost interceptor: times every call, counts it by method and final status
+    code, and logs one line for it with the request id Envoy set (x-request-id) or, for a
+    direct gRPC caller, a new one; the id also goes back as response metadata."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def wrapper(self, handler_call_details: grpc.HandlerCallDetails) -> Callable[[Behavior], Behavior]:
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        request_id = (_metadata(handler_call_details, "x-request-id") or uuid.uuid4().hex)[:128]
+        metrics = self._metrics
+
+        def wrap(behavior: Behavior) -> Behavior:
+            async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                token = REQUEST_ID.set(request_id)
+                started, code = time.perf_counter(), "OK"
+                try:
+                    await context.send_initial_metadata((("x-request-id", request_id),))
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    code = _final_code(context, exc)
+                    raise
+                finally:
+                    seconds = time.perf_counter() - started
+                    metrics.rpc_calls.labels(method, code).inc()
+                    metrics.rpc_seconds.labels(method, code).observe(seconds)
+                    log.info("rpc", extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 2)})
+                    REQUEST_ID.reset(token)
+
+            return observed
+
+        return wrap
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+class ErrorInterceptor(_WrappingInterceptor):
+    """Maps domain errors to their status and anything unexpected to INTERNAL with a
+    generic message: callers never see UNKNOWN or a stack trace."""
+
+    def wrapper(self, handler_call_details: grpc.HandlerCallDetails) -> Callable[[Behavior], Behavior]:
         method = handler_call_details.method
 
         def wrap(behavior: Behavior) -> Behavior:
@@ -94,7 +158,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return guarded
 
-        return _wrap_unary(handler, wrap)
+        return wrap
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

@@ -1,12 +1,18 @@
 """One JSON object per log line, so logs can be searched by field; `extra=` fields of
-a record become keys of its line."""
+a record become keys of its line, and every line logged while a call or delivery is
+handled carries its `request_id` (Envoy's x-request-id), so one search finds the REST
+request, its gRPC call and whatever the store or Stripe logged for it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
+
+# Set by the gRPC interceptor and the webhook middleware for the call being handled.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -19,6 +25,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            line["request_id"] = request_id
         line.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

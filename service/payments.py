@@ -5,10 +5,12 @@ domain errors. Nothing here knows gRPC or HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import stripe
 
@@ -25,6 +27,7 @@ from service.domain import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Metadata keys that carry the invoice's owner to Stripe and back through webhooks.
 USER_ID, USER_NAME = "invoice_service_user_id", "invoice_service_user_name"
@@ -88,9 +91,36 @@ def _domain_error(exc: stripe.StripeError) -> DomainError:
     return Unavailable(f"Stripe call failed ({type(exc).__name__}); retry later with the same idempotency key")
 
 
+# (operation, outcome, seconds) for each Stripe call: the composition root counts them.
+Observer = Callable[[str, str, float], None]
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, stripe.CardError):
+        return "declined"
+    if isinstance(exc, stripe.StripeError):
+        return type(exc).__name__.removesuffix("Error").lower() or "error"
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else "exception"
+
+
 class StripePayments:
-    def __init__(self, stripe_client: stripe.StripeClient) -> None:
+    def __init__(self, stripe_client: stripe.StripeClient, *, observe: Observer | None = None) -> None:
         self._stripe = stripe_client
+        self._observe = observe
+
+    async def _call(self, operation: str, call: Awaitable[T]) -> T:
+        """Awaits one SDK call (its own retries included), timed and counted by outcome."""
+        started, error = time.perf_counter(), None
+        try:
+            return await call
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(operation, _outcome(error), time.perf_counter() - started)
 
     async def create_invoice(self, new: NewInvoice, idempotency_key: str) -> dict[str, Any]:
         """Creates, finalizes and charges the invoice; returns Stripe's invoice object.
@@ -103,40 +133,50 @@ class StripePayments:
         metadata = {USER_ID: new.user.id, USER_NAME: new.user.name} if new.user else {}
         invoices = self._stripe.v1.invoices
         try:
-            draft = await invoices.create_async(
-                {
-                    "customer": new.customer,
-                    "currency": new.currency,
-                    "collection_method": "charge_automatically",
-                    # Paid now by the calls below, not an hour later by auto-advance.
-                    "auto_advance": False,
-                    "default_payment_method": new.payment_method,
-                    # Only the items created for this invoice, never the customer's other
-                    # pending items (which a concurrent Create may be adding).
-                    "pending_invoice_items_behavior": "exclude",
-                    "metadata": metadata,
-                },
-                key("invoice"),
+            draft = await self._call(
+                "invoices.create",
+                invoices.create_async(
+                    {
+                        "customer": new.customer,
+                        "currency": new.currency,
+                        "collection_method": "charge_automatically",
+                        # Paid now by the calls below, not an hour later by auto-advance.
+                        "auto_advance": False,
+                        "default_payment_method": new.payment_method,
+                        # Only the items created for this invoice, never the customer's other
+                        # pending items (which a concurrent Create may be adding).
+                        "pending_invoice_items_behavior": "exclude",
+                        "metadata": metadata,
+                    },
+                    key("invoice"),
+                ),
             )
             if draft.id is None:
                 raise Internal("Stripe answered an invoice without an id")
             for i, item in enumerate(new.items):
-                await self._stripe.v1.invoice_items.create_async(
-                    {
-                        "customer": new.customer,
-                        "invoice": draft.id,
-                        "amount": item.amount,
-                        "currency": new.currency,
-                        "description": item.name,
-                    },
-                    key(f"item-{i}"),
+                await self._call(
+                    "invoice_items.create",
+                    self._stripe.v1.invoice_items.create_async(
+                        {
+                            "customer": new.customer,
+                            "invoice": draft.id,
+                            "amount": item.amount,
+                            "currency": new.currency,
+                            "description": item.name,
+                        },
+                        key(f"item-{i}"),
+                    ),
                 )
-            await invoices.finalize_invoice_async(draft.id, {"auto_advance": False}, key("finalize"))
+            await self._call(
+                "invoices.finalize", invoices.finalize_invoice_async(draft.id, {"auto_advance": False}, key("finalize"))
+            )
             try:
-                paid = await invoices.pay_async(draft.id, {"payment_method": new.payment_method}, key("pay"))
+                paid = await self._call(
+                    "invoices.pay", invoices.pay_async(draft.id, {"payment_method": new.payment_method}, key("pay"))
+                )
             except stripe.CardError as declined:
                 log.info("card declined", extra={"invoice": draft.id, "decline_code": declined.code})
-                return (await invoices.retrieve_async(draft.id)).to_dict(for_json=True)
+                return (await self._call("invoices.retrieve", invoices.retrieve_async(draft.id))).to_dict(for_json=True)
             return paid.to_dict(for_json=True)
         except stripe.StripeError as exc:
             error = _domain_error(exc)
@@ -149,7 +189,10 @@ class StripePayments:
     async def invoices_since(self, since: datetime) -> AsyncIterator[StripeInvoice]:
         """Every Stripe invoice created at or after `since`, newest first."""
         try:
-            page = await self._stripe.v1.invoices.list_async({"created": {"gte": int(since.timestamp())}, "limit": 100})
+            since_s = int(since.timestamp())
+            page = await self._call(
+                "invoices.list", self._stripe.v1.invoices.list_async({"created": {"gte": since_s}, "limit": 100})
+            )
             async for obj in page.auto_paging_iter():
                 yield invoice_from_stripe(obj.to_dict(for_json=True))
         except stripe.StripeError as exc:

@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import stripe
 from aiohttp import web
 
 from service.domain import InvalidArgument, StripeInvoice, Unavailable
+from service.logs import REQUEST_ID
+from service.metrics import METRICS, WEBHOOK_OUTCOMES, Metrics, add_routes
 from service.payments import invoice_from_stripe
 
 log = logging.getLogger(__name__)
@@ -95,36 +99,65 @@ def _timestamp(header: str) -> int:
 
 
 async def receive(request: web.Request) -> web.Response:
+    """One delivery: handled under Envoy's request id, then counted and logged once, with
+    its event, type, outcome and duration."""
+    token = REQUEST_ID.set(request.headers.get("X-Request-Id", "")[:128] or uuid.uuid4().hex)
+    started = time.perf_counter()
+    try:
+        response, delivery = await _handle(request)
+        seconds = time.perf_counter() - started
+        request.app[METRICS].observe_webhook(delivery.type, delivery.outcome, seconds)
+        extra = {k: v for k, v in asdict(delivery).items() if v}
+        extra |= {"status": response.status, "duration_ms": round(seconds * 1000, 2)}
+        log.log(logging.WARNING if response.status >= 400 else logging.INFO, "webhook", extra=extra)
+        return response
+    finally:
+        REQUEST_ID.reset(token)
+
+
+@dataclass
+class Delivery:
+    """What the log line and the metrics say about one delivery."""
+
+    outcome: str = "rejected"
+    type: str = "unknown"  # until the signature is verified, the body's type is not trusted
+    event: str = ""
+    invoice: str = ""
+    reason: str = ""
+
+
+async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
+    delivery = Delivery()
     try:
         payload = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _reply(413, 3, "body over the size limit")
+        delivery.reason = "body over the size limit"
+        return _reply(413, 3, delivery.reason), delivery
     try:
         event = verified_event(
             payload, request.headers.get("Stripe-Signature"), request.app[SECRETS], request.app[TOLERANCE]
         )
+        delivery.type, delivery.event = str(event["type"]), str(event["id"])
         if event["type"] not in INVOICE_EVENTS:
-            log.info("webhook ignored", extra={"event": event["id"], "type": event["type"]})
-            return _reply(200, 0, "", outcome="ignored")
+            delivery.outcome = "ignored"
+            return _reply(200, 0, "", outcome="ignored"), delivery
         invoice = invoice_from_stripe(_data_object(event))
+        delivery.invoice = invoice.stripe_invoice_id
         created = event.get("created")
         if not isinstance(created, int):
             raise InvalidArgument("created", "must be the event's Unix time")
     except InvalidArgument as error:
-        log.warning("webhook rejected", extra={"reason": str(error)})
-        return _reply(400, 3, str(error))
+        delivery.reason = str(error)
+        return _reply(400, 3, delivery.reason), delivery
     try:
         outcome = await request.app[STORE].apply_stripe_invoice(
             invoice, stripe_time=created, event_id=event["id"], event_type=event["type"]
         )
     except Unavailable:
-        log.warning("webhook deferred: database unavailable", extra={"event": event["id"]})
-        return _reply(503, 14, "the invoice store is unavailable; Stripe will retry")
-    log.info(
-        "webhook applied",
-        extra={"event": event["id"], "type": event["type"], "invoice": invoice.stripe_invoice_id, "outcome": outcome},
-    )
-    return _reply(200, 0, "", outcome=outcome)
+        delivery.outcome = "unavailable"
+        return _reply(503, 14, "the invoice store is unavailable; Stripe will retry"), delivery
+    delivery.outcome = WEBHOOK_OUTCOMES.get(outcome, outcome)
+    return _reply(200, 0, "", outcome=outcome), delivery
 
 
 def _data_object(event: dict[str, Any]) -> dict[str, Any]:
@@ -145,12 +178,6 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "SERVING"})
 
 
-async def alive(request: web.Request) -> web.Response:
-    """Liveness: the event loop answers; deliberately checks nothing else, so a database
-    outage never gets the process restarted."""
-    return web.json_response({"status": "ALIVE"})
-
-
 def init(
     store: EventStore,
     secrets: Sequence[str],
@@ -158,8 +185,10 @@ def init(
     tolerance_s: int = 300,
     max_body_bytes: int = 1_048_576,
     cleanup: Callable[[web.Application], AsyncIterator[None]] | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """The sidecar's application; `cleanup` owns resources such as the pool."""
+    """The sidecar's application, with /metrics and /livez; `cleanup` owns resources such
+    as the pool."""
     if not secrets:
         raise ValueError("at least one webhook secret is required")
     app = web.Application(client_max_size=max_body_bytes)
@@ -168,7 +197,7 @@ def init(
     app[TOLERANCE] = tolerance_s
     app.router.add_post(PATH, receive)
     app.router.add_get("/healthz", ready)
-    app.router.add_get("/livez", alive)
+    add_routes(app, metrics or Metrics())
     if cleanup is not None:
         app.cleanup_ctx.append(cleanup)
     return app

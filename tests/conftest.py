@@ -148,13 +148,16 @@ class Stack:
     gateway_port: int
     admin_port: int
     localstripe: str
+    metrics_port: int
+    webhook_port: int
+    log: Path
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
 
 
-def stack_env(database: str, tmp: Path, localstripe: str = "") -> dict[str, str]:
+def stack_env(database: str, tmp: Path, localstripe: str = "", metrics_port: int = 0) -> dict[str, str]:
     return {
         **os.environ,
         "STRIPE_API_KEY": LOCALSTRIPE_KEY,
@@ -167,6 +170,7 @@ def stack_env(database: str, tmp: Path, localstripe: str = "") -> dict[str, str]
         "ADMIN_API_KEYS": f"{API_KEY},{ROTATED_KEY}",
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": "0",
+        "METRICS_PORT": str(metrics_port),
         "SHUTDOWN_DRAIN_S": "0",
         "DATA_DIR": str(tmp),
     }
@@ -186,9 +190,11 @@ def stack(postgres: str, localstripe: str, tmp_path_factory: pytest.TempPathFact
 
     asyncio.run(create())
     database = with_database(postgres, name)
-    env = stack_env(database, tmp, localstripe)
+    metrics_port = free_port()
+    env = stack_env(database, tmp, localstripe, metrics_port)
     with (tmp / "stack.log").open("w") as log, backend(env, tmp, log=log) as running:
-        stack = Stack(database, running.grpc_port, running.gateway_port, running.admin_port, localstripe)
+        ports = (running.grpc_port, running.gateway_port, running.admin_port)
+        stack = Stack(database, *ports, localstripe, metrics_port, running.webhook_port, tmp / "stack.log")
         wait_until_routed(stack.base_url, API_KEY)
         register_webhook(int(localstripe.rsplit(":", 1)[1]), f"{stack.base_url}/webhooks/stripe", WEBHOOK_SECRET)
         yield stack

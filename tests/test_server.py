@@ -105,6 +105,8 @@ def test_sigterm_stops_the_process_cleanly(database: str, tmp_path: Path) -> Non
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
+        assert line.startswith("HTTP  metrics"), line
+        line = proc.stdout.readline()
         assert "InvoiceService" in line, line
         port = int(line.rsplit(":", 1)[1])
         listed = _grpcurl(port, "list")

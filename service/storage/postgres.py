@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -142,13 +143,17 @@ def _invoice(row: asyncpg.Record) -> Invoice:
 
 
 class Storage:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, observe_wait: Callable[[float], None] | None = None) -> None:
         self._pool = pool
+        self._observe_wait = observe_wait
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
         try:
+            started = time.perf_counter()
             async with self._pool.acquire() as conn:
+                if self._observe_wait is not None:
+                    self._observe_wait(time.perf_counter() - started)
                 yield conn
         except CONNECTION_ERRORS as exc:
             log.warning("database unavailable: %s", type(exc).__name__)
