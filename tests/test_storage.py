@@ -95,17 +95,17 @@ async def test_postgres_gone_is_unavailable(tmp_path: Path) -> None:
 
 
 async def test_store_maps_lost_connections_to_unavailable(database: str) -> None:
+    """A connection cut while in use (an admin's pg_terminate_backend, a failover) is
+    UNAVAILABLE; the pool replaces it for the next call. (An idle connection cut between
+    calls is replaced silently, when the loop has seen it close first.)"""
     pool = await storage.connect(database, max_size=1, command_timeout=2)
     store = storage.Storage(pool)
-    await store.open_connections(1)  # the pool connects lazily; this one is then cut
     admin = await asyncpg.connect(database)
     try:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
         with pytest.raises(Unavailable):
-            await store.get_invoice("in_abc")
+            async with store._connection() as conn:
+                await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+                await conn.fetchval("SELECT 1")
         with pytest.raises(NotFound):
             await store.get_invoice("in_abc")  # the pool replaced the dead connection
     finally:

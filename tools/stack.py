@@ -273,6 +273,8 @@ def main() -> None:
                 f"REST  admin API        http://localhost:{gateway}/admin/api/invoices (header Api-Key)\n"
                 f"REST  OpenAPI          http://localhost:{gateway}/admin/api/openapi.json\n"
                 f"HTTP  Stripe webhooks  http://localhost:{gateway}/webhooks/stripe (through Envoy)\n"
+                f"HTTP  metrics          http://localhost:{settings.metrics_port}/metrics (server), "
+                f"http://localhost:{running.webhook_port}/metrics (sidecar)\n"
                 f"Envoy admin            http://127.0.0.1:{running.admin_port} (loopback only)\n"
                 "Ctrl-C stops everything.",
                 flush=True,
