@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from service import embedded, payments, storage, webhooks
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
-from service.interceptors import ApiKeyInterceptor, ErrorInterceptor, ObservingInterceptor
+from service.interceptors import EdgeInterceptor
 from service.invoices import InvoiceCreator, NoStripe
 from service.metrics import Metrics, add_routes
 from service.payments import StripePayments
@@ -68,9 +68,7 @@ async def start_grpc(
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
     health says SERVING now if `ready`, else NOT_SERVING until `set_serving`."""
-    # Outermost first: every call is observed, refused ones included.
-    interceptors = [ObservingInterceptor(metrics or Metrics()), ApiKeyInterceptor(api_keys), ErrorInterceptor()]
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=[EdgeInterceptor(api_keys, metrics or Metrics())])
     servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
     invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

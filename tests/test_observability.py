@@ -152,11 +152,11 @@ async def test_a_webhook_log_line_carries_its_request_id(stack: Stack, http: htt
     assert (line["type"], line["outcome"], line["status"]) == ("invoice.finalized", "applied", 200)
 
 
-def test_a_direct_grpc_caller_gets_a_request_id_back(stack: Stack) -> None:
+def test_a_direct_grpc_caller_gets_a_request_id_back_in_the_trailers(stack: Stack) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
         stub = pb_grpc.InvoiceServiceStub(channel)
         _, call = stub.ListInvoices.with_call(pb.ListInvoicesRequest(limit=1), metadata=AUTH, timeout=5)
-        ids = [str(v) for k, v in call.initial_metadata() if k == "x-request-id"]
+        ids = [str(v) for k, v in call.trailing_metadata() if k == "x-request-id"]
     assert len(ids) == 1 and len(ids[0]) == 32
     assert _log_lines(stack, message="rpc", request_id=ids[0])
 
