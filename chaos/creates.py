@@ -52,6 +52,7 @@ class Tally:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
     replays: int = 0
+    replays_sent: int = 0
     replays_with_other_invoice: int = 0
 
 
@@ -103,8 +104,11 @@ async def create_all(base_url: str, customers: list[tuple[str, str]], creates: i
     async with httpx.AsyncClient(base_url=base_url, headers={"Api-Key": API_KEY}, timeout=timeout) as http:
         await asyncio.gather(*(one(n) for n in range(creates)))
         # A replay after success answers the same invoice without touching Stripe.
-        await asyncio.gather(*(one(n, replayed) for n in range(0, creates, max(1, creates // 10))))
+        replays = range(0, creates, max(1, creates // 10))
+        await asyncio.gather(*(one(n, replayed) for n in replays))
     tally.replays = len(replayed.invoice_of)
+    tally.replays_sent = len(replays)
+    tally.failed |= {f"replay {k}": v for k, v in replayed.failed.items()}
     tally.replays_with_other_invoice = sum(1 for k, i in replayed.invoice_of.items() if tally.invoice_of.get(k) != i)
     return tally
 
@@ -175,6 +179,7 @@ def verify(
         and len(rows) == creates
         and not tally.failed
         and tally.replays_with_other_invoice == 0
+        and tally.replays == tally.replays_sent > 0
         and tally.answers["500"] == 0
     )
     return figures

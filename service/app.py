@@ -105,8 +105,13 @@ async def databases(settings: Settings) -> Databases:
 
 async def migrate(settings: Settings) -> list[int]:
     """`python -m service migrate`: the schema owner migrates and grants the service's role."""
+    if settings.migration_database_url is not None and settings.database_url is None:
+        raise SystemExit("MIGRATION_DATABASE_URL needs DATABASE_URL too: its role is the one granted")
     dbs = await databases(settings)
-    return await storage.migrate_database(dbs.owner, grant_to=storage.user_of(dbs.service))
+    role = storage.user_of(dbs.service)
+    if role is None:
+        raise SystemExit("DATABASE_URL names no user (user@host): cannot tell which role to grant")
+    return await storage.migrate_database(dbs.owner, grant_to=role)
 
 
 async def become_ready(prepare: Callable[[], Awaitable[None]], running: GrpcServer, retry_s: float = 1.0) -> None:
@@ -186,8 +191,9 @@ async def serve(settings: Settings) -> None:
     metrics = Metrics()
     pool = await open_pool(settings, dbs)
     metrics.watch_pool(pool)
-    metrics_site = await start_metrics(settings, metrics)
+    metrics_site: web.AppRunner | None = None
     try:
+        metrics_site = await start_metrics(settings, metrics)
         store = storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
         stripe = stripe_payments(settings, metrics)
         running = await start_grpc(
@@ -214,7 +220,8 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
         await running.stop(settings.shutdown_grace_s, settings.shutdown_drain_s)
     finally:
-        await metrics_site.cleanup()
+        if metrics_site is not None:
+            await metrics_site.cleanup()
         await pool.close()
 
 

@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
@@ -19,6 +18,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from service import logs
 from service.domain import (
     AlreadyExists,
     DomainError,
@@ -95,13 +95,18 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-async def _answer(behavior: Behavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Any:
+async def _answer(
+    behavior: Behavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str, request_id: str
+) -> Any:
     """Domain errors become their status; anything unexpected INTERNAL with a generic
     message: callers never see UNKNOWN or a stack trace."""
     try:
         return await behavior(request, context)
     except DomainError as error:
-        await context.abort_with_status(_status(error))
+        status = _status(error)
+        # abort's trailers replace those set earlier: the request id goes with the details.
+        trailers = (*status.trailing_metadata, ("x-request-id", request_id))
+        await context.abort(status.code, status.details, trailers)
     except Exception:
         log.exception("unexpected error in %s", method)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -121,11 +126,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or _is_open(handler_call_details.method):
+        if handler is None or _is_open(handler_call_details.method):
             return handler
+        if handler.unary_unary is None:  # none today; never let one past the key check
+            raise NotImplementedError(f"{handler_call_details.method} is not unary")
         behavior = cast(Behavior, handler.unary_unary)
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        request_id = (_metadata(handler_call_details, "x-request-id") or uuid.uuid4().hex)[:128]
+        request_id = logs.request_id(_metadata(handler_call_details, "x-request-id"))
         allowed = self._keys.allow(handler_call_details)
         metrics = self._metrics
 
@@ -138,7 +145,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(
                         grpc.StatusCode.UNAUTHENTICATED, "missing or invalid api-key metadata (REST: Api-Key header)"
                     )
-                return await _answer(behavior, request, context, method)
+                return await _answer(behavior, request, context, method, request_id)
             except BaseException as exc:
                 code = _final_code(context, exc)
                 raise

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-# Set by the gRPC interceptor and the webhook middleware for the call being handled.
+# Set by the gRPC interceptor and the webhook handler for the call being handled.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# A caller's own id is kept only in this form (Envoy's are UUIDs); any other is replaced.
+_REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(offered: str | None) -> str:
+    """The id to log a call under: the caller's (Envoy's x-request-id), or a new one."""
+    return offered if offered and _REQUEST_ID_FORM.fullmatch(offered) else uuid.uuid4().hex
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 

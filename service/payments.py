@@ -76,16 +76,14 @@ def _domain_error(exc: stripe.StripeError) -> DomainError:
         if exc.code == "resource_missing":
             return InvalidArgument(field, f"no such Stripe object: {exc.user_message or exc.code}")
         return InvalidArgument(field, f"Stripe refused the request: {exc.user_message or exc.code}")
-    if isinstance(exc, stripe.IdempotencyError) and exc.http_status == 409:
-        # Another attempt with this key is still running at Stripe (a caller's retry
-        # overtook its first try); once that one ends, a retry gets its answer.
-        return Unavailable("an earlier attempt with this idempotency key is still in progress; retry shortly")
     if isinstance(exc, stripe.IdempotencyError):
         return AlreadyExists(f"Stripe saw this idempotency key with other parameters: {exc.user_message}")
     if isinstance(exc, stripe.RateLimitError):
         return ResourceExhausted("Stripe rate limit reached; retry with backoff")
     if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
         return Internal("the service's Stripe credentials were refused")
+    # APIError includes Stripe's 409 "another request with this key is in progress" (a
+    # caller's retry overtaking its first attempt): retrying later is right for it too.
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return Unavailable("Stripe is unreachable or failing; retry later with the same idempotency key")
     return Unavailable(f"Stripe call failed ({type(exc).__name__}); retry later with the same idempotency key")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -18,7 +17,7 @@ import stripe
 from aiohttp import web
 
 from service.domain import InvalidArgument, StripeInvoice, Unavailable
-from service.logs import REQUEST_ID
+from service.logs import REQUEST_ID, request_id
 from service.metrics import METRICS, WEBHOOK_OUTCOMES, Metrics, add_routes
 from service.payments import invoice_from_stripe
 
@@ -101,7 +100,7 @@ def _timestamp(header: str) -> int:
 async def receive(request: web.Request) -> web.Response:
     """One delivery: handled under Envoy's request id, then counted and logged once, with
     its event, type, outcome and duration."""
-    token = REQUEST_ID.set(request.headers.get("X-Request-Id", "")[:128] or uuid.uuid4().hex)
+    token = REQUEST_ID.set(request_id(request.headers.get("X-Request-Id")))
     started = time.perf_counter()
     try:
         response, delivery = await _handle(request)
@@ -156,6 +155,10 @@ async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
     except Unavailable:
         delivery.outcome = "unavailable"
         return _reply(503, 14, "the invoice store is unavailable; Stripe will retry"), delivery
+    except Exception:  # a bug: Stripe retries a 500, and the delivery is still counted
+        log.exception("webhook failed", extra={"event": delivery.event})
+        delivery.outcome = "error"
+        return _reply(500, 13, "internal error"), delivery
     delivery.outcome = WEBHOOK_OUTCOMES.get(outcome, outcome)
     return _reply(200, 0, "", outcome=outcome), delivery
 

@@ -10,6 +10,7 @@ import uuid
 
 import grpc
 import httpx
+import pytest
 import stripe
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -165,3 +166,26 @@ def test_liveness_answers_on_both_processes(stack: Stack) -> None:
     for port in (stack.metrics_port, stack.webhook_port):
         reply = httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5)
         assert (reply.status_code, reply.json()) == (200, {"status": "ALIVE"})
+
+
+def test_error_replies_carry_the_request_id_and_a_malformed_one_is_replaced(stack: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = pb_grpc.InvoiceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetInvoice(
+                pb.GetInvoiceRequest(id="in_trailers404"), metadata=(*AUTH, ("x-request-id", "mine-42")), timeout=5
+            )
+        error = info.value
+        assert isinstance(error, grpc.Call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        trailers = dict(error.trailing_metadata() or ())
+        assert trailers["x-request-id"] == "mine-42"
+        assert "grpc-status-details-bin" in trailers  # the rich status survived too
+
+        forged = "x" * 200 + " {injected}"
+        _, call = stub.ListInvoices.with_call(
+            pb.ListInvoicesRequest(limit=1), metadata=(*AUTH, ("x-request-id", forged)), timeout=5
+        )
+        [given] = [str(v) for k, v in call.trailing_metadata() if k == "x-request-id"]
+    assert given != forged and len(given) == 32
+    assert _log_lines(stack, message="rpc", request_id=given)

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import grpc
+import pydantic
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.app import SERVICE_NAME, GrpcServer, start_grpc
+from service.config import Settings
 from service.domain import Invoice, InvoicePage, Page
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
@@ -116,3 +119,9 @@ def test_sigterm_stops_the_process_cleanly(database: str, tmp_path: Path) -> Non
         assert API_KEY not in (proc.stderr.read() if proc.stderr else "")
     finally:
         proc.kill()
+
+
+def test_a_pool_floor_above_its_ceiling_is_refused_at_start() -> None:
+    """Else the warm-up would wait forever for a connection the pool may not open."""
+    with pytest.raises(pydantic.ValidationError, match=r"DB_POOL_MIN_SIZE \(3\) exceeds DB_POOL_MAX_SIZE \(2\)"):
+        Settings(db_pool_min_size=3, db_pool_max_size=2)

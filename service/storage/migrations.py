@@ -86,6 +86,8 @@ async def grant(conn: Connection, role: str) -> None:
     the migrating role."""
     name = await conn.fetchval("SELECT quote_ident($1)", role)
     async with conn.transaction():
+        # Before PostgreSQL 15 every role may create objects in `public`; not this one.
+        await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         await conn.execute(f"GRANT USAGE ON SCHEMA public TO {name}")
         await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}")
         await conn.execute(f"REVOKE INSERT, UPDATE, DELETE ON schema_migrations FROM {name}")

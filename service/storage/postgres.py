@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -167,9 +167,10 @@ class Storage:
             await conn.fetchval("SELECT 1")
 
     async def open_connections(self, n: int) -> None:
-        """Opens up to `n` pooled connections now, so the first calls do not pay for them."""
+        """Opens up to `n` pooled connections now, so the first calls do not pay for them
+        (a warm-up: like any idle pooled connection they close after 300 s unused)."""
         async with AsyncExitStack() as held:
-            for _ in range(n):
+            for _ in range(min(n, self._pool.get_max_size())):
                 await held.enter_async_context(self._connection())
 
     async def check_ready(self) -> None:
@@ -312,7 +313,8 @@ def with_user(dsn: str, user: str) -> str:
 
 
 def user_of(dsn: str) -> str | None:
-    return urlsplit(dsn).username
+    user = urlsplit(dsn).username
+    return unquote(user) if user else None
 
 
 async def ensure_login_role(admin_dsn: str, role: str) -> None:
@@ -323,7 +325,7 @@ async def ensure_login_role(admin_dsn: str, role: str) -> None:
         if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
             name = await admin.fetchval("SELECT quote_ident($1)", role)
             await admin.execute(f"CREATE ROLE {name} LOGIN")
-    except asyncpg.DuplicateObjectError:
+    except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
         pass  # another process created it meanwhile
     finally:
         await admin.close()
