@@ -1,4 +1,4 @@
-"""The composition root: builds the store, Stripe, the servicer, the interceptors,
+"""The composition root: builds the store, Stripe, the servicer wrapped in the edge rules,
 health and reflection into one grpc.aio server; builds the webhook sidecar; and runs
 either until SIGTERM or SIGINT. Also the reconcile command's wiring."""
 
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import grpc
@@ -23,8 +24,9 @@ from grpc_reflection.v1alpha import reflection
 
 from service import embedded, payments, storage, webhooks
 from service.config import Settings
+from service.domain import Unavailable
+from service.edge import Edge
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
-from service.interceptors import EdgeInterceptor
 from service.invoices import InvoiceCreator, NoStripe
 from service.metrics import Metrics, add_routes
 from service.payments import StripePayments
@@ -68,9 +70,13 @@ async def start_grpc(
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
     health says SERVING now if `ready`, else NOT_SERVING until `set_serving`."""
-    server = grpc.aio.server(interceptors=[EdgeInterceptor(api_keys, metrics or Metrics())])
+    server = grpc.aio.server()
     servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
-    invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(servicer, server)
+    edge = Edge(api_keys, metrics or Metrics())
+    methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name
+    # The generated registration looks the methods up by name: it gets the wrapped ones.
+    guarded = SimpleNamespace(**{name: edge.wrap(name, getattr(servicer, name)) for name in methods})
+    invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -123,7 +129,10 @@ async def become_ready(prepare: Callable[[], Awaitable[None]], running: GrpcServ
             await prepare()
         except Exception as exc:
             if failures % 30 == 0:
-                log.warning("not ready: %s: %s", type(exc).__name__, str(exc)[:200])
+                # Messages only where they cannot quote a DSN: a malformed DSN's parse
+                # error (a ValueError from asyncpg) can contain its password.
+                safe = isinstance(exc, asyncpg.PostgresError | Unavailable | OSError)
+                log.warning("not ready: %s%s", type(exc).__name__, f": {str(exc)[:200]}" if safe else "")
             failures += 1
             await asyncio.sleep(retry_s)
         else:

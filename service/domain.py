@@ -1,5 +1,5 @@
 """The service's own vocabulary: invoice records, page requests and the domain errors
-that every edge maps to its own status codes (gRPC statuses at one interceptor)."""
+that every edge maps to its own status codes (gRPC statuses at one boundary, service/edge.py)."""
 
 from __future__ import annotations
 

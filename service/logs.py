@@ -13,7 +13,7 @@ import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-# Set by the gRPC interceptor and the webhook handler for the call being handled.
+# Set by the gRPC edge (service/edge.py) and the webhook handler for the call being handled.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 # A caller's own id is kept only in this form (Envoy's are UUIDs); any other is replaced.
 _REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -1,7 +1,7 @@
 """The service's Prometheus series, in one registry per process (the server's and the
 sidecar's), exposed at GET /metrics by prometheus-client's own exposition. The modules
 that do the work get plain callbacks (`observe_*`), so storage and payments know nothing
-of Prometheus; the edges (interceptor, webhook handler) record here directly."""
+of Prometheus; the edges (the gRPC edge, the webhook handler) record here directly."""
 
 from __future__ import annotations
 

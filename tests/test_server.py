@@ -15,9 +15,9 @@ import pydantic
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.app import SERVICE_NAME, GrpcServer, start_grpc
+from service.app import SERVICE_NAME, GrpcServer, become_ready, start_grpc
 from service.config import Settings
-from service.domain import Invoice, InvoicePage, Page
+from service.domain import Invoice, InvoicePage, Page, Unavailable
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
@@ -125,3 +125,28 @@ def test_a_pool_floor_above_its_ceiling_is_refused_at_start() -> None:
     """Else the warm-up would wait forever for a connection the pool may not open."""
     with pytest.raises(pydantic.ValidationError, match=r"DB_POOL_MIN_SIZE \(3\) exceeds DB_POOL_MAX_SIZE \(2\)"):
         Settings(db_pool_min_size=3, db_pool_max_size=2)
+
+
+async def test_readiness_failures_are_logged_without_what_could_quote_a_dsn(
+    server: GrpcServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts = 0
+
+    async def prepare() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ValueError("invalid literal for int() with base 10: 'hunter2'")
+        if attempts == 31:
+            raise Unavailable("the schema is at version 2, this code needs 3")
+        if attempts < 32:
+            raise OSError("connection refused")
+
+    await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await become_ready(prepare, server, retry_s=0)
+    assert attempts == 32
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not ready")]
+    assert logged == ["not ready: ValueError", "not ready: Unavailable: the schema is at version 2, this code needs 3"]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        status = (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
