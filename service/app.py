@@ -45,9 +45,10 @@ class GrpcServer:
     port: int
     health: health.aio.HealthServicer
 
-    async def set_serving(self) -> None:
+    async def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status)
 
     async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
         """Reports NOT_SERVING first and keeps serving for `drain_delay` seconds, so health
@@ -83,10 +84,7 @@ async def start_grpc(
     port = server.add_insecure_port(address)
     await server.start()
     running = GrpcServer(server, port, health_servicer)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if ready:
-        await running.set_serving()
+    await running.set_serving(ready)
     return running
 
 

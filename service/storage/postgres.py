@@ -162,10 +162,6 @@ class Storage:
             # The server started before its migrations ran; health still says NOT_SERVING.
             raise Unavailable("the invoice store's schema is not migrated yet; retry later") from exc
 
-    async def ping(self) -> None:
-        async with self._connection() as conn:
-            await conn.fetchval("SELECT 1")
-
     async def open_connections(self, n: int) -> None:
         """Opens up to `n` pooled connections now, so the first calls do not pay for them
         (a warm-up: like any idle pooled connection they close after 300 s unused)."""
