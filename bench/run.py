@@ -28,7 +28,7 @@ import psutil
 from bench.ceiling import CONSTANT
 from service import embedded, pagetoken, storage
 from service.domain import Cursor, Filters, new_record_id
-from tools.stack import ROOT, Part, backend, start_python
+from tools.stack import ROOT, Part, backend, local_env, start_python, wait_until_routed
 
 API_KEY = "bench-admin-key"
 SECRET = "whsec_bench"  # noqa: S105 - a local benchmark's own secret
@@ -216,27 +216,14 @@ def main() -> None:
     dsn = embedded.start(work / "pg", temporary=True)
     data = asyncio.run(load(dsn, n))
     print(f"loaded {n:,} invoices in {data['load_s']} s", flush=True)
-    env = {
-        **os.environ,
-        "DATABASE_URL": data["url"],
-        "ADMIN_API_KEYS": API_KEY,
-        "STRIPE_WEBHOOK_SECRETS": SECRET,
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": "0",
-        "METRICS_PORT": "0",
-        "WEBHOOK_HOST": "127.0.0.1",
-        "WEBHOOK_PORT": "0",
-        "LOG_LEVEL": "WARNING",
-        "SHUTDOWN_DRAIN_S": "0",
-        "DATA_DIR": str(work),
-    }
+    env = local_env(data["url"], work, api_keys=API_KEY, webhook_secrets=SECRET, LOG_LEVEL="WARNING")
     log = (work / "stack.log").open("w")
     results: list[dict[str, Any]] = []
     ceiling, where = start_python("ceiling", ["-m", "bench.ceiling"], env, "gRPC  ceiling  localhost:", log=log)
     with _stopped_after(ceiling), backend(env, work, log=log, edit_config=_proxy_ceiling_route) as running:
         service, webhooks, envoy = running.parts
-        time.sleep(2)  # Envoy's first health checks
         base = f"http://127.0.0.1:{running.gateway_port}"
+        wait_until_routed(base, API_KEY)
         direct = f"127.0.0.1:{running.grpc_port}"
         ids = json.dumps(data["ids"])
         some_id = data["ids"][0]

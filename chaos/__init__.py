@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from pathlib import Path
 
 from service import embedded, storage
-from tools.stack import ROOT
+from tools.stack import ROOT, local_env
 
 API_KEY = "chaos-key"
 
@@ -25,13 +24,4 @@ def prepare(name: str) -> tuple[Path, str]:
 
 def stack_env(url: str, work: Path, webhook_secret: str, **extra: str) -> dict[str, str]:
     """The server's and sidecar's environment: free ports, quiet logs, no drain wait."""
-    env = {**os.environ, "DATABASE_URL": url, "ADMIN_API_KEYS": API_KEY, "STRIPE_WEBHOOK_SECRETS": webhook_secret}
-    env |= {
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": "0",
-        "METRICS_PORT": "0",
-        "WEBHOOK_HOST": "127.0.0.1",
-        "WEBHOOK_PORT": "0",
-    }
-    env |= {"LOG_LEVEL": "WARNING", "SHUTDOWN_DRAIN_S": "0", "DATA_DIR": str(work)}
-    return env | extra
+    return local_env(url, work, api_keys=API_KEY, webhook_secrets=webhook_secret, LOG_LEVEL="WARNING", **extra)

@@ -28,6 +28,7 @@ from tools.stack import (
     LOCALSTRIPE_KEY,
     backend,
     free_port,
+    local_env,
     register_webhook,
     start_localstripe,
     wait_until_routed,
@@ -158,22 +159,16 @@ class Stack:
 
 
 def stack_env(database: str, tmp: Path, localstripe: str = "", metrics_port: int = 0) -> dict[str, str]:
-    return {
-        **os.environ,
-        "STRIPE_API_KEY": LOCALSTRIPE_KEY,
-        "STRIPE_API_BASE": localstripe,
-        "STRIPE_WEBHOOK_SECRETS": f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
-        "WEBHOOK_HOST": "127.0.0.1",
-        "WEBHOOK_PORT": "0",
+    return local_env(
         # The row-privileged role a deployment uses, not the owner the tests inspect with.
-        "DATABASE_URL": storage.with_user(database, SERVICE_ROLE),
-        "ADMIN_API_KEYS": f"{API_KEY},{ROTATED_KEY}",
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": "0",
-        "METRICS_PORT": str(metrics_port),
-        "SHUTDOWN_DRAIN_S": "0",
-        "DATA_DIR": str(tmp),
-    }
+        storage.with_user(database, SERVICE_ROLE),
+        tmp,
+        api_keys=f"{API_KEY},{ROTATED_KEY}",
+        webhook_secrets=f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
+        STRIPE_API_KEY=LOCALSTRIPE_KEY,
+        STRIPE_API_BASE=localstripe,
+        METRICS_PORT=str(metrics_port),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,19 @@ def _status(url: str, headers: dict[str, str], data: bytes | None = None) -> int
         return int(error.code)
 
 
+def local_env(
+    database_url: str, data_dir: Path, *, api_keys: str, webhook_secrets: str, **extra: str
+) -> dict[str, str]:
+    """The server's and sidecar's environment for a run of their own on loopback (tests,
+    bench, chaos): every port picked by the OS, no drain wait at SIGTERM; `extra` adds or
+    overrides settings."""
+    env = {**os.environ, "DATABASE_URL": database_url, "DATA_DIR": str(data_dir)}
+    env |= {"ADMIN_API_KEYS": api_keys, "STRIPE_WEBHOOK_SECRETS": webhook_secrets}
+    env |= {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "METRICS_PORT": "0"}
+    env |= {"WEBHOOK_HOST": "127.0.0.1", "WEBHOOK_PORT": "0", "SHUTDOWN_DRAIN_S": "0"}
+    return env | extra
+
+
 @dataclass
 class Part:
     name: str
