@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name
 # The embedded Postgres's runtime role: row privileges only (its superuser migrates).
 SERVICE_ROLE = "invoice_service"
+# gRPC's default metadata limit is soft: between 8 and 16 KiB it refuses calls at random
+# (RESOURCE_EXHAUSTED). One fixed limit, above the 32 KiB of headers Envoy forwards, lets
+# every forwarded call reach the Api-Key check and answer the same way every time.
+MAX_METADATA_BYTES = 64 * 1024
 
 
 @dataclass
@@ -71,7 +75,12 @@ async def start_grpc(
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
     health says SERVING now if `ready`, else NOT_SERVING until `set_serving`."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+        ]
+    )
     servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
     edge = Edge(api_keys, metrics or Metrics())
     methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name

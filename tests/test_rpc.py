@@ -153,7 +153,12 @@ async def test_valid_create_without_stripe_configured_is_unavailable(stub: pb_gr
     assert "STRIPE_API_KEY" in (error.details() or "")
 
 
-@pytest.mark.parametrize("metadata", [(), (("api-key", ""),), (("api-key", "wrong"),), (("api-key", "x" * 4096),)])
+@pytest.mark.parametrize(
+    "metadata",
+    # 40,000 bytes is past gRPC's default hard metadata limit (16 KiB): without the
+    # server's own limit that call would be RESOURCE_EXHAUSTED, never judged by its key.
+    [(), (("api-key", ""),), (("api-key", "wrong"),), (("api-key", "x" * 4096),), (("api-key", "x" * 40_000),)],
+)
 async def test_missing_or_wrong_key_is_unauthenticated(
     stub: pb_grpc.InvoiceServiceAsyncStub, metadata: tuple[tuple[str, str], ...]
 ) -> None:
