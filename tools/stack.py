@@ -192,8 +192,10 @@ def register_webhook(localstripe_port: int, url: str, secret: str) -> None:
 
 
 def start_envoy(config: str, workdir: Path, *, log: IO[str] = sys.stderr, timeout: float = 30) -> tuple[Part, int, int]:
-    """Starts Envoy with `config`; returns it once its listener accepts, with the
-    gateway port and the admin port (both may have been 0 in the config)."""
+    """Starts Envoy with `config`; returns it once it is LIVE, with the gateway port and the
+    admin port (both may have been 0 in the config). The listener's port is known before
+    Envoy accepts on it (workers start after the clusters' first health checks), so the
+    admin's /ready, not /listeners, says when callers can connect."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path, admin_path = workdir / "envoy.yaml", workdir / "envoy-admin-address"
     config_path.write_text(config)
@@ -212,6 +214,8 @@ def start_envoy(config: str, workdir: Path, *, log: IO[str] = sys.stderr, timeou
         if admin_path.exists() and admin_path.read_text().strip():
             admin = admin_path.read_text().strip()
             try:
+                with urllib.request.urlopen(f"http://{admin}/ready", timeout=2) as reply:
+                    reply.read()  # 503 (an HTTPError, so an OSError) until LIVE
                 with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as reply:
                     listeners = json.load(reply)["listener_statuses"]
                 port = int(listeners[0]["local_address"]["socket_address"]["port_value"])
