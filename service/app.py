@@ -48,11 +48,19 @@ class GrpcServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    edge: Edge
 
     async def set_serving(self, serving: bool = True) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if serving:
+            self.edge.not_ready = None
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+    def not_ready(self, reason: str) -> None:
+        """Before the first SERVING: calls are refused as UNAVAILABLE with this reason."""
+        if self.edge.not_ready is not None:
+            self.edge.not_ready = reason
 
     async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
         """Reports NOT_SERVING first and keeps serving for `drain_delay` seconds, so health
@@ -82,7 +90,7 @@ async def start_grpc(
         ]
     )
     servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
-    edge = Edge(api_keys, metrics or Metrics())
+    edge = Edge(api_keys, metrics or Metrics(), ready=ready)
     methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name
     # The generated registration looks the methods up by name: it gets the wrapped ones.
     guarded = SimpleNamespace(**{name: edge.wrap(name, getattr(servicer, name)) for name in methods})
@@ -92,7 +100,7 @@ async def start_grpc(
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(address)
     await server.start()
-    running = GrpcServer(server, port, health_servicer)
+    running = GrpcServer(server, port, health_servicer, edge)
     await running.set_serving(ready)
     return running
 
@@ -129,12 +137,14 @@ async def migrate(settings: Settings) -> list[int]:
 
 async def become_ready(prepare: Callable[[], Awaitable[None]], running: GrpcServer, retry_s: float = 1.0) -> None:
     """Retries `prepare` (migrate, reach Postgres) until it succeeds, then reports SERVING.
-    Until then Envoy and the orchestrator see NOT_SERVING and send nothing."""
+    Until then Envoy and the orchestrator see NOT_SERVING and send nothing, and a caller
+    that comes anyway is told why (only our own messages: others could name hosts)."""
     failures = 0
     while True:
         try:
             await prepare()
         except Exception as exc:
+            running.not_ready(str(exc) if isinstance(exc, Unavailable) else "the database is not ready yet")
             if failures % 30 == 0:
                 # Messages only where they cannot quote a DSN: a malformed DSN's parse
                 # error (a ValueError from asyncpg) can contain its password.

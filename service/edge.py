@@ -104,16 +104,23 @@ class Edge:
     """Times every call, counts it by method and final status code (refused ones too),
     and logs one line for it with the request id Envoy set (x-request-id) or, for a
     direct gRPC caller, a new one, which goes back as trailing metadata; refuses calls
-    without a valid key; maps errors. Applied once per method when the server is built,
-    not as a grpc.aio interceptor: an interceptor runs a coroutine and builds a handler on
-    every call, measurably slower on a GetInvoice (make bench)."""
+    without a valid key, and all calls until the server is first ready; maps errors.
+    Applied once per method when the server is built, not as a grpc.aio interceptor: an
+    interceptor runs a coroutine and builds a handler on every call, measurably slower on
+    a GetInvoice (make bench)."""
 
-    def __init__(self, api_keys: Iterable[str], metrics: Metrics) -> None:
+    def __init__(self, api_keys: Iterable[str], metrics: Metrics, *, ready: bool = True) -> None:
         self._keys = ApiKeys(api_keys)
         self._metrics = metrics
+        # Why calls are refused until the server first becomes ready, or None once it has:
+        # a caller that skips health checks (grpcurl, a misconfigured proxy) must not run
+        # against a schema older than this code. Shutdown does not set it again: the drain
+        # serves the calls that still arrive.
+        self.not_ready: str | None = None if ready else "starting"
 
     def wrap(self, method: str, behavior: Behavior) -> Behavior:
         keys, calls, seconds_by = self._keys, self._metrics.rpc_calls, self._metrics.rpc_seconds
+        rules = self
 
         async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata() or ()
@@ -126,6 +133,8 @@ class Edge:
                     await context.abort(
                         grpc.StatusCode.UNAUTHENTICATED, "missing or invalid api-key metadata (REST: Api-Key header)"
                     )
+                if rules.not_ready is not None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"not ready: {rules.not_ready}; retry later")
                 return await _answer(behavior, request, context, method, request_id)
             except BaseException as exc:
                 code = _final_code(context, exc)

@@ -99,6 +99,42 @@ async def test_stop_drains_in_flight_calls_and_reports_not_serving_first() -> No
         await stopping
 
 
+async def test_calls_are_refused_until_first_ready_and_still_served_while_draining() -> None:
+    """Health checks keep Envoy away from a server that is not ready; the gate keeps away a
+    caller that skips them. Once open it stays open, so the shutdown drain serves."""
+    running = await start_grpc(SlowStore(delay=0), [API_KEY], "127.0.0.1:0", ready=False)
+    seen: list[str] = []
+
+    async def list_details() -> str:
+        try:
+            await stub.ListInvoices(pb.ListInvoicesRequest(), metadata=AUTH)
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}: {error.details()}"
+        return "OK"
+
+    async def prepare() -> None:
+        """Each attempt first records what a caller is told after the attempt before."""
+        seen.append(await list_details())
+        if len(seen) == 1:
+            raise ValueError("invalid literal for int() with base 10: 'hunter2'")
+        if len(seen) == 2:
+            raise Unavailable("the schema is not migrated to version 3 yet (it is at 2)")
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.InvoiceServiceStub(channel)
+        await become_ready(prepare, running, retry_s=0)
+        assert seen == [
+            "UNAVAILABLE: not ready: starting; retry later",
+            "UNAVAILABLE: not ready: the database is not ready yet; retry later",  # not the ValueError's text
+            "UNAVAILABLE: not ready: the schema is not migrated to version 3 yet (it is at 2); retry later",
+        ]
+        assert await list_details() == "OK"
+        stopping = asyncio.ensure_future(running.stop(grace=5, drain_delay=0.5))
+        await asyncio.sleep(0.1)
+        assert await list_details() == "OK"  # NOT_SERVING, but a late call is still served
+        await stopping
+
+
 def test_sigterm_stops_the_process_cleanly(database: str, tmp_path: Path) -> None:
     # `python -m service` with no subcommand, as an operator starts it: the default is serve.
     env = stack_env(database, tmp_path)

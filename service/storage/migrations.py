@@ -55,11 +55,12 @@ async def current_version(conn: Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
-async def migrate(conn: Connection) -> list[int]:
-    """Applies the migrations the database lacks; returns the versions applied. A schema
-    already up to date is left alone without any DDL, so a role that may not create
-    tables can run this at start."""
-    if await current_version(conn) >= latest():
+async def migrate(conn: Connection, *, to: int | None = None) -> list[int]:
+    """Applies the migrations the database lacks, up to version `to` (default: all);
+    returns the versions applied. A schema already up to date is left alone without any
+    DDL, so a role that may not create tables can run this at start."""
+    target = latest() if to is None else to
+    if await current_version(conn) >= target:
         return []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
@@ -70,7 +71,7 @@ async def migrate(conn: Connection) -> list[int]:
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
         applied = []
-        for m in available():
+        for m in available()[:target]:
             if m.version in done:
                 continue
             await conn.execute(m.sql)

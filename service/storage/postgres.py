@@ -175,7 +175,7 @@ class Storage:
         async with self._connection() as conn:
             version = await migrations.current_version(conn)
         if version < migrations.latest():
-            raise Unavailable(f"the schema is at version {version}, this code needs {migrations.latest()}")
+            raise Unavailable(f"the schema is not migrated to version {migrations.latest()} yet (it is at {version})")
 
     async def list_invoices(self, page: Page) -> InvoicePage:
         """One page and the matching total in one statement, so one snapshot (they agree)
@@ -327,12 +327,12 @@ async def ensure_login_role(admin_dsn: str, role: str) -> None:
         await admin.close()
 
 
-async def migrate_database(dsn: str, *, grant_to: str | None = None) -> list[int]:
-    """Brings the schema up to date as the role of `dsn` (its owner) and, when the
-    service runs as another role, grants that role row privileges."""
+async def migrate_database(dsn: str, *, grant_to: str | None = None, to: int | None = None) -> list[int]:
+    """Brings the schema up to date (or to version `to`) as the role of `dsn` (its owner)
+    and, when the service runs as another role, grants that role row privileges."""
     conn = await asyncpg.connect(dsn)
     try:
-        applied = await migrations.migrate(conn)
+        applied = await migrations.migrate(conn, to=to)
         if grant_to is not None and grant_to != user_of(dsn):
             await migrations.grant(conn, grant_to)
     finally:
