@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,6 +96,9 @@ class NewInvoice:
     def fingerprint(self) -> str:
         """Identifies the request's content, to tell a retry from a reused idempotency key."""
         return hashlib.sha256(repr(self).encode()).hexdigest()
+
+
+RECORD_ID = re.compile(r"[0-9a-f]{24}")
 
 
 def new_record_id() -> str:

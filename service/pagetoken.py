@@ -8,9 +8,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
-from service.domain import Cursor, Filters, InvalidArgument
+from service.domain import RECORD_ID, Cursor, Filters, InvalidArgument
 
 FIELD = "page_token"
 
@@ -21,14 +21,19 @@ def encode(cursor: Cursor, filters: Filters) -> str:
 
 
 def decode(token: str, filters: Filters) -> Cursor:
+    """Checks all a forger could change, so that a tampered token is INVALID_ARGUMENT and
+    never reaches Postgres (a time that overflows in UTC, a NUL in the id)."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-        cursor = Cursor(created_at=datetime.fromisoformat(data["t"]), id=str(data["i"]))
+        created_at = datetime.fromisoformat(data["t"])
+        if created_at.tzinfo is None:
+            raise ValueError("no time zone")
+        cursor = Cursor(created_at=created_at.astimezone(UTC), id=data["i"])
         fingerprint = data["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
+    except (binascii.Error, ValueError, OverflowError, KeyError, TypeError) as exc:
         raise InvalidArgument(FIELD, "not a token this service issued") from exc
-    if cursor.created_at.tzinfo is None:
+    if not isinstance(cursor.id, str) or not RECORD_ID.fullmatch(cursor.id):
         raise InvalidArgument(FIELD, "not a token this service issued")
     if fingerprint != filters.fingerprint():
         raise InvalidArgument(FIELD, "was issued for other filters; keep the filters of the first page")

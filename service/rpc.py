@@ -1,16 +1,16 @@
 """The InvoiceService servicer: protobuf in, validation, domain calls, protobuf out.
-It knows no SQL and no status codes; domain errors are mapped in interceptors."""
+It knows no SQL and no status codes; domain errors are mapped at the edge (service/edge.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
-from service.domain import Invoice, InvoicePage, NewInvoice, Page
+from service.domain import InvalidArgument, Invoice, InvoicePage, NewInvoice, Page
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 
@@ -28,6 +28,16 @@ def _set_time(target: timestamp_pb2.Timestamp, moment: datetime) -> None:
     # Direct arithmetic: Timestamp.FromDatetime showed up in the list profile.
     target.seconds = int(moment.timestamp())
     target.nanos = moment.microsecond * 1000
+
+
+def _time(request: pb.ListInvoicesRequest, field: Literal["created_after", "created_before"]) -> datetime | None:
+    if not request.HasField(field):
+        return None
+    try:
+        moment: datetime = getattr(request, field).ToDatetime(UTC)
+    except ValueError as exc:  # seconds or nanos outside what a Timestamp may hold
+        raise InvalidArgument(field, "must be a valid timestamp between 0001-01-01 and 9999-12-31") from exc
+    return moment
 
 
 def fill_invoice(target: pb.Invoice, invoice: Invoice) -> pb.Invoice:
@@ -74,8 +84,8 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         filters = validation.filters(
             request.status,
             request.user_id,
-            request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None,
-            request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None,
+            _time(request, "created_after"),
+            _time(request, "created_before"),
         )
         page = validation.page(
             request.page if request.HasField("page") else None,

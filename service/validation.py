@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from service import pagetoken
-from service.domain import STATUSES, Filters, InvalidArgument, NewInvoice, NewItem, Page, User
+from service.domain import RECORD_ID, STATUSES, Filters, InvalidArgument, NewInvoice, NewItem, Page, User
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -24,7 +24,6 @@ MAX_USER_FIELD = 200
 CURRENCY = re.compile(r"[a-z]{3}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
-RECORD_ID = re.compile(r"[0-9a-f]{24}")
 STRIPE_ID = {prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm")}
 
 

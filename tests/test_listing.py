@@ -4,6 +4,8 @@ and the exact count kept by counters instead of a scan on every call."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -13,7 +15,7 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from service.domain import STATUSES, StripeInvoice, User
+from service.domain import STATUSES, Filters, StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
@@ -113,6 +115,43 @@ async def test_bad_list_requests_name_the_field(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ListInvoices(request_, metadata=AUTH)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith(f"{field}:")
+
+
+def _forged(t: object, i: object) -> str:
+    """A token as the service encodes one, for no filters, with a forger's fields."""
+    data = {
+        "t": t,
+        "i": i,
+        "f": Filters(status=None, user_id=None, created_after=None, created_before=None).fingerprint(),
+    }
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        # Tokens that decode and carry the right fingerprint, but hold what Postgres refuses:
+        # times that overflow when taken to UTC, a NUL in the id, an id of another type.
+        pb.ListInvoicesRequest(page_token=_forged("9999-12-31T23:59:59-01:00", "0" * 24)),
+        pb.ListInvoicesRequest(page_token=_forged("0001-01-01T00:00:00+01:00", "0" * 24)),
+        pb.ListInvoicesRequest(page_token=_forged("2026-11-01T00:00:00+00:00", "\u0000" * 24)),
+        pb.ListInvoicesRequest(page_token=_forged("2026-11-01T00:00:00+00:00", 7)),
+        pb.ListInvoicesRequest(page_token=_forged("2026-11-01T00:00:00", "0" * 24)),
+        # Timestamps a gRPC caller can send that no Timestamp may hold.
+        pb.ListInvoicesRequest(created_after=timestamp_pb2.Timestamp(seconds=253402300800)),
+        pb.ListInvoicesRequest(created_before=timestamp_pb2.Timestamp(seconds=-62135596801)),
+        pb.ListInvoicesRequest(created_after=timestamp_pb2.Timestamp(seconds=0, nanos=-1)),
+    ],
+)
+async def test_forged_tokens_and_impossible_times_are_invalid_arguments(
+    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, request_: pb.ListInvoicesRequest
+) -> None:
+    await _fill(store, 3)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ListInvoices(request_, metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    field = "page_token" if request_.page_token else request_.ListFields()[0][0].name
     assert (info.value.details() or "").startswith(f"{field}:")
 
 
