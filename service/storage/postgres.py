@@ -84,9 +84,16 @@ _FINISH_CREATE = """
     UPDATE create_requests SET stripe_invoice_id = $2, response = $3, completed_at = now()
     WHERE idempotency_key = $1"""
 
-_RECORD_EVENT = """
-    INSERT INTO stripe_events (id, type, stripe_invoice_id, outcome) VALUES ($1, $2, $3, 'pending')
-    ON CONFLICT (id) DO NOTHING RETURNING id"""
+# Events of one invoice are applied one at a time, under a transaction-scoped advisory lock
+# on its Stripe id (two-key form, its own key space; a hash collision only serializes two
+# invoices). Row locks cannot do it: before `invoice.created` is applied there is no row,
+# and a concurrent `invoice.deleted` would not be seen until it committed.
+_INVOICE_LOCKS = 0x1A70
+_LOCK_INVOICE = f"SELECT pg_advisory_xact_lock({_INVOICE_LOCKS}, hashtext($1))"
+_RECORD_EVENT = f"""
+    WITH locked AS (SELECT pg_advisory_xact_lock({_INVOICE_LOCKS}, hashtext($3)))
+    INSERT INTO stripe_events (id, type, stripe_invoice_id, outcome) SELECT $1, $2, $3, 'pending' FROM locked
+    ON CONFLICT (id) DO NOTHING RETURNING id"""  # noqa: S608 - a constant, values are $n
 _SET_EVENT_OUTCOME = "UPDATE stripe_events SET outcome = $2 WHERE id = $1"
 _IS_DELETED = "SELECT 1 FROM deleted_invoices WHERE stripe_invoice_id = $1"
 _MARK_DELETED = "INSERT INTO deleted_invoices (stripe_invoice_id) VALUES ($1) ON CONFLICT DO NOTHING"
@@ -254,7 +261,9 @@ class Storage:
         record) or `deleted`/`ignored-deleted` for invoices Stripe deleted."""
         key = invoice.stripe_invoice_id
         async with self._connection() as conn, conn.transaction():
-            if event_id is not None and await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
+            if event_id is None:
+                await conn.execute(_LOCK_INVOICE, key)
+            elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
                 return "duplicate"
             outcome = await self._apply(conn, invoice, stripe_time, deleted=event_type == "invoice.deleted")
             if event_id is not None:
