@@ -24,6 +24,7 @@ from service import storage
 from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.storage import migrations
 from tests.conftest import AUTH, Stack, stack_env
 from tools.stack import ROOT, start_service
 
@@ -67,6 +68,20 @@ async def test_the_service_role_reads_and_writes_rows(as_service: asyncpg.Connec
         assert await as_service.fetchval("SELECT sum(n) FROM invoice_counts") == 1
         await as_service.execute("DELETE FROM invoices WHERE stripe_invoice_id = 'in_role1'")
     assert await as_service.fetchval("SELECT max(version) FROM schema_migrations") >= 3
+
+
+async def test_a_migration_whose_grant_fails_is_not_applied(postgres: str) -> None:
+    """Migrating and granting commit together: a version that a server can see as current
+    always comes with the service role's rights on its tables."""
+    owner = await storage.fresh_database(postgres, "t_grant_fails", migrate=False)
+    with pytest.raises(asyncpg.UndefinedObjectError):
+        await storage.migrate_database(owner, grant_to="no_such_role")
+    conn = await asyncpg.connect(owner)
+    try:
+        assert await migrations.current_version(conn) == 0
+    finally:
+        await conn.close()
+    assert await storage.migrate_database(owner, grant_to=SERVICE_ROLE) == [1, 2, 3]
 
 
 async def test_the_running_stack_connects_as_the_service_role(stack: Stack, http: httpx.AsyncClient) -> None:

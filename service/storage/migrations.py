@@ -55,12 +55,15 @@ async def current_version(conn: Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
-async def migrate(conn: Connection, *, to: int | None = None) -> list[int]:
-    """Applies the migrations the database lacks, up to version `to` (default: all);
-    returns the versions applied. A schema already up to date is left alone without any
-    DDL, so a role that may not create tables can run this at start."""
+async def migrate(conn: Connection, *, to: int | None = None, grant_to: str | None = None) -> list[int]:
+    """Applies the migrations the database lacks, up to version `to` (default: all), and
+    grants `grant_to` in the same transaction: a server that sees the new version can use
+    the new tables. Returns the versions applied. A schema already up to date is left
+    alone without any DDL, so a role that may not create tables can run this at start."""
     target = latest() if to is None else to
     if await current_version(conn) >= target:
+        if grant_to is not None:
+            await grant(conn, grant_to)
         return []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
@@ -77,6 +80,8 @@ async def migrate(conn: Connection, *, to: int | None = None) -> list[int]:
             await conn.execute(m.sql)
             await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name)
             applied.append(m.version)
+        if grant_to is not None:
+            await grant(conn, grant_to)
     log.info("migrations applied", extra={"applied": applied, "already": sorted(done)})
     return applied
 

@@ -341,9 +341,8 @@ async def migrate_database(dsn: str, *, grant_to: str | None = None, to: int | N
     and, when the service runs as another role, grants that role row privileges."""
     conn = await asyncpg.connect(dsn)
     try:
-        applied = await migrations.migrate(conn, to=to)
-        if grant_to is not None and grant_to != user_of(dsn):
-            await migrations.grant(conn, grant_to)
+        role = grant_to if grant_to != user_of(dsn) else None
+        applied = await migrations.migrate(conn, to=to, grant_to=role)
     finally:
         await conn.close()
     return applied
