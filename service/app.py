@@ -266,8 +266,10 @@ def webhook_secrets(settings: Settings) -> list[str]:
 
 
 async def run_webhooks(settings: Settings) -> None:
-    """The sidecar: its own pool, an aiohttp site, stopped on SIGTERM after in-flight
-    deliveries finish (an unfinished one is simply retried by Stripe)."""
+    """The sidecar: its own pool, an aiohttp site. On SIGTERM, like the server: readiness
+    fails first and deliveries are served for SHUTDOWN_DRAIN_S while Envoy's health check
+    takes it out, then in-flight ones get SHUTDOWN_GRACE_S (an unfinished one is simply
+    retried by Stripe)."""
     secrets = webhook_secrets(settings)
     metrics = Metrics()
     pool = await open_pool(settings)
@@ -296,6 +298,9 @@ async def run_webhooks(settings: Settings) -> None:
         log.info("webhook sidecar listening", extra={"port": port, "path": webhooks.PATH})
         print(f"HTTP  webhook sidecar  localhost:{port}{webhooks.PATH}", flush=True)
         await _until_signalled()
+        log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
+        webhooks.drain(app)
+        await asyncio.sleep(settings.shutdown_drain_s)
     finally:
         await runner.cleanup()
 

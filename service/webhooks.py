@@ -6,6 +6,7 @@ nothing accepted is lost), 200 for applied, duplicate and ignored events."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -51,6 +52,7 @@ class EventStore(Protocol):
 STORE = web.AppKey("store", EventStore)
 SECRETS = web.AppKey("secrets", Sequence[str])
 TOLERANCE = web.AppKey("tolerance", int)
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 
 def _reply(status: int, code: int, message: str, **extra: Any) -> web.Response:
@@ -176,11 +178,19 @@ def _data_object(event: dict[str, Any]) -> dict[str, Any]:
 async def ready(request: web.Request) -> web.Response:
     """Readiness (Envoy's and the orchestrator's): Postgres answers and the schema is
     current. While not, Envoy answers Stripe 503 itself and Stripe retries later."""
+    if request.app[DRAINING].is_set():
+        return _reply(503, 14, "shutting down")
     try:
         await request.app[STORE].check_ready()
     except Unavailable as exc:
         return _reply(503, 14, str(exc))
     return web.json_response({"status": "SERVING"})
+
+
+def drain(app: web.Application) -> None:
+    """Shutdown's first step: readiness fails, so Envoy's health check takes the sidecar
+    out, while deliveries that still arrive are served."""
+    app[DRAINING].set()
 
 
 def init(
@@ -200,6 +210,7 @@ def init(
     app[STORE] = store
     app[SECRETS] = list(secrets)
     app[TOLERANCE] = tolerance_s
+    app[DRAINING] = asyncio.Event()
     app.router.add_post(PATH, receive)
     app.router.add_get("/healthz", ready)
     add_routes(app, metrics or Metrics())

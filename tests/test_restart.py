@@ -1,7 +1,7 @@
 """SIGTERM to the server while REST and gRPC calls keep coming: health turns NOT_SERVING
 first so Envoy stops sending, in-flight calls finish, REST callers see nothing worse than
 a 503 while no server is up (Envoy retries reads that the restart cuts off), and the
-restarted server on the same port serves again."""
+restarted server on the same port serves again. And the webhook sidecar's own drain."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tests.conftest import API_KEY, stack_env
-from tools.stack import free_port, start_envoy, start_service
+from tools.stack import free_port, start_envoy, start_service, start_webhooks
 
 
 def _rest_load(url: str, stop: threading.Event, seen: Counter[str]) -> None:
@@ -92,3 +92,28 @@ def test_sigterm_under_load_drains_then_the_restarted_server_serves(database: st
         envoy.stop()
         service.stop()
         log.close()
+
+
+def test_sigterm_to_the_sidecar_fails_readiness_first_and_still_answers_deliveries(
+    database: str, tmp_path: Path
+) -> None:
+    """The webhook sidecar drains like the server: /healthz turns 503 so Envoy's health
+    check takes it out, deliveries that still arrive are answered, then it exits cleanly."""
+    env = stack_env(database, tmp_path) | {"SHUTDOWN_DRAIN_S": "3"}
+    with (tmp_path / "webhooks.log").open("w") as log:
+        webhooks, port = start_webhooks(env, log=log)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            assert httpx.get(f"{base}/healthz").status_code == 200
+            webhooks.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 2
+            while (health := httpx.get(f"{base}/healthz")).status_code == 200:
+                assert time.monotonic() < deadline, "readiness still passes after SIGTERM"
+                time.sleep(0.05)
+            assert health.status_code == 503
+            assert health.json()["message"] == "shutting down"
+            unsigned = httpx.post(f"{base}/webhooks/stripe", content=b"{}")
+            assert unsigned.status_code == 400, unsigned.text  # still served, and judged as before
+            assert webhooks.process.wait(timeout=20) == 0
+        finally:
+            webhooks.stop()
