@@ -8,7 +8,6 @@ import asyncio
 import logging
 import secrets
 import signal
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -315,8 +314,8 @@ async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
     outcomes: Counter[str] = Counter()
     try:
         store = storage.Storage(pool)
-        async for invoice in stripe.invoices_since(since):
-            outcomes[await store.apply_stripe_invoice(invoice, stripe_time=int(time.time()))] += 1
+        async for invoice, asked_at in stripe.invoices_since(since):
+            outcomes[await store.apply_stripe_invoice(invoice, stripe_time=asked_at)] += 1
     finally:
         await pool.close()
     log.info("reconciled", extra={"since": since.isoformat(), **outcomes})

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
+from stripe.params import InvoiceListParams
 
 from service.domain import (
     AlreadyExists,
@@ -184,14 +185,19 @@ class StripePayments:
             )
             raise error from exc
 
-    async def invoices_since(self, since: datetime) -> AsyncIterator[StripeInvoice]:
-        """Every Stripe invoice created at or after `since`, newest first."""
+    async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[StripeInvoice, int]]:
+        """Every Stripe invoice created at or after `since`, newest first, each with the
+        time (Unix seconds) its page was asked for: what it says is true as of then, so an
+        event from after the request is not taken as older than it."""
+        params: InvoiceListParams = {"created": {"gte": int(since.timestamp())}, "limit": page_size}
         try:
-            since_s = int(since.timestamp())
-            page = await self._call(
-                "invoices.list", self._stripe.v1.invoices.list_async({"created": {"gte": since_s}, "limit": 100})
-            )
-            async for obj in page.auto_paging_iter():
-                yield invoice_from_stripe(obj.to_dict(for_json=True))
+            while True:
+                asked_at = int(time.time())
+                page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
+                for obj in page.data:
+                    yield invoice_from_stripe(obj.to_dict(for_json=True)), asked_at
+                if not page.has_more or not page.data:
+                    return
+                params = {**params, "starting_after": page.data[-1].id}
         except stripe.StripeError as exc:
             raise _domain_error(exc) from exc

@@ -237,6 +237,29 @@ async def test_bad_deliveries_are_400_and_change_nothing(
     assert (await http.get("/admin/api/invoices/in_rejected01")).status_code == 404
 
 
+async def test_invoices_since_pages_through_stripe_and_stamps_each_page_when_asked(
+    stripe_client: stripe.StripeClient,
+) -> None:
+    """Reconcile judges what a page says as of when it was asked for, not when each invoice
+    is applied: an event that arrives in between must still count as newer."""
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    customer, method = await customer_with_card(stripe_client)
+    new = validation.new_invoice([("a", 500)], customer, method, currency="eur")
+    creator = payments.StripePayments(stripe_client)
+    created = [(await creator.create_invoice(new, uuid.uuid4().hex))["id"] for _ in range(3)]
+    asked_before = int(time.time())
+    seen: list[tuple[str, int]] = []
+    async for invoice, asked_at in creator.invoices_since(since, page_size=2):
+        seen.append((invoice.stripe_invoice_id, asked_at))
+        await asyncio.sleep(0.6)  # slow applying: the stamps must not move with it
+    ours = [(key, at) for key, at in seen if key in created]
+    assert [key for key, _ in ours] == created[::-1]
+    first_page = {at for _, at in seen[:2]}
+    assert len(first_page) == 1, seen
+    assert seen[2][1] > seen[0][1], seen  # the second page was asked for after 1.2 s of applying
+    assert asked_before <= min(at for _, at in seen) <= asked_before + 1, seen
+
+
 async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_state(
     database: str, localstripe: str, stripe_client: stripe.StripeClient
 ) -> None:
