@@ -143,7 +143,11 @@ async def become_ready(prepare: Callable[[], Awaitable[None]], running: GrpcServ
         try:
             await prepare()
         except Exception as exc:
-            running.not_ready(str(exc) if isinstance(exc, Unavailable) else "the database is not ready yet")
+            running.not_ready(
+                str(exc).removesuffix("; retry later")
+                if isinstance(exc, Unavailable)
+                else "the database is not ready yet"
+            )
             if failures % 30 == 0:
                 # Messages only where they cannot quote a DSN: a malformed DSN's parse
                 # error (a ValueError from asyncpg) can contain its password.

@@ -119,6 +119,8 @@ async def test_calls_are_refused_until_first_ready_and_still_served_while_draini
             raise ValueError("invalid literal for int() with base 10: 'hunter2'")
         if len(seen) == 2:
             raise Unavailable("the schema is not migrated to version 3 yet (it is at 2)")
+        if len(seen) == 3:
+            raise Unavailable("the invoice store is unavailable; retry later")
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.InvoiceServiceStub(channel)
@@ -127,6 +129,7 @@ async def test_calls_are_refused_until_first_ready_and_still_served_while_draini
             "UNAVAILABLE: not ready: starting; retry later",
             "UNAVAILABLE: not ready: the database is not ready yet; retry later",  # not the ValueError's text
             "UNAVAILABLE: not ready: the schema is not migrated to version 3 yet (it is at 2); retry later",
+            "UNAVAILABLE: not ready: the invoice store is unavailable; retry later",  # said once
         ]
         assert await list_details() == "OK"
         stopping = asyncio.ensure_future(running.stop(grace=5, drain_delay=0.5))
