@@ -138,6 +138,10 @@ def _forged(t: object, i: object) -> str:
         pb.ListInvoicesRequest(page_token=_forged("2026-11-01T00:00:00+00:00", "\u0000" * 24)),
         pb.ListInvoicesRequest(page_token=_forged("2026-11-01T00:00:00+00:00", 7)),
         pb.ListInvoicesRequest(page_token=_forged("2026-11-01T00:00:00", "0" * 24)),
+        # Deep nesting (json's recursion limit) within the length limit, past it, and not an object.
+        pb.ListInvoicesRequest(page_token=base64.urlsafe_b64encode(b"[" * 380).decode()),
+        pb.ListInvoicesRequest(page_token=base64.urlsafe_b64encode(b"[" * 1000).decode()),
+        pb.ListInvoicesRequest(page_token=base64.urlsafe_b64encode(b"[1, 2]").decode()),
         # Timestamps a gRPC caller can send that no Timestamp may hold.
         pb.ListInvoicesRequest(created_after=timestamp_pb2.Timestamp(seconds=253402300800)),
         pb.ListInvoicesRequest(created_before=timestamp_pb2.Timestamp(seconds=-62135596801)),
