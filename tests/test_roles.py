@@ -84,6 +84,36 @@ async def test_a_migration_whose_grant_fails_is_not_applied(postgres: str) -> No
     assert await storage.migrate_database(owner, grant_to=SERVICE_ROLE) == [1, 2, 3]
 
 
+async def test_replicas_granting_at_once_do_not_collide(postgres: str) -> None:
+    """Every start with MIGRATE_ON_START grants, also on a current schema; concurrent GRANTs
+    on one table can fail with "tuple concurrently updated" unless they take turns."""
+    owner = await storage.fresh_database(postgres, "t_grant_race", grant_to=SERVICE_ROLE)
+    for _ in range(3):
+        assert (
+            await asyncio.gather(*(storage.migrate_database(owner, grant_to=SERVICE_ROLE) for _ in range(8)))
+            == [[]] * 8
+        )
+
+
+async def test_the_owner_never_grants_to_itself(postgres: str) -> None:
+    """Granting revokes writes on the migration history: done to the owner itself (a role
+    that owns its database, not a superuser), its next migration could not be recorded."""
+    admin = await asyncpg.connect(postgres)
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = 't_migrator'"):
+            await admin.execute("CREATE ROLE t_migrator LOGIN")
+        await admin.execute("DROP DATABASE IF EXISTS t_self_grant WITH (FORCE)")
+        await admin.execute("CREATE DATABASE t_self_grant OWNER t_migrator")
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(storage.with_user(storage.with_database(postgres, "t_self_grant"), "t_migrator"))
+    try:
+        assert await migrations.migrate(conn, to=2, grant_to="t_migrator") == [1, 2]
+        assert await migrations.migrate(conn, grant_to="t_migrator") == [3]
+    finally:
+        await conn.close()
+
+
 async def test_the_running_stack_connects_as_the_service_role(stack: Stack, http: httpx.AsyncClient) -> None:
     assert (await http.get("/admin/api/invoices")).status_code == 200
     admin = await asyncpg.connect(stack.database)

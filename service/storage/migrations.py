@@ -61,11 +61,11 @@ async def migrate(conn: Connection, *, to: int | None = None, grant_to: str | No
     the new tables. Returns the versions applied. A schema already up to date is left
     alone without any DDL, so a role that may not create tables can run this at start."""
     target = latest() if to is None else to
-    if await current_version(conn) >= target:
-        if grant_to is not None:
-            await grant(conn, grant_to)
+    if grant_to is None and await current_version(conn) >= target:
         return []
     async with conn.transaction():
+        # Also around a grant alone: two roles' GRANTs on one table at once can fail with
+        # "tuple concurrently updated".
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -89,7 +89,10 @@ async def migrate(conn: Connection, *, to: int | None = None, grant_to: str | No
 async def grant(conn: Connection, role: str) -> None:
     """Row privileges on every table to `role`, the service's runtime role; read-only on
     the migration history. Ownership, and with it DROP, ALTER and TRUNCATE, stays with
-    the migrating role."""
+    the migrating role, which is never its own grantee (it would revoke its own right to
+    record migrations)."""
+    if role == await conn.fetchval("SELECT current_user"):
+        return
     name = await conn.fetchval("SELECT quote_ident($1)", role)
     async with conn.transaction():
         # Before PostgreSQL 15 every role may create objects in `public`; not this one.
