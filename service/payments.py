@@ -188,16 +188,20 @@ class StripePayments:
     async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[StripeInvoice, int]]:
         """Every Stripe invoice created at or after `since`, newest first, each with the
         time (Unix seconds) its page was asked for: what it says is true as of then, so an
-        event from after the request is not taken as older than it."""
+        event from after the request is not taken as older than it. The second before, in
+        fact: an event of the same second may be newer, and wins the tie."""
         params: InvoiceListParams = {"created": {"gte": int(since.timestamp())}, "limit": page_size}
+        seen: set[str] = set()
         try:
             while True:
-                asked_at = int(time.time())
+                asked_at = int(time.time()) - 1
                 page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
-                for obj in page.data:
+                fresh = [obj for obj in page.data if obj.id not in seen]
+                for obj in fresh:
+                    seen.add(obj.id)
                     yield invoice_from_stripe(obj.to_dict(for_json=True)), asked_at
-                if not page.has_more or not page.data:
+                if not page.has_more or not fresh:  # no new id: a list that starts over ends here
                     return
-                params = {**params, "starting_after": page.data[-1].id}
+                params = {**params, "starting_after": fresh[-1].id}
         except stripe.StripeError as exc:
             raise _domain_error(exc) from exc

@@ -247,7 +247,7 @@ async def test_invoices_since_pages_through_stripe_and_stamps_each_page_when_ask
     new = validation.new_invoice([("a", 500)], customer, method, currency="eur")
     creator = payments.StripePayments(stripe_client)
     created = [(await creator.create_invoice(new, uuid.uuid4().hex))["id"] for _ in range(3)]
-    asked_before = int(time.time())
+    asked_before = int(time.time()) - 1  # the stamp is the second before the request
     seen: list[tuple[str, int]] = []
     async for invoice, asked_at in creator.invoices_since(since, page_size=2):
         seen.append((invoice.stripe_invoice_id, asked_at))

@@ -260,7 +260,9 @@ class Storage:
         `updated`, `unchanged`, `duplicate` (event seen before), `stale` (older than the
         record) or `deleted`/`ignored-deleted` for invoices Stripe deleted."""
         key = invoice.stripe_invoice_id
-        async with self._connection() as conn, conn.transaction():
+        # Read committed, whatever the database's default: the lock and the ON CONFLICT
+        # clauses rely on seeing what committed while waiting.
+        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
             if event_id is None:
                 await conn.execute(_LOCK_INVOICE, key)
             elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
