@@ -136,8 +136,9 @@ async def migrate(settings: Settings) -> list[int]:
 
 async def become_ready(prepare: Callable[[], Awaitable[None]], running: GrpcServer, retry_s: float = 1.0) -> None:
     """Retries `prepare` (migrate, reach Postgres) until it succeeds, then reports SERVING.
-    Until then Envoy and the orchestrator see NOT_SERVING and send nothing, and a caller
-    that comes anyway is told why (only our own messages: others could name hosts)."""
+    Until then Envoy and the orchestrator see NOT_SERVING and send nothing (while other
+    replicas are healthy), and a caller that comes anyway is told why (only our own
+    messages: others could name hosts)."""
     failures = 0
     while True:
         try:

@@ -1,5 +1,5 @@
 """SIGTERM to the server while REST and gRPC calls keep coming: health turns NOT_SERVING
-first so Envoy stops sending, in-flight calls finish, REST callers see nothing worse than
+first and calls are still served for the drain, in-flight calls finish, REST callers see nothing worse than
 a 503 while no server is up (Envoy retries reads that the restart cuts off), and the
 restarted server on the same port serves again. And the webhook sidecar's own drain."""
 
@@ -97,8 +97,9 @@ def test_sigterm_under_load_drains_then_the_restarted_server_serves(database: st
 def test_sigterm_to_the_sidecar_fails_readiness_first_and_still_answers_deliveries(
     database: str, tmp_path: Path
 ) -> None:
-    """The webhook sidecar drains like the server: /healthz turns 503 so Envoy's health
-    check takes it out, deliveries that still arrive are answered, then it exits cleanly."""
+    """The webhook sidecar drains like the server: /healthz turns 503 so a health-checking
+    proxy with other hosts stops sending, deliveries that still arrive are answered, then it
+    exits cleanly."""
     env = stack_env(database, tmp_path) | {"SHUTDOWN_DRAIN_S": "3"}
     with (tmp_path / "webhooks.log").open("w") as log:
         webhooks, port = start_webhooks(env, log=log)
