@@ -100,14 +100,14 @@ def test_sigterm_to_the_sidecar_fails_readiness_first_and_still_answers_deliveri
     """The webhook sidecar drains like the server: /healthz turns 503 so a health-checking
     proxy with other hosts stops sending, deliveries that still arrive are answered, then it
     exits cleanly."""
-    env = stack_env(database, tmp_path) | {"SHUTDOWN_DRAIN_S": "3"}
+    env = stack_env(database, tmp_path) | {"SHUTDOWN_DRAIN_S": "6"}
     with (tmp_path / "webhooks.log").open("w") as log:
         webhooks, port = start_webhooks(env, log=log)
         base = f"http://127.0.0.1:{port}"
         try:
             assert httpx.get(f"{base}/healthz").status_code == 200
             webhooks.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + 4
             while (health := httpx.get(f"{base}/healthz")).status_code == 200:
                 assert time.monotonic() < deadline, "readiness still passes after SIGTERM"
                 time.sleep(0.05)

@@ -132,7 +132,7 @@ async def test_calls_are_refused_until_first_ready_and_still_served_while_draini
             "UNAVAILABLE: not ready: the invoice store is unavailable; retry later",  # said once
         ]
         assert await list_details() == "OK"
-        stopping = asyncio.ensure_future(running.stop(grace=5, drain_delay=0.5))
+        stopping = asyncio.ensure_future(running.stop(grace=5, drain_delay=2.0))
         await asyncio.sleep(0.1)
         assert await list_details() == "OK"  # NOT_SERVING, but a late call is still served
         await stopping
