@@ -121,6 +121,8 @@ class Edge:
     def wrap(self, method: str, behavior: Behavior) -> Behavior:
         keys, calls, seconds_by = self._keys, self._metrics.rpc_calls, self._metrics.rpc_seconds
         rules = self
+        # This method's series by final code, looked up once each (labels() takes a lock).
+        series: dict[str, tuple[Any, Any]] = {}
 
         async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata() or ()
@@ -141,9 +143,13 @@ class Edge:
                 raise
             finally:
                 seconds = time.perf_counter() - started
-                calls.labels(method, code).inc()
-                seconds_by.labels(method, code).observe(seconds)
-                log.info("rpc", extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 2)})
+                counted = series.get(code)
+                if counted is None:
+                    counted = series[code] = (calls.labels(method, code), seconds_by.labels(method, code))
+                counted[0].inc()
+                counted[1].observe(seconds)
+                if log.isEnabledFor(logging.INFO):
+                    log.info("rpc", extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 2)})
                 REQUEST_ID.reset(token)
 
         return edge

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
-import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -21,7 +21,7 @@ _REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def request_id(offered: str | None) -> str:
     """The id to log a call under: the caller's (Envoy's x-request-id), or a new one."""
-    return offered if offered and _REQUEST_ID_FORM.fullmatch(offered) else uuid.uuid4().hex
+    return offered if offered and _REQUEST_ID_FORM.fullmatch(offered) else os.urandom(16).hex()
 
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
