@@ -257,7 +257,7 @@ async def test_invoices_since_pages_through_stripe_and_stamps_each_page_when_ask
     first_page = {at for _, at in seen[:2]}
     assert len(first_page) == 1, seen
     assert seen[2][1] > seen[0][1], seen  # the second page was asked for after 1.2 s of applying
-    assert asked_before <= min(at for _, at in seen) <= asked_before + 1, seen
+    assert asked_before <= min(at for _, at in seen) <= asked_before + 3, seen  # slack for a stalled machine
 
 
 async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_state(
