@@ -59,24 +59,29 @@ async def _forward(request: web.Request) -> web.Response:
         return web.Response(status=upstream.status, body=payload, headers=kept)
 
 
+async def _strike(request: web.Request, fault: str | None, when: str) -> web.Response | None:
+    """Carries out `fault` if it strikes at `when` (before or after forwarding): drops the
+    connection, returns the 500 to answer instead, or stalls and lets the call go on."""
+    if fault is None or not fault.endswith(f"_{when}"):
+        return None
+    kind = fault.removesuffix(f"_{when}")
+    if kind == "drop":
+        _drop(request)
+    if kind == "error":
+        return _error()
+    await asyncio.sleep(request.app[STALL_S])
+    return None
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     fault = app[RANDOM].choice(FAULTS) if app[RANDOM].random() < app[RATE] else None
     app[STATS][fault or "forwarded_clean"] += 1
-    if fault == "drop_before":
-        _drop(request)
-    if fault == "error_before":
-        return _error()
-    if fault == "stall_before":
-        await asyncio.sleep(app[STALL_S])
+    if (early := await _strike(request, fault, "before")) is not None:
+        return early
     response = await _forward(request)
-    if fault == "drop_after":
-        _drop(request)
-    if fault == "error_after":
-        return _error()
-    if fault == "stall_after":
-        await asyncio.sleep(app[STALL_S])
-    return response
+    late = await _strike(request, fault, "after")
+    return response if late is None else late
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -6,11 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from chaos import stripe_proxy
 from tools.stack import ROOT
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsLenAndGetItem
+
+T = TypeVar("T")
 
 
 def _scenario(module: str, **sizes: str) -> dict[str, Any]:
@@ -47,3 +59,50 @@ def test_creates_under_stripe_faults_make_exactly_one_invoice_per_key() -> None:
     assert faults.get("drop_after", 0) + faults.get("error_after", 0) + faults.get("stall_after", 0) > 0
     assert faults.get("drop_before", 0) + faults.get("error_before", 0) + faults.get("stall_before", 0) > 0
     assert figures["answers"].get("503", 0) > 0
+
+
+class _Always(random.Random):
+    """The proxy's random source, rigged: every call gets `fault`."""
+
+    def __init__(self, fault: str) -> None:
+        super().__init__()
+        self.fault = fault
+
+    def random(self) -> float:
+        return 0.0
+
+    def choice(self, seq: SupportsLenAndGetItem[T]) -> T:
+        return seq[stripe_proxy.FAULTS.index(self.fault)]
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "forwarded"),
+    [
+        ("drop_before", None, 0),
+        ("drop_after", None, 1),
+        ("error_before", 500, 0),
+        ("error_after", 500, 1),
+        ("stall_before", 200, 1),
+        ("stall_after", 200, 1),
+    ],
+)
+async def test_each_proxy_fault_strikes_at_its_moment(fault: str, status: int | None, forwarded: int) -> None:
+    """A fault `_before` never reaches Stripe; one `_after` does, and its caller cannot tell."""
+    hits: list[str] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"id": "in_1"})
+
+    stripe_app = web.Application()
+    stripe_app.router.add_post("/v1/invoices", upstream)
+    async with TestServer(stripe_app) as stripe_server:
+        proxy = stripe_proxy.init(str(stripe_server.make_url("")), fault_rate=1.0, stall_s=0.05)
+        proxy[stripe_proxy.RANDOM] = _Always(fault)
+        async with TestServer(proxy) as server, aiohttp.ClientSession() as http:
+            try:
+                async with http.post(server.make_url("/v1/invoices"), data=b"{}") as reply:
+                    got: int | None = reply.status
+            except aiohttp.ClientError:
+                got = None
+    assert (got, len(hits)) == (status, forwarded)
