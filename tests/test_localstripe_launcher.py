@@ -9,13 +9,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 import stripe
 from aiohttp import web
 
+from tools.localstripe_launcher import MAX_LINES_PER_ADD, MAX_LINES_PER_INVOICE, MINIMUM_CHARGE
 from tools.stack import customer_with_card, free_port, start_localstripe
 
 API_KEY = "sk_test_launcher"
@@ -392,3 +393,340 @@ async def test_webhooks_are_signed_stripe_events(client: stripe.StripeClient, re
     assert by_type["invoice.payment_failed"]["status"] == "open"
     assert by_type["invoice.marked_uncollectible"]["status"] == "uncollectible"
     assert by_type["invoice.voided"]["status"] == "void"
+
+
+# --- add_lines ---------------------------------------------------------------------------
+
+
+async def test_add_lines_makes_the_items_of_a_draft_in_order(client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(client)
+    draft = await client.v1.invoices.create_async(draft_params(customer, method), key("invoice"))
+    assert draft.id is not None
+    params: Any = {
+        "lines": [
+            {"amount": 3300, "description": "All resources", "metadata": {"resource": "all"}},
+            {"amount": 700, "description": "Support"},
+            {"amount": -500, "description": "Goodwill"},
+        ],
+        "invoice_metadata": {"invoice_service_key": "k1", "invoice_service_user_name": ""},
+    }
+    options = key("add_lines")
+    added = await client.v1.invoices.add_lines_async(draft.id, params, options)
+    assert lines(added) == [("All resources", 3300), ("Support", 700), ("Goodwill", -500)]
+    assert (added.status, added.currency, added.total, added.amount_due) == ("draft", "eur", 3500, 3500)
+    assert [line.currency for line in added.lines.data] == ["eur"] * 3
+    assert added.lines.data[0].metadata.to_dict() == {"resource": "all"}
+    assert added.metadata is not None  # merged; an empty value unsets its key, as on Stripe
+    assert added.metadata.to_dict() == {"invoice_service_user_id": "u-42", "invoice_service_key": "k1"}
+    items = [await client.v1.invoice_items.retrieve_async(line["invoice_item"]) for line in added.lines.data]
+    assert [(item.invoice, item.amount, item.currency) for item in items] == [
+        (draft.id, 3300, "eur"),
+        (draft.id, 700, "eur"),
+        (draft.id, -500, "eur"),
+    ]
+    replayed = await client.v1.invoices.add_lines_async(draft.id, params, options)
+    assert lines(replayed) == lines(added)
+    assert lines(await client.v1.invoices.retrieve_async(draft.id)) == lines(added)
+
+
+async def test_add_lines_refuses_what_it_cannot_add_and_adds_nothing(client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(client)
+    draft_id = await draft_with_items(client, customer, method, [])
+
+    async def refused(params: Any, invoice_id: str = draft_id) -> stripe.InvalidRequestError:
+        with pytest.raises(stripe.InvalidRequestError) as error:
+            await client.v1.invoices.add_lines_async(invoice_id, params, key("add_lines"))
+        assert error.value.http_status == 400
+        return error.value
+
+    unknown = await refused({"lines": [{"amount": 100}, {"amount": 100, "quantity": 2}]})
+    assert unknown.param == "lines[1][quantity]"
+    assert "Received unknown parameters: lines[1][quantity]" in str(unknown.user_message)
+    assert (await refused({"lines": [{"amount": 100}, {"invoice_item": "ii_123"}]})).param == "lines[1][invoice_item]"
+    missing = await refused({"lines": [{"description": "no amount"}]})
+    assert (missing.param, missing.code) == ("lines[0][amount]", "parameter_missing")
+    assert (await refused({"lines": []})).param == "lines"
+    assert (await refused({"lines": [{"amount": 1}] * (MAX_LINES_PER_ADD + 1)})).param == "lines"
+    assert (await client.v1.invoices.retrieve_async(draft_id)).lines.data == []
+
+    full = await client.v1.invoices.add_lines_async(
+        draft_id, {"lines": [{"amount": 1}] * MAX_LINES_PER_INVOICE}, key("add_lines")
+    )
+    assert (full.to_dict()["lines"]["total_count"], full.total) == (MAX_LINES_PER_INVOICE, MAX_LINES_PER_INVOICE)
+    assert (await refused({"lines": [{"amount": 1}]})).param == "lines"  # 251 on the invoice
+    with pytest.raises(stripe.InvalidRequestError):
+        await client.v1.invoice_items.create_async(
+            {"customer": customer, "invoice": draft_id, "amount": 1, "currency": "eur"}, key("item")
+        )
+
+    open_id = await open_invoice(client, customer, method)
+    assert (await refused({"lines": [{"amount": 100}]}, open_id)).code == "invoice_not_editable"
+    assert lines(await client.v1.invoices.retrieve_async(open_id)) == ITEMS
+
+
+# --- customer balance and minimum charge at finalization -------------------------------
+
+
+async def balance_of(client: stripe.StripeClient, customer: str) -> int | None:
+    return (await client.v1.customers.retrieve_async(customer)).balance
+
+
+async def test_customer_credit_is_applied_when_finalizing(client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(client)
+    assert (await client.v1.customers.update_async(customer, {"balance": -1000})).balance == -1000
+    invoice_id = await draft_with_items(client, customer, method)  # 4000
+    draft = await client.v1.invoices.retrieve_async(invoice_id)
+    assert (draft.total, draft.starting_balance, draft.amount_due, draft.ending_balance) == (4000, -1000, 3000, None)
+
+    finalized = await client.v1.invoices.finalize_invoice_async(invoice_id, {"auto_advance": False}, key("finalize"))
+    assert (finalized.status, finalized.total, finalized.starting_balance) == ("open", 4000, -1000)
+    assert (finalized.amount_due, finalized.ending_balance, await balance_of(client, customer)) == (3000, 0, 0)
+    paid = await client.v1.invoices.pay_async(invoice_id, {"payment_method": method}, key("pay"))
+    assert (paid.status, paid.amount_paid, paid.amount_remaining) == ("paid", 3000, 0)
+
+    # More credit than the invoice: paid when finalized, nothing charged, the rest kept.
+    await client.v1.customers.update_async(customer, {"balance": -5000})
+    covered_id = await draft_with_items(client, customer, method)
+    covered = await client.v1.invoices.finalize_invoice_async(covered_id, {"auto_advance": False}, key("finalize"))
+    assert (covered.status, covered.total, covered.amount_due, covered.amount_paid, covered.amount_remaining) == (
+        "paid",
+        4000,
+        0,
+        0,
+        0,
+    )
+    assert (covered.starting_balance, covered.ending_balance) == (-5000, -1000)
+    assert covered["payment_intent"] is None
+    assert await balance_of(client, customer) == -1000
+
+    created = await client.v1.customers.create_async({"name": "In credit", "balance": -700})
+    assert created.balance == -700
+    with pytest.raises(stripe.InvalidRequestError) as bad:
+        await client.v1.customers.update_async(customer, cast(Any, {"balance": "lots"}))
+    assert (bad.value.http_status, bad.value.param) == (400, "balance")
+
+
+async def test_an_amount_due_below_the_minimum_charge_is_carried_to_the_next_invoice(
+    client: stripe.StripeClient,
+) -> None:
+    customer, method = await customer_with_card(client)
+    small_id = await draft_with_items(client, customer, method, [("Tiny", MINIMUM_CHARGE["eur"] - 20)])
+    small = await client.v1.invoices.finalize_invoice_async(small_id, {"auto_advance": False}, key("finalize"))
+    assert (small.status, small.total, small.amount_due, small.amount_paid, small.amount_remaining) == (
+        "paid",
+        30,
+        0,
+        0,
+        0,
+    )
+    assert (small.starting_balance, small.ending_balance, small["payment_intent"]) == (0, 30, None)
+    assert await balance_of(client, customer) == 30
+
+    next_id = await draft_with_items(client, customer, method, [("Next", 100)])
+    assert (await client.v1.invoices.retrieve_async(next_id)).amount_due == 130
+    paid = await client.v1.invoices.pay_async(next_id, {"payment_method": method}, key("pay"))  # finalizes
+    assert (paid.status, paid.total, paid.starting_balance, paid.amount_due, paid.amount_paid) == (
+        "paid",
+        100,
+        30,
+        130,
+        130,
+    )
+    assert (paid.ending_balance, await balance_of(client, customer)) == (0, 0)
+
+    # /pay of a draft finalizes it the same way: no charge for 0.49 EUR.
+    tiny_id = await draft_with_items(client, customer, method, [("Tiny", 49)])
+    tiny = await client.v1.invoices.pay_async(tiny_id, {"payment_method": method}, key("pay"))
+    assert (tiny.status, tiny.amount_due, tiny.amount_paid, tiny["payment_intent"]) == ("paid", 0, 0, None)
+    assert await balance_of(client, customer) == 49
+
+
+@pytest.mark.parametrize(
+    ("currency", "amount", "status"),
+    [("gbp", 40, "open"), ("gbp", 29, "paid"), ("jpy", 49, "paid"), ("jpy", 50, "open"), ("xts", 49, "paid")],
+)
+async def test_the_minimum_charge_is_the_currencys(
+    client: stripe.StripeClient, currency: str, amount: int, status: str
+) -> None:
+    customer, method = await customer_with_card(client)
+    draft = await client.v1.invoices.create_async(draft_params(customer, method, currency=currency), key("invoice"))
+    assert draft.id is not None
+    await client.v1.invoices.add_lines_async(draft.id, {"lines": [{"amount": amount}]}, key("add_lines"))
+    finalized = await client.v1.invoices.finalize_invoice_async(draft.id, {"auto_advance": False}, key("finalize"))
+    assert (finalized.currency, finalized.status) == (currency, status)
+    assert finalized.amount_due == (amount if status == "open" else 0)
+
+
+async def test_paying_a_paid_or_void_invoice_is_stripes_400(client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(client)
+    paid_id = await open_invoice(client, customer, method)
+    await client.v1.invoices.pay_async(paid_id, {"payment_method": method}, key("pay"))
+    void_id = await open_invoice(client, customer, method)
+    await client.v1.invoices.void_invoice_async(void_id, options=key("void"))
+    for invoice_id, message in ((paid_id, "Invoice is already paid"), (void_id, "Voided invoices cannot be paid.")):
+        with pytest.raises(stripe.InvalidRequestError) as refused:
+            await client.v1.invoices.pay_async(invoice_id, {"payment_method": method}, key("pay"))
+        body = refused.value.json_body
+        assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
+        # Stripe's error codes have none for these: its answers carry only the message.
+        assert (refused.value.http_status, refused.value.code, refused.value.user_message) == (400, None, message)
+    assert (await client.v1.invoices.retrieve_async(paid_id)).attempt_count == 1
+
+
+# --- idempotency as Stripe keeps it, and the test hooks ---------------------------------
+
+
+@pytest.fixture
+async def config(emulator: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The emulator's /_config/ test hooks; faults left set are cleared after the test."""
+    async with httpx.AsyncClient(base_url=f"{emulator}/_config") as http:
+        yield http
+        (await http.delete("/faults")).raise_for_status()
+
+
+def replayed(error: stripe.StripeError) -> bool:
+    return {name.lower(): value for name, value in (error.headers or {}).items()}.get("idempotent-replayed") == "true"
+
+
+async def test_a_500_before_running_is_saved_under_its_key(
+    client: stripe.StripeClient, config: httpx.AsyncClient
+) -> None:
+    customer, method = await customer_with_card(client)
+    fault = {"path": "^/v1/invoices$", "method": "POST", "count": 1, "when": "before"}
+    reply = await config.post("/faults", json=fault)
+    assert (reply.status_code, reply.json()) == (200, {"faults": [fault]})
+    options = key("invoice")
+    with pytest.raises(stripe.APIError) as failed:
+        await client.v1.invoices.create_async(draft_params(customer, method), options)
+    body = failed.value.json_body
+    assert failed.value.http_status == 500 and isinstance(body, dict) and body["error"]["type"] == "api_error"
+    assert not replayed(failed.value)
+    with pytest.raises(stripe.APIError) as again:  # the fault is used up: this is Stripe's replay
+        await client.v1.invoices.create_async(draft_params(customer, method), options)
+    assert replayed(again.value) and again.value.json_body == body
+    assert (await client.v1.invoices.list_async({"customer": customer})).data == []
+
+    created = await client.v1.invoices.create_async(draft_params(customer, method), key("invoice"))
+    assert [i.id for i in (await client.v1.invoices.list_async({"customer": customer})).data] == [created.id]
+
+
+async def test_a_500_after_running_is_saved_and_forgetting_keys_runs_the_call_again(
+    client: stripe.StripeClient, config: httpx.AsyncClient
+) -> None:
+    customer, method = await customer_with_card(client)
+    invoice_id = await draft_with_items(client, customer, method)
+    fault = {"path": r"^/v1/invoices/in_\w+/finalize$", "when": "after"}  # any method, once
+    assert (await config.post("/faults", json=fault)).json() == {
+        "faults": [{"path": fault["path"], "method": None, "count": 1, "when": "after"}]
+    }
+    options = key("finalize")
+    for attempt in range(2):
+        with pytest.raises(stripe.APIError) as failed:
+            await client.v1.invoices.finalize_invoice_async(invoice_id, {"auto_advance": False}, options)
+        assert failed.value.http_status == 500 and replayed(failed.value) == (attempt == 1)
+    assert (await client.v1.invoices.retrieve_async(invoice_id)).status == "open"  # it did run
+
+    forgotten = (await config.post("/idempotency/forget")).json()
+    assert isinstance(forgotten["forgotten"], int) and forgotten["forgotten"] >= 1
+    with pytest.raises(stripe.InvalidRequestError, match="already finalized"):  # runs anew
+        await client.v1.invoices.finalize_invoice_async(invoice_id, {"auto_advance": False}, options)
+    assert (await config.post("/idempotency/forget")).json() == {"forgotten": 0}
+
+
+async def test_validation_errors_are_not_saved_under_their_key(client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(client)
+    options = key("invoice")
+    with pytest.raises(stripe.InvalidRequestError):
+        await client.v1.invoices.create_async(draft_params(customer, method, days_until_due=3), options)
+    created = await client.v1.invoices.create_async(draft_params(customer, method), options)
+    assert created.status == "draft"
+    assert created.last_response is not None and created.last_response.headers.get("Idempotent-Replayed") is None
+
+
+async def test_faults_are_cleared_and_checked(client: stripe.StripeClient, config: httpx.AsyncClient) -> None:
+    bad_faults: list[Any] = [{"path": "("}, {"path": "^/v1/", "when": "during"}, {"path": "^/v1/", "count": 0}, []]
+    for bad in bad_faults:
+        reply = await config.post("/faults", json=bad)
+        assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+    await config.post("/faults", json={"path": "^/v1/customers$", "count": 5})
+    assert (await config.delete("/faults")).json() == {"cleared": 1}
+    assert (await client.v1.customers.create_async({"name": "No fault"})).id
+
+
+async def test_calls_are_counted_by_route(
+    client: stripe.StripeClient, config: httpx.AsyncClient, emulator: str
+) -> None:
+    customer, method = await customer_with_card(client)
+    assert (await config.delete("/calls")).json() == {"calls": {}}
+    draft = await client.v1.invoices.create_async(draft_params(customer, method), key("invoice"))
+    assert draft.id is not None
+    await client.v1.invoices.add_lines_async(draft.id, {"lines": [{"amount": 100}]}, key("add_lines"))
+    finalize = key("finalize")
+    for _ in range(2):  # the second is a replay
+        await client.v1.invoices.finalize_invoice_async(draft.id, {"auto_advance": False}, finalize)
+    await client.v1.invoices.retrieve_async(draft.id)
+    with pytest.raises(stripe.InvalidRequestError):
+        await client.v1.invoices.retrieve_async("in_doesnotexist")
+    async with httpx.AsyncClient() as http:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        assert (await http.get(f"{emulator}/v1/nothing_here/cus_123", headers=headers)).status_code == 404
+    assert (await config.get("/calls")).json() == {
+        "calls": {
+            "GET /v1/invoices/{id}": 2,
+            "GET /v1/nothing_here/{id}": 1,
+            "POST /v1/invoices": 1,
+            "POST /v1/invoices/{id}/add_lines": 1,
+            "POST /v1/invoices/{id}/finalize": 2,
+        }
+    }
+    await config.delete("/calls")
+    assert (await config.get("/calls")).json() == {"calls": {}}
+
+
+async def test_a_customers_list_has_its_drafts_newest_first_with_metadata(client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(client)
+    keyed = draft_params(customer, method, metadata={"invoice_service_key": "k1"})
+    first = await client.v1.invoices.create_async(keyed, key("invoice"))
+    second = await client.v1.invoices.create_async(draft_params(customer, method), key("invoice"))
+    listed = await client.v1.invoices.list_async({"customer": customer})
+    assert [(i.id, i.status) for i in listed.data] == [(second.id, "draft"), (first.id, "draft")]
+    service_keys = [(i.metadata.to_dict() if i.metadata else {}).get("invoice_service_key") for i in listed.data]
+    assert service_keys == [None, "k1"]
+    page = await client.v1.invoices.list_async({"customer": customer, "limit": 1})
+    assert page.has_more and [i.id for i in page.data] == [second.id]
+    rest = await client.v1.invoices.list_async({"customer": customer, "limit": 1, "starting_after": str(second.id)})
+    assert [i.id for i in rest.data] == [first.id] and not rest.has_more
+
+
+async def test_add_lines_and_a_settled_finalization_send_stripes_webhooks(
+    client: stripe.StripeClient, receiver: Receiver
+) -> None:
+    customer, method = await customer_with_card(client)
+    draft = await client.v1.invoices.create_async(draft_params(customer, method), key("invoice"))
+    assert draft.id is not None
+    await client.v1.invoices.add_lines_async(
+        draft.id, {"lines": [{"amount": 20, "description": "Tiny"}]}, key("add_lines")
+    )
+    updated = await receiver.wait_for(draft.id, lambda types: "invoice.updated" in types)
+    assert [line["description"] for line in updated["invoice.updated"]["lines"]["data"]] == ["Tiny"]
+
+    await client.v1.invoices.finalize_invoice_async(draft.id, {"auto_advance": False}, key("finalize"))
+    expected = {"invoice.created", "invoice.updated", "invoice.finalized", "invoice.payment_succeeded", "invoice.paid"}
+    by_type = await receiver.wait_for(draft.id, lambda types: expected <= types)
+    assert (by_type["invoice.paid"]["status"], by_type["invoice.paid"]["amount_paid"]) == ("paid", 0)
+    assert by_type["invoice.paid"]["ending_balance"] == 20
+
+
+async def test_a_crash_is_stripes_500_and_saved_under_its_key(client: stripe.StripeClient, emulator: str) -> None:
+    customer, _ = await customer_with_card(client)
+    # Stock localstripe crashes on this (AttributeError): the emulator answers as Stripe
+    # does when it fails internally, and replays that answer for the key.
+    headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": key("crash")["idempotency_key"] or ""}
+    async with httpx.AsyncClient() as http:
+        answers = [
+            await http.post(f"{emulator}/v1/customers/{customer}", data={"invoice_settings": "x"}, headers=headers)
+            for _ in range(2)
+        ]
+    assert [a.status_code for a in answers] == [500, 500]
+    assert answers[0].json()["error"]["type"] == "api_error"
+    assert [a.headers.get("Idempotent-Replayed") for a in answers] == [None, "true"]

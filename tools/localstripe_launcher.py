@@ -15,21 +15,37 @@ to its aiohttp app before it starts, and serves it:
   default_payment_method; with pending_invoice_items_behavior=exclude it makes an empty
   draft in that currency (never "nothing to invoice"); otherwise it sweeps the customer's
   pending items, also for customers without a subscription.
-- POST /v1/invoiceitems with invoice=in_...: the item becomes a line of that draft, and a
-  non-draft invoice is a 400.
+- POST /v1/invoiceitems with invoice=in_...: the item becomes a line of that draft; a
+  non-draft invoice is a 400 invoice_not_editable, and an invoice holds at most 250 lines.
+- POST /v1/invoices/{id}/add_lines (new): lines[i][amount|description|metadata] and
+  invoice_metadata; each line becomes an invoice item of that draft, in order, all or
+  none; emits invoice.updated.
+- POST /v1/customers and /v1/customers/{id} take `balance` (negative is credit), and
+  customers show it.
 - POST /v1/invoices/{id}/finalize and /mark_uncollectible (new); /pay takes
   payment_method and answers a decline with a Stripe-shaped 402 card error; /void accepts
   invoices that never had a payment attempt. Each emits its Stripe webhook. Finalizing
   sets invoice_pdf and hosted_invoice_url (null before) to links on the emulator, which
   it does not serve.
+- Finalizing (also through /pay of a draft) applies the customer's balance first
+  (starting_balance, ending_balance), then settles an amount due below the currency's
+  minimum charge as Stripe does: the invoice is paid with amount_due 0 and the amount is
+  carried to the customer's balance, for the next invoice. `total` no longer includes
+  the balance. /pay of a paid or void invoice is Stripe's 400.
 - POST /v1/payment_methods/{id}/attach: Stripe's declining test cards (4000000000000002,
   ...) are refused with a card_error, as Stripe refuses them; 4000000000000341 attaches
   and declines when charged.
 - GET /v1/invoices takes created[gt|gte|lt|lte] and status, newest first.
 - Every POST with an Idempotency-Key is replayed, or refused with idempotency_error when
-  its parameters differ, as Stripe does (kept in memory only).
+  its parameters differ, as Stripe does (kept in memory only): 2xx, 402 and 5xx answers
+  are saved, 4xx validation errors are not.
 - Errors look like Stripe's: card_error with decline_code for 402s, resource_missing for
-  404s, "Received unknown parameters" instead of crashes for the invoice calls.
+  404s, "Received unknown parameters" instead of crashes for the invoice calls, and an
+  api_error 500 for a crash in the emulator.
+- Test hooks under /_config/: POST /_config/idempotency/forget (Stripe's 24 h expiry,
+  now); POST and DELETE /_config/faults (the next matching requests answer a 500, before
+  or after running, saved under their idempotency key); GET and DELETE /_config/calls
+  (how many /v1 calls, by method and route).
 
 localstripe is GPL-3 test/dev tooling. It runs as its own process, started by
 tools/stack.py and the tests; the service package never imports localstripe or this
@@ -48,6 +64,7 @@ import re
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +83,42 @@ UserError: Any = importlib.import_module("localstripe.errors").UserError
 INVOICE_STATUSES = ("draft", "open", "paid", "uncollectible", "void")
 # Stripe keeps idempotency keys for at least 24 hours; older ones may be reused.
 IDEMPOTENCY_TTL_S = 24 * 3600
+# Stripe refuses more than 250 invoice items on one invoice:
+# https://docs.stripe.com/changelog/2016-02-22/no-more-than-250-invoice-items
+MAX_LINES_PER_INVOICE = 250
+# Stripe documents no limit of its own for add_lines' `lines`
+# (https://docs.stripe.com/api/invoice-line-item/bulk): the invoice's 250 bounds one call too.
+MAX_LINES_PER_ADD = MAX_LINES_PER_INVOICE
+# Stripe's "Minimum and maximum charge amounts", in minor units (JPY has none):
+# https://docs.stripe.com/currencies#minimum-and-maximum-charge-amounts. An invoice whose
+# amount due is below it is marked paid and the amount carried to the customer's balance.
+MINIMUM_CHARGE: dict[str, int] = {
+    "usd": 50,
+    "aed": 200,
+    "aud": 50,
+    "bgn": 100,
+    "brl": 50,
+    "cad": 50,
+    "chf": 50,
+    "czk": 1500,
+    "dkk": 250,
+    "eur": 50,
+    "gbp": 30,
+    "hkd": 400,
+    "huf": 17500,
+    "inr": 50,
+    "jpy": 50,
+    "mxn": 1000,
+    "myr": 200,
+    "nok": 300,
+    "nzd": 50,
+    "pln": 200,
+    "ron": 200,
+    "sek": 300,
+    "sgd": 50,
+    "thb": 1000,
+}
+DEFAULT_MINIMUM_CHARGE = 50  # $0.50, Stripe's minimum "or equivalent in charge currency"
 
 
 @dataclass
@@ -156,6 +209,42 @@ def _retrieve(cls: Any, /, id: str) -> Any:
     if obj is None:
         raise UserError(404, f"No such {cls.object}: '{id}'", {"code": "resource_missing"})
     return obj
+
+
+def _with_int_balance(data: dict[str, Any]) -> dict[str, Any]:
+    """Customer `balance` is an integer in minor units (a form sends it as a string)."""
+    if "balance" in data:
+        value = resources.try_convert_to_int(data["balance"])
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad_request(f"Invalid integer: {data['balance']}", param="balance", code="parameter_invalid_integer")
+        data["balance"] = value
+    return data
+
+
+def _customer_create_with(stock_create: Callable[..., Any]) -> Callable[..., Any]:
+    def create(cls: Any, /, **data: Any) -> Any:
+        """POST /v1/customers, with Stripe's message for a bad `balance` (stock: "Bad request")."""
+        return stock_create(**_with_int_balance(data))
+
+    return create
+
+
+def _customer_update_with(stock_update: Callable[..., Any]) -> Callable[..., Any]:
+    def update(cls: Any, /, id: str, **data: Any) -> Any:
+        """POST /v1/customers/{id}: stock refuses `balance`, a field it has no attribute for."""
+        return stock_update(id, **_with_int_balance(data))
+
+    return update
+
+
+def _get_customer_balance(self: Any) -> int:
+    """Stripe's `balance`: negative is credit for the next invoices, positive is owed.
+    Stock keeps it, inverted, as account_balance (what old pickled stores hold)."""
+    return -int(self.account_balance)
+
+
+def _set_customer_balance(self: Any, value: int) -> None:
+    self.account_balance = -int(value)
 
 
 def _payment_method_of(customer_id: str, pm_id: Any, param: str) -> Any:
@@ -275,10 +364,9 @@ def _create_invoice_item(cls: Any, /, **params: Any) -> Any:
     if isinstance(invoice_id, str) and invoice_id.startswith("in_"):
         invoice = resources.Invoice._api_retrieve(invoice_id)
         if invoice.status != "draft":
-            raise bad_request(
-                f"Invoice {invoice_id} is {invoice.status}; invoice items can only be added to draft invoices.",
-                param="invoice",
-            )
+            raise not_editable(invoice, param="invoice")
+        if len(invoice.lines._list) >= MAX_LINES_PER_INVOICE:
+            raise too_many_lines(param="invoice")
         params.setdefault("customer", invoice.customer)
         if params["customer"] != invoice.customer:
             raise bad_request(f"Invoice {invoice_id} belongs to customer {invoice.customer}.", param="customer")
@@ -293,6 +381,89 @@ def _create_invoice_item(cls: Any, /, **params: Any) -> Any:
     if invoice is not None:
         invoice.lines._list.append(resources.InvoiceLineItem(item))
     return item
+
+
+def not_editable(invoice: Any, **contents: str) -> Any:
+    """Stripe's code for changing the lines of an invoice that is no longer a draft."""
+    return bad_request(
+        f"Invoice {invoice.id} is {invoice.status}; lines can only be added to draft invoices.",
+        code="invoice_not_editable",
+        **contents,
+    )
+
+
+def too_many_lines(**contents: str) -> Any:
+    return bad_request(f"An invoice can have at most {MAX_LINES_PER_INVOICE} line items.", **contents)
+
+
+ADD_LINE_PARAMS = frozenset({"amount", "description", "metadata"})
+
+
+def _metadata_of(value: Any, param: str) -> dict[str, Any]:
+    """A metadata parameter: a hash, or "" for none."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise bad_request("Invalid metadata: must be a hash of strings.", param=param)
+    return value
+
+
+def _line_params(index: int, line: Any) -> dict[str, Any]:
+    """One entry of add_lines' `lines`, checked before any line is made (the call adds all or none)."""
+    prefix = f"lines[{index}]"
+    if not isinstance(line, dict):
+        raise bad_request(f"Invalid {prefix}: must be a hash.", param=prefix)
+    # Stripe knows invoice_item, price_data, quantity, ...: the emulator makes the
+    # one-off amount lines the service sends, and refuses the rest rather than ignore them.
+    reject_unknown({f"{prefix}[{k}]": v for k, v in line.items() if k not in ADD_LINE_PARAMS})
+    if "amount" not in line:
+        raise bad_request(
+            f"Missing required param: {prefix}[amount].", param=f"{prefix}[amount]", code="parameter_missing"
+        )
+    amount = resources.try_convert_to_int(line["amount"])
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise bad_request(
+            f"Invalid integer: {line['amount']}", param=f"{prefix}[amount]", code="parameter_invalid_integer"
+        )
+    description = line.get("description")
+    if description is not None and not isinstance(description, str):
+        raise bad_request(f"Invalid string: {description!r}", param=f"{prefix}[description]")
+    metadata = _metadata_of(line.get("metadata"), f"{prefix}[metadata]")
+    return {"amount": amount, "description": description, "metadata": metadata}
+
+
+def add_lines(id: str, lines: Any = None, invoice_metadata: Any = None, **unknown: Any) -> Any:
+    """POST /v1/invoices/{id}/add_lines (missing from localstripe): each line becomes an
+    invoice item of this draft, in the given order, in the invoice's currency; a bad line
+    adds none of them, as on Stripe."""
+    reject_unknown(unknown)
+    if not isinstance(lines, list) or not lines:
+        raise bad_request("Missing required param: lines.", param="lines", code="parameter_missing")
+    if len(lines) > MAX_LINES_PER_ADD:
+        raise bad_request(f"You can add at most {MAX_LINES_PER_ADD} lines at once.", param="lines")
+    items = [_line_params(index, line) for index, line in enumerate(lines)]
+    if invoice_metadata is not None and invoice_metadata != "":
+        _metadata_of(invoice_metadata, "invoice_metadata")
+    invoice = resources.Invoice._api_retrieve(id)
+    if invoice.status != "draft":
+        raise not_editable(invoice)
+    if len(invoice.lines._list) + len(items) > MAX_LINES_PER_INVOICE:
+        raise too_many_lines(param="lines")
+
+    for params in items:
+        resources.InvoiceItem._api_create(
+            invoice=invoice.id, customer=invoice.customer, currency=invoice.currency, **params
+        )
+    if invoice_metadata == "":
+        invoice.metadata = {}
+    elif isinstance(invoice_metadata, dict):  # Stripe merges; an empty value unsets its key
+        for key, value in invoice_metadata.items():
+            if value == "":
+                invoice.metadata.pop(key, None)
+            else:
+                invoice.metadata[key] = value
+    emit("invoice.updated", invoice)
+    return invoice
 
 
 INVOICE_LIST_PARAMS = frozenset({"customer", "subscription", "limit", "starting_after"})
@@ -331,11 +502,66 @@ def _list_invoices_with(stock_list: Callable[..., Any]) -> Callable[..., Any]:
 
 def _status_with(stock_status: Callable[[Any], str]) -> Callable[[Any], str]:
     def status(self: Any) -> str:
-        """Stock statuses, plus `uncollectible` for an open invoice marked so."""
+        """Stock statuses, plus `uncollectible` for an open invoice marked so, and `paid`
+        for one finalized with nothing to charge (credit, or below the minimum charge)."""
         value = stock_status(self)
+        if value == "open" and self._amount_due is not None and self._amount_due <= 0:
+            return "paid"
         return "uncollectible" if value == "open" and getattr(self, "_uncollectible", False) else value
 
     return status
+
+
+def _customer_balance(customer_id: str) -> int:
+    customer = resources.store.get(f"customer:{customer_id}")
+    return 0 if customer is None else int(customer.balance)
+
+
+def _invoice_starting_balance(self: Any) -> int:
+    """Stripe: the customer's balance when the invoice was finalized, its current balance
+    before (stock kept its own snapshot from creation, with the sign inverted)."""
+    if self._starting_balance is not None:
+        return int(self._starting_balance)
+    return _customer_balance(self.customer) if self.status == "draft" else 0
+
+
+def _invoice_ending_balance(self: Any) -> int | None:
+    """Stripe: the customer's balance after finalization, null before."""
+    return None if self._ending_balance is None else int(self._ending_balance)
+
+
+def _invoice_total(self: Any) -> int:
+    """Stripe's total: lines and tax; the customer balance only changes amount_due."""
+    return int(self.subtotal + self.tax)
+
+
+def _invoice_amount_due(self: Any) -> int:
+    """Fixed at finalization; a draft's takes the customer's current balance into account."""
+    if self._amount_due is not None:
+        return int(self._amount_due)
+    if self.status == "draft":
+        return max(0, int(self.total) + _customer_balance(self.customer))
+    return int(self.total)  # finalized by stock localstripe (subscriptions), which charges the total
+
+
+def _ignore_stock_value(self: Any, value: Any) -> None:
+    """Invoice.__init__ assigns its own balance fields; these properties compute Stripe's."""
+
+
+def minimum_charge(currency: str) -> int:
+    return MINIMUM_CHARGE.get(currency.lower(), DEFAULT_MINIMUM_CHARGE)
+
+
+def _settlement(invoice: Any) -> tuple[int, int, int]:
+    """(starting_balance, amount_due, ending_balance) if `invoice` were finalized now.
+    Stripe applies the customer's balance (negative is credit, positive is owed) first;
+    an amount due below the currency's minimum charge, or none, is not charged: the
+    invoice is paid and the amount (or the credit left over) is the new balance."""
+    starting = _customer_balance(invoice.customer)
+    due = int(invoice.total) + starting
+    if due < minimum_charge(invoice.currency):
+        return starting, 0, due
+    return starting, due, 0
 
 
 def _on_payment_success_with(stock: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -370,7 +596,13 @@ def _raise_failure(self: Any) -> None:
 
 
 def _finalize(invoice: Any) -> None:
-    """draft → open (paid when there is nothing to pay), with the links Stripe sets then."""
+    """draft → open, or paid when there is nothing to charge, with the customer's balance
+    applied and the links Stripe sets then."""
+    starting, due, ending = _settlement(invoice)
+    invoice._starting_balance, invoice._amount_due, invoice._ending_balance = starting, due, ending
+    customer = resources.store.get(f"customer:{invoice.customer}")
+    if customer is not None:
+        customer.balance = ending
     invoice._finalize()
     invoice.invoice_pdf = f"{SETTINGS.public_base}/invoice/{invoice.id}/pdf"
     invoice.hosted_invoice_url = f"{SETTINGS.public_base}/invoice/{invoice.id}"
@@ -400,8 +632,12 @@ def pay_invoice(id: str, payment_method: Any = None, off_session: Any = None, **
     reject_unknown(unknown)
     as_bool(off_session, "off_session")  # accepted; the emulator charges at once either way
     invoice = resources.Invoice._api_retrieve(id)
+    # Stripe's messages; its error codes (https://docs.stripe.com/error-codes) have none
+    # for these two, so, as on Stripe, the errors carry no `code`.
     if invoice.status == "paid":
         raise bad_request("Invoice is already paid")
+    if invoice.status == "void":
+        raise bad_request("Voided invoices cannot be paid.")
     if invoice.status not in ("draft", "open", "uncollectible"):
         raise bad_request(f"This invoice is {invoice.status} and cannot be paid.")
     if payment_method:
@@ -410,7 +646,8 @@ def pay_invoice(id: str, payment_method: Any = None, off_session: Any = None, **
         method = resources.PaymentMethod._api_retrieve(invoice.default_payment_method)
     else:
         method = resources.Customer._api_retrieve(invoice.customer)._get_default_payment_method_or_source()
-    if method is None and invoice.total > 0:
+    due = _settlement(invoice)[1] if invoice.status == "draft" else invoice.amount_due
+    if method is None and due > 0:
         raise bad_request("This customer has no attached payment source or default payment method.")
 
     if invoice.status == "draft":
@@ -419,7 +656,7 @@ def pay_invoice(id: str, payment_method: Any = None, off_session: Any = None, **
         return invoice
 
     intent = resources.PaymentIntent(
-        amount=invoice.total, currency=invoice.currency, customer=invoice.customer, payment_method=method.id
+        amount=invoice.amount_due, currency=invoice.currency, customer=invoice.customer, payment_method=method.id
     )
     intent.invoice = invoice.id
     invoice.payment_intent = intent.id
@@ -512,11 +749,21 @@ def install() -> None:
     invoice.hosted_invoice_url = None
     invoice.customer_name = None
     invoice.amount_remaining = property(lambda self: self.amount_due - self.amount_paid)
+    # Stripe's balance fields; the private ones are set at finalization (None before).
+    invoice._starting_balance = invoice._amount_due = invoice._ending_balance = None
+    invoice.starting_balance = property(_invoice_starting_balance, _ignore_stock_value)
+    invoice.ending_balance = property(_invoice_ending_balance, _ignore_stock_value)
+    invoice.total = property(_invoice_total)
+    invoice.amount_due = property(_invoice_amount_due)
     invoice.status = property(_status_with(invoice.status.fget))
     invoice._on_payment_success = _on_payment_success_with(invoice._on_payment_success)
     invoice._api_create = classmethod(_create_invoice)
     invoice._api_list_all = classmethod(_list_invoices_with(invoice._api_list_all))
     r.InvoiceItem._api_create = classmethod(_create_invoice_item)
+    customer = r.Customer
+    customer.balance = property(_get_customer_balance, _set_customer_balance)
+    customer._api_create = classmethod(_customer_create_with(customer._api_create))
+    customer._api_update = classmethod(_customer_update_with(customer._api_update))
     r.PaymentMethod._charging_is_declined = _charging_is_declined_with(r.PaymentMethod._charging_is_declined)
     r.Charge._set_auth_failure = _set_auth_failure
     r.Charge._raise_failure = _raise_failure
@@ -524,6 +771,7 @@ def install() -> None:
     # Only the routes change: localstripe's subscriptions keep calling the stock
     # Invoice._api_pay_invoice, which must not raise on a decline.
     _set_route("POST", "/v1/invoices/{id}/finalize", finalize_invoice)
+    _set_route("POST", "/v1/invoices/{id}/add_lines", add_lines)
     _set_route("POST", "/v1/invoices/{id}/pay", pay_invoice)
     _set_route("POST", "/v1/invoices/{id}/void", void_invoice)
     _set_route("POST", "/v1/invoices/{id}/mark_uncollectible", mark_uncollectible)
@@ -538,10 +786,16 @@ def error_response(status: int, error: dict[str, Any], headers: dict[str, str] |
     return web.json_response({"error": error}, status=status, headers=headers)
 
 
+def api_error(message: str) -> web.Response:
+    """Stripe's answer when it fails internally: a 500 api_error."""
+    return error_response(500, {"type": "api_error", "message": message})
+
+
 @web.middleware
 async def stripe_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Renders localstripe's UserError itself (so the idempotency middleware sees a
-    response) and gives 402s and 404s the type and code Stripe would."""
+    response) and gives 402s and 404s the type and code Stripe would; a crash is Stripe's
+    500 api_error, which the idempotency middleware then saves, as Stripe does."""
     try:
         return await handler(request)
     except UserError as exc:
@@ -553,6 +807,11 @@ async def stripe_shaped_errors(request: web.Request, handler: Handler) -> web.St
         elif exc.code == 404:
             error.setdefault("code", "resource_missing")
         return error_response(exc.code, error)
+    except web.HTTPException:  # aiohttp's own answers: no route, wrong method, ...
+        raise
+    except Exception:
+        logging.getLogger(__name__).exception("%s %s crashed", request.method, request.path)
+        return api_error("An unknown error occurred in the emulator (see its log).")
 
 
 @dataclass(frozen=True)
@@ -565,10 +824,12 @@ class Remembered:
 
 
 class Idempotency:
-    """Stripe's idempotency for POST /v1/...: the first response to a key (when the call
-    ran: 2xx, or a 402 decline) is replayed for the same endpoint and parameters, without
-    running it again; other parameters are a 400 idempotency_error. 4xx validation errors
-    and 5xx are not remembered, so a retry runs again. In memory: a restart forgets."""
+    """Stripe's idempotency for POST /v1/...: the first response to a key, once the call
+    started running (2xx, a 402 decline, or a 5xx: Stripe replays its 500s too), is
+    replayed for the same endpoint and parameters for 24 hours, without running it again;
+    other parameters are a 400 idempotency_error. 4xx validation errors and 409
+    concurrent-request conflicts are not saved, so a retry runs again
+    (https://docs.stripe.com/api/idempotent_requests). In memory: a restart forgets."""
 
     def __init__(self) -> None:
         self.seen: dict[str, Remembered] = {}
@@ -588,6 +849,16 @@ class Idempotency:
         else:
             form = sorted(parse_qsl(text, keep_blank_values=True))
         return json.dumps([form, sorted(parse_qsl(request.query_string, keep_blank_values=True))], sort_keys=True)
+
+    @staticmethod
+    def saved(status: int) -> bool:
+        return 200 <= status < 300 or status == 402 or status >= 500
+
+    def forget(self) -> int:
+        """Forgets every key, as Stripe does 24 hours after each was first used."""
+        count = len(self.seen)
+        self.seen.clear()
+        return count
 
     def forget_expired(self, now: float) -> None:
         for key, remembered in list(self.seen.items()):  # insertion order is time order
@@ -635,13 +906,152 @@ class Idempotency:
         finally:
             self.running.discard(key)
         body = response.body if isinstance(response, web.Response) else None
-        if isinstance(body, bytes) and (200 <= response.status < 300 or response.status == 402):
+        if isinstance(body, bytes) and self.saved(response.status):
             self.seen[key] = Remembered(now, endpoint, params, response.status, body)
         response.headers["Idempotency-Key"] = key
         return response
 
 
 IDEMPOTENCY = Idempotency()
+
+
+@dataclass
+class Fault:
+    path: re.Pattern[str]
+    method: str | None  # None: any
+    count: int
+    when: str  # "before" or "after" running the call
+
+    def matches(self, request: web.Request) -> bool:
+        return self.method in (None, request.method) and self.path.search(request.path) is not None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.path.pattern, "method": self.method, "count": self.count, "when": self.when}
+
+
+class Faults:
+    """Stripe failing internally, on demand: the next `count` requests matching a fault
+    answer Stripe's 500 api_error, either without running (`before`) or after running
+    (`after`: the effect happened, only the answer is lost). It sits inside the
+    idempotency middleware, so the 500 is saved under the request's key, as on Stripe."""
+
+    WHENS = ("before", "after")
+
+    def __init__(self) -> None:
+        self.pending: list[Fault] = []
+
+    def add(self, spec: Any) -> Fault:
+        """A fault from POST /_config/faults' JSON body, or a ValueError saying what is wrong."""
+        if not isinstance(spec, dict):
+            raise ValueError("the body must be a JSON object")
+        unknown = set(spec) - {"path", "method", "count", "when"}
+        if unknown:
+            raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
+        path, method, count, when = spec.get("path"), spec.get("method"), spec.get("count", 1), spec.get("when")
+        if not isinstance(path, str) or not path:
+            raise ValueError("path must be a regular expression (a non-empty string)")
+        try:
+            pattern = re.compile(path)
+        except re.error as exc:
+            raise ValueError(f"path is not a regular expression: {exc}") from exc
+        if method is not None and not isinstance(method, str):
+            raise ValueError("method must be a string")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("count must be a positive integer")
+        when = "before" if when is None else when
+        if when not in self.WHENS:
+            raise ValueError('when must be "before" or "after"')
+        fault = Fault(pattern, None if method is None else method.upper(), count, when)
+        self.pending.append(fault)
+        return fault
+
+    def clear(self) -> int:
+        count = len(self.pending)
+        self.pending.clear()
+        return count
+
+    def take(self, request: web.Request) -> Fault | None:
+        """The first fault matching `request`, used up once more."""
+        for fault in self.pending:
+            if fault.matches(request):
+                fault.count -= 1
+                if fault.count == 0:
+                    self.pending.remove(fault)
+                return fault
+        return None
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        fault = None if request.path.startswith("/_config/") else self.take(request)
+        if fault is None:
+            return await handler(request)
+        if fault.when == "after":
+            await handler(request)
+        return api_error(f"An unknown error occurred (a fault set with /_config/faults, {fault.when} running).")
+
+
+FAULTS = Faults()
+
+# Ids in paths no route matched (a matched route names its own pattern, /v1/invoices/{id}).
+OBJECT_ID = re.compile(r"(?<=/)(?:in|cus|pm|ii|il|pi|ch|card|src|sub|si|txr|evt|prod|price|plan|seti)_[A-Za-z0-9]+")
+
+
+class Calls:
+    """How many /v1 requests the emulator received, by method and route pattern
+    ("POST /v1/invoices/{id}/add_lines"), replays and errors included: the service's tests
+    count their Stripe calls with it."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    @staticmethod
+    def route_of(request: web.Request) -> str:
+        resource = request.match_info.route.resource
+        if resource is not None:
+            return f"{request.method} {resource.canonical}"
+        return f"{request.method} {OBJECT_ID.sub('{id}', request.path)}"
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/"):
+            self.counts[self.route_of(request)] += 1
+        return await handler(request)
+
+
+CALLS = Calls()
+
+
+# --- test hooks: /_config/ (no API key, like localstripe's own) ------------------------
+
+
+async def forget_idempotency_keys(request: web.Request) -> web.Response:
+    """POST /_config/idempotency/forget: as if every key were 24 hours old."""
+    return web.json_response({"forgotten": IDEMPOTENCY.forget()})
+
+
+async def add_fault(request: web.Request) -> web.Response:
+    """POST /_config/faults {"path": regex, "method": "POST", "count": 1, "when": "before"|"after"}."""
+    try:
+        FAULTS.add(await request.json())
+    except ValueError as exc:  # json.JSONDecodeError is one
+        return error_response(400, {"type": "invalid_request_error", "message": f"Invalid fault: {exc}"})
+    return web.json_response({"faults": [fault.as_json() for fault in FAULTS.pending]})
+
+
+async def clear_faults(request: web.Request) -> web.Response:
+    """DELETE /_config/faults."""
+    return web.json_response({"cleared": FAULTS.clear()})
+
+
+async def get_calls(request: web.Request) -> web.Response:
+    """GET /_config/calls."""
+    return web.json_response({"calls": dict(sorted(CALLS.counts.items()))})
+
+
+async def reset_calls(request: web.Request) -> web.Response:
+    """DELETE /_config/calls."""
+    CALLS.counts.clear()
+    return web.json_response({"calls": {}})
 
 
 # --- the process ---------------------------------------------------------------------
@@ -658,10 +1068,17 @@ def build_app() -> web.Application:
         server: Any = importlib.import_module("localstripe.server")
         app: web.Application = server.app
         # Stock order: errors, auth, store saving. Ours go after auth, so an unauthenticated
-        # call is never remembered or replayed.
+        # call is never counted, remembered or replayed; calls are counted before the
+        # idempotency layer (replays count), faults come inside it (their 500s are saved).
         position = app.middlewares.index(server.auth_middleware) + 1
-        app.middlewares.insert(position, IDEMPOTENCY.middleware)
-        app.middlewares.insert(position + 1, stripe_shaped_errors)
+        ours = (CALLS.middleware, IDEMPOTENCY.middleware, FAULTS.middleware, stripe_shaped_errors)
+        for offset, middleware in enumerate(ours):
+            app.middlewares.insert(position + offset, middleware)
+        app.router.add_post("/_config/idempotency/forget", forget_idempotency_keys)
+        app.router.add_post("/_config/faults", add_fault)
+        app.router.add_delete("/_config/faults", clear_faults)
+        app.router.add_get("/_config/calls", get_calls)
+        app.router.add_delete("/_config/calls", reset_calls)
         _app = app
     return _app
 
@@ -696,6 +1113,10 @@ def main(argv: list[str] | None = None) -> None:
         resources.Store.dump_to_disk = lambda self: None
     else:
         resources.store.try_load_from_disk()
+        for obj in resources.store.values():  # invoices pickled by stock localstripe
+            if isinstance(obj, resources.Invoice):
+                obj.__dict__.pop("starting_balance", None)  # its inverted snapshots would be
+                obj.__dict__.pop("ending_balance", None)  # exported over Stripe's fields
     access = logging.getLogger("aiohttp.access")  # localstripe logs webhook deliveries here too
     access.setLevel(logging.DEBUG)
     access.addHandler(logging.StreamHandler())
