@@ -38,6 +38,12 @@ class Constant(pb_grpc.InvoiceServiceServicer):
     async def CreateInvoice(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
 
+    async def PayInvoice(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
+
+    async def VoidInvoice(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
+
 
 async def serve() -> None:
     server = grpc.aio.server()

@@ -26,7 +26,7 @@ from service.config import Settings
 from service.domain import Unavailable
 from service.edge import Edge
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
-from service.invoices import InvoiceCreator, NoStripe
+from service.invoices import InvoiceCreator, NoStripe, Timing
 from service.metrics import Metrics, add_routes
 from service.payments import StripePayments
 from service.rpc import Creator, InvoiceServicer, InvoiceStore
@@ -195,6 +195,13 @@ def stripe_payments(settings: Settings, metrics: Metrics | None = None) -> Strip
     )
 
 
+def create_timing(settings: Settings) -> Timing:
+    """An attempt's lease outlasts one Stripe call with all of the SDK's retries (and
+    their backoff, at most 2 s each), so a second attempt never runs beside a live one."""
+    one_call = settings.stripe_timeout_s * (settings.stripe_max_retries + 1) + 2.0 * settings.stripe_max_retries
+    return Timing(lease_s=one_call + 5.0, duplicate_window_s=settings.create_duplicate_window_s)
+
+
 async def open_pool(settings: Settings, dbs: Databases | None = None) -> asyncpg.Pool:
     return await storage.connect(
         (dbs or await databases(settings)).service,
@@ -230,7 +237,7 @@ async def serve(settings: Settings) -> None:
             store,
             keys,
             f"{settings.grpc_host}:{settings.grpc_port}",
-            creator=InvoiceCreator(store, stripe) if stripe else None,
+            creator=InvoiceCreator(store, store, stripe, create_timing(settings)) if stripe else None,
             default_currency=settings.stripe_default_currency,
             ready=False,
             metrics=metrics,

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # Stripe-Idempotency-Keys, so retries are safe) up to STRIPE_MAX_RETRIES times.
     stripe_timeout_s: float = Field(default=10.0, gt=0)
     stripe_max_retries: int = Field(default=2, ge=0, le=5)
+    # Keyless Creates: identical requests within this many seconds answer the first's
+    # invoice instead of billing again (card processors' duplicate window); 0 turns it off.
+    create_duplicate_window_s: float = Field(default=120.0, ge=0)
     # Comma-separated whsec_... secrets; several at once for rotation.
     stripe_webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     stripe_webhook_tolerance_s: int = Field(default=300, ge=1)

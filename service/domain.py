@@ -4,9 +4,11 @@ that every edge maps to its own status codes (gRPC statuses at one boundary, ser
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -94,8 +96,47 @@ class NewInvoice:
     user: User | None = None
 
     def fingerprint(self) -> str:
-        """Identifies the request's content, to tell a retry from a reused idempotency key."""
+        """Identifies the request's content, to tell a retry from a reused idempotency key.
+        A canonical, versioned encoding of the named fields: a field added to this class
+        later changes no stored fingerprint (a new field enters as FINGERPRINT_VERSION 2)."""
+        fields = {
+            "currency": self.currency,
+            "customer": self.customer,
+            "items": [[item.name, item.amount] for item in self.items],
+            "payment_method": self.payment_method,
+            "user": None if self.user is None else [self.user.id, self.user.name],
+        }
+        return fingerprint("create", fields)
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of keys stored before the canonical one (sha256 of the repr),
+        accepted for those keys so that their retries keep working after the upgrade."""
         return hashlib.sha256(repr(self).encode()).hexdigest()
+
+
+FINGERPRINT_VERSION = 1
+
+
+def fingerprint(operation: str, fields: Mapping[str, object]) -> str:
+    """`v1:` and the SHA-256 of sorted, compact JSON of the operation and its fields."""
+    canonical = json.dumps([operation, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"v{FINGERPRINT_VERSION}:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CreateClaim:
+    """An attempt's hold on an idempotency key: what earlier attempts recorded. `attempt`
+    numbers the attempts of the key (Stripe keys are derived from it) and fences progress:
+    only the attempt that holds the lease may record."""
+
+    attempt: int
+    stripe_invoice_id: str | None
+    step: str
+    created_at: datetime
+
+
+# The steps of a Create, in order; `step` of a key's row is the last one known done.
+CREATE_STEPS = ("claimed", "drafted", "lined", "finalized", "done")
 
 
 RECORD_ID = re.compile(r"[0-9a-f]{24}")
@@ -126,8 +167,17 @@ class Unavailable(DomainError):
     """A dependency (Postgres, Stripe) cannot be reached now; retrying later may work."""
 
 
+class CreateInProgress(Unavailable):
+    """Another attempt holds the idempotency key now; its answer will be the answer."""
+
+
 class AlreadyExists(DomainError):
     """An idempotency key reused with a different request."""
+
+
+class FailedPrecondition(DomainError):
+    """The invoice is not in a state that allows the operation (voiding a paid invoice);
+    the message names the state."""
 
 
 class ResourceExhausted(DomainError):

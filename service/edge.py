@@ -21,6 +21,7 @@ from service import logs
 from service.domain import (
     AlreadyExists,
     DomainError,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -40,6 +41,7 @@ _CODES: dict[type[DomainError], tuple[grpc.StatusCode, int]] = {
     NotFound: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
     AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
+    FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
     ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
     Internal: (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL),
 }

@@ -1,7 +1,7 @@
-"""Every call to Stripe. Creates invoices the race-free way real Stripe needs (a draft
-first, then its items attached by id, then finalize and pay), derives a Stripe
-Idempotency-Key for each call from the caller's key, and maps Stripe's errors to
-domain errors. Nothing here knows gRPC or HTTP."""
+"""Every call to Stripe: the steps of a Create (an empty draft, its lines added in one
+call, finalize, pay), the look-ups a resumed Create needs, Pay and Void, and the listing
+that reconcile reads. Maps Stripe's errors to domain errors. Nothing here knows gRPC, HTTP
+or the database; service/invoices.py decides the order of the calls and their keys."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
-from stripe.params import InvoiceListParams
+from stripe.params import InvoiceAddLinesParamsLine, InvoiceListParams, InvoicePayParams
 
 from service.domain import (
     AlreadyExists,
     DomainError,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NewInvoice,
+    NewItem,
     ResourceExhausted,
     StripeInvoice,
     Unavailable,
@@ -87,6 +89,8 @@ def _domain_error(exc: stripe.StripeError) -> DomainError:
     # caller's retry overtaking its first attempt): retrying later is right for it too.
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return Unavailable("Stripe is unreachable or failing; retry later with the same idempotency key")
+    if isinstance(exc, stripe.CardError):
+        return FailedPrecondition(f"the card was declined: {exc.user_message or exc.code}")
     return Unavailable(f"Stripe call failed ({type(exc).__name__}); retry later with the same idempotency key")
 
 
@@ -104,16 +108,54 @@ def _outcome(exc: BaseException | None) -> str:
     return "cancelled" if isinstance(exc, asyncio.CancelledError) else "exception"
 
 
+# Stripe documents no limit on the lines of one add_lines call, only 250 invoice items per
+# invoice (changelog 2016-02-22); a Create has at most validation.MAX_ITEMS (100), so one
+# call carries them all. Batches of this size are sent beyond it.
+LINES_PER_CALL = 250
+# Metadata key on the Stripe invoice: the idempotency key of the Create that made it, so
+# that a retry that never learned the draft's id finds it in the customer's invoices.
+CREATE_KEY = "invoice_service_key"
+# Stripe's answer to `pay` on a paid invoice (an invalid_request_error without a code).
+_ALREADY_PAID = "already paid"
+
+
 class StripePayments:
-    def __init__(self, stripe_client: stripe.StripeClient, *, observe: Observer | None = None) -> None:
+    """The Stripe calls of the service, one method per call (plus the look-ups a resumed
+    Create needs), each answering Stripe's invoice object as a plain dict and raising
+    domain errors. The order of the calls, and what to do after a failure, is the
+    caller's (service/invoices.py)."""
+
+    def __init__(
+        self,
+        stripe_client: stripe.StripeClient,
+        *,
+        observe: Observer | None = None,
+        lines_per_call: int = LINES_PER_CALL,
+    ) -> None:
         self._stripe = stripe_client
         self._observe = observe
+        self._lines_per_call = lines_per_call
 
     async def _call(self, operation: str, call: Awaitable[T]) -> T:
-        """Awaits one SDK call (its own retries included), timed and counted by outcome."""
-        started, error = time.perf_counter(), None
+        """Awaits one SDK call (its own retries included), timed and counted by outcome,
+        with Stripe's errors mapped to domain errors."""
+        started = time.perf_counter()
+        error: BaseException | None = None
         try:
             return await call
+        except stripe.StripeError as exc:
+            error = exc
+            mapped = _domain_error(exc)
+            log.warning(
+                "stripe call failed",
+                extra={
+                    "operation": operation,
+                    "error": type(exc).__name__,
+                    "http_status": exc.http_status,
+                    "mapped": type(mapped).__name__,
+                },
+            )
+            raise mapped from exc
         except BaseException as exc:
             error = exc
             raise
@@ -121,69 +163,120 @@ class StripePayments:
             if self._observe is not None:
                 self._observe(operation, _outcome(error), time.perf_counter() - started)
 
-    async def create_invoice(self, new: NewInvoice, idempotency_key: str) -> dict[str, Any]:
-        """Creates, finalizes and charges the invoice; returns Stripe's invoice object.
-        A declined charge is not an error: the invoice exists, stays `open`, and its
-        payment result arrives by webhook."""
+    def batches(self, items: tuple[NewItem, ...]) -> list[tuple[NewItem, ...]]:
+        """The items in the add_lines calls that carry them, in order."""
+        size = self._lines_per_call
+        return [items[i : i + size] for i in range(0, len(items), size)]
 
-        def key(step: str) -> stripe.RequestOptions:
-            return {"idempotency_key": f"invoice-service:{idempotency_key}:{step}"}
+    async def create_draft(self, new: NewInvoice, key: str, stripe_key: str) -> dict[str, Any]:
+        """An empty draft for the customer, carrying the Create's key in its metadata."""
+        metadata = {CREATE_KEY: key}
+        if new.user:
+            metadata |= {USER_ID: new.user.id, USER_NAME: new.user.name}
+        draft = await self._call(
+            "invoices.create",
+            self._stripe.v1.invoices.create_async(
+                {
+                    "customer": new.customer,
+                    "currency": new.currency,
+                    "collection_method": "charge_automatically",
+                    # Paid now by the calls below, not an hour later by auto-advance.
+                    "auto_advance": False,
+                    "default_payment_method": new.payment_method,
+                    # Only the lines added below, never the customer's other pending items
+                    # (which a concurrent Create may be adding).
+                    "pending_invoice_items_behavior": "exclude",
+                    "metadata": metadata,
+                },
+                {"idempotency_key": stripe_key},
+            ),
+        )
+        if draft.id is None:
+            raise Internal("Stripe answered an invoice without an id")
+        return draft.to_dict(for_json=True)
 
-        metadata = {USER_ID: new.user.id, USER_NAME: new.user.name} if new.user else {}
-        invoices = self._stripe.v1.invoices
+    async def find_draft(self, customer: str, key: str, since: datetime) -> dict[str, Any] | None:
+        """The customer's invoice made by the Create with this key, if an earlier attempt
+        made one without learning its id. Listing (not search, which lags by up to a
+        minute) and only the invoices created since the key was first claimed."""
+        params: InvoiceListParams = {
+            "customer": customer,
+            "created": {"gte": int(since.timestamp()) - 60},
+            "limit": 100,
+        }
+        while True:
+            page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
+            for obj in page.data:
+                invoice = obj.to_dict(for_json=True)
+                if (invoice.get("metadata") or {}).get(CREATE_KEY) == key:
+                    return invoice
+            if not page.has_more or not page.data:
+                return None
+            params = {**params, "starting_after": page.data[-1].id}
+
+    async def exists(self, invoice_id: str) -> bool:
         try:
-            draft = await self._call(
-                "invoices.create",
-                invoices.create_async(
-                    {
-                        "customer": new.customer,
-                        "currency": new.currency,
-                        "collection_method": "charge_automatically",
-                        # Paid now by the calls below, not an hour later by auto-advance.
-                        "auto_advance": False,
-                        "default_payment_method": new.payment_method,
-                        # Only the items created for this invoice, never the customer's other
-                        # pending items (which a concurrent Create may be adding).
-                        "pending_invoice_items_behavior": "exclude",
-                        "metadata": metadata,
-                    },
-                    key("invoice"),
-                ),
+            await self.retrieve(invoice_id)
+        except InvalidArgument as error:
+            cause = error.__cause__
+            if isinstance(cause, stripe.InvalidRequestError) and cause.code == "resource_missing":
+                return False
+            raise
+        return True
+
+    async def retrieve(self, invoice_id: str) -> dict[str, Any]:
+        invoice = await self._call("invoices.retrieve", self._stripe.v1.invoices.retrieve_async(invoice_id))
+        return invoice.to_dict(for_json=True)
+
+    async def add_lines(self, invoice_id: str, items: tuple[NewItem, ...], stripe_key: str) -> dict[str, Any]:
+        """One batch of lines, in order, in one call."""
+        lines: list[InvoiceAddLinesParamsLine] = [{"amount": i.amount, "description": i.name} for i in items]
+        invoice = await self._call(
+            "invoices.add_lines",
+            self._stripe.v1.invoices.add_lines_async(invoice_id, {"lines": lines}, {"idempotency_key": stripe_key}),
+        )
+        return invoice.to_dict(for_json=True)
+
+    async def finalize(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
+        """draft -> open; or paid at once, when credit covers it or the amount due is under
+        the currency's minimum charge (Stripe carries that to the customer's balance)."""
+        invoice = await self._call(
+            "invoices.finalize",
+            self._stripe.v1.invoices.finalize_invoice_async(
+                invoice_id, {"auto_advance": False}, {"idempotency_key": stripe_key}
+            ),
+        )
+        return invoice.to_dict(for_json=True)
+
+    async def pay(self, invoice_id: str, payment_method: str | None, stripe_key: str) -> dict[str, Any]:
+        """Charges the invoice now. A decline is not an error: the invoice stays `open` and
+        is answered as it is; so is an invoice Stripe finds already paid (by credit at
+        finalize, or a concurrent payment): Stripe's refusal is checked against the
+        invoice itself before anything is answered."""
+        params: InvoicePayParams = {"payment_method": payment_method} if payment_method else {}
+        try:
+            paid = await self._call(
+                "invoices.pay",
+                self._stripe.v1.invoices.pay_async(invoice_id, params, {"idempotency_key": stripe_key}),
             )
-            if draft.id is None:
-                raise Internal("Stripe answered an invoice without an id")
-            for i, item in enumerate(new.items):
-                await self._call(
-                    "invoice_items.create",
-                    self._stripe.v1.invoice_items.create_async(
-                        {
-                            "customer": new.customer,
-                            "invoice": draft.id,
-                            "amount": item.amount,
-                            "currency": new.currency,
-                            "description": item.name,
-                        },
-                        key(f"item-{i}"),
-                    ),
-                )
-            await self._call(
-                "invoices.finalize", invoices.finalize_invoice_async(draft.id, {"auto_advance": False}, key("finalize"))
-            )
-            try:
-                paid = await self._call(
-                    "invoices.pay", invoices.pay_async(draft.id, {"payment_method": new.payment_method}, key("pay"))
-                )
-            except stripe.CardError as declined:
-                log.info("card declined", extra={"invoice": draft.id, "decline_code": declined.code})
-                return (await self._call("invoices.retrieve", invoices.retrieve_async(draft.id))).to_dict(for_json=True)
-            return paid.to_dict(for_json=True)
-        except stripe.StripeError as exc:
-            error = _domain_error(exc)
-            log.warning(
-                "stripe call failed",
-                extra={"error": type(exc).__name__, "http_status": exc.http_status, "mapped": type(error).__name__},
-            )
-            raise error from exc
+        except DomainError as error:
+            cause = error.__cause__
+            if isinstance(cause, stripe.CardError):
+                log.info("card declined", extra={"invoice": invoice_id, "decline_code": cause.code})
+                return await self.retrieve(invoice_id)
+            if isinstance(cause, stripe.InvalidRequestError) and _ALREADY_PAID in str(cause.user_message).lower():
+                current = await self.retrieve(invoice_id)
+                if current.get("status") == "paid":
+                    return current
+            raise
+        return paid.to_dict(for_json=True)
+
+    async def void(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
+        invoice = await self._call(
+            "invoices.void",
+            self._stripe.v1.invoices.void_invoice_async(invoice_id, options={"idempotency_key": stripe_key}),
+        )
+        return invoice.to_dict(for_json=True)
 
     async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[StripeInvoice, int]]:
         """Every Stripe invoice created at or after `since`, newest first, each with the
@@ -192,16 +285,13 @@ class StripePayments:
         fact: an event of the same second may be newer, and wins the tie."""
         params: InvoiceListParams = {"created": {"gte": int(since.timestamp())}, "limit": page_size}
         seen: set[str] = set()
-        try:
-            while True:
-                asked_at = int(time.time()) - 1
-                page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
-                fresh = [obj for obj in page.data if obj.id not in seen]
-                for obj in fresh:
-                    seen.add(obj.id)
-                    yield invoice_from_stripe(obj.to_dict(for_json=True)), asked_at
-                if not page.has_more or not fresh:  # no new id: a list that starts over ends here
-                    return
-                params = {**params, "starting_after": fresh[-1].id}
-        except stripe.StripeError as exc:
-            raise _domain_error(exc) from exc
+        while True:
+            asked_at = int(time.time()) - 1
+            page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
+            fresh = [obj for obj in page.data if obj.id not in seen]
+            for obj in fresh:
+                seen.add(obj.id)
+                yield invoice_from_stripe(obj.to_dict(for_json=True)), asked_at
+            if not page.has_more or not fresh:  # no new id: a list that starts over ends here
+                return
+            params = {**params, "starting_after": fresh[-1].id}

@@ -22,6 +22,8 @@ class InvoiceStore(Protocol):
 
 class Creator(Protocol):
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]: ...
+    async def pay(self, invoice_id: str, payment_method: str | None, idempotency_key: str | None) -> Invoice: ...
+    async def void(self, invoice_id: str, idempotency_key: str | None) -> Invoice: ...
 
 
 def _set_time(target: timestamp_pb2.Timestamp, moment: datetime) -> None:
@@ -116,3 +118,18 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         answer = struct_pb2.Struct()
         answer.update(await self._creator.create(new, key))
         return answer
+
+    async def PayInvoice(
+        self, request: pb.PayInvoiceRequest, context: grpc.aio.ServicerContext[pb.PayInvoiceRequest, pb.Invoice]
+    ) -> pb.Invoice:
+        invoice_id = validation.invoice_id(request.id)
+        method = validation.payment_method_id(request.payment_method) if request.payment_method else None
+        key = validation.idempotency_key(_metadata(context, "idempotency-key"))
+        return fill_invoice(pb.Invoice(), await self._creator.pay(invoice_id, method, key))
+
+    async def VoidInvoice(
+        self, request: pb.VoidInvoiceRequest, context: grpc.aio.ServicerContext[pb.VoidInvoiceRequest, pb.Invoice]
+    ) -> pb.Invoice:
+        invoice_id = validation.invoice_id(request.id)
+        key = validation.idempotency_key(_metadata(context, "idempotency-key"))
+        return fill_invoice(pb.Invoice(), await self._creator.void(invoice_id, key))

@@ -107,10 +107,14 @@ def new_invoice(
     return NewInvoice(
         items=tuple(checked),
         customer=_stripe_id("customer", "cus", customer),
-        payment_method=_stripe_id("payment_method", "pm", payment_method),
+        payment_method=payment_method_id(payment_method),
         currency=currency.lower(),
         user=None if user is None else _user(*user),
     )
+
+
+def payment_method_id(value: str) -> str:
+    return _stripe_id("payment_method", "pm", value)
 
 
 def _storable(field: str, value: str) -> None:

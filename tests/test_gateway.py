@@ -18,6 +18,7 @@ from gateway.render import OPENAPI, render
 from service.app import start_grpc
 from service.config import Settings
 from service.domain import Invoice, InvoicePage, NewInvoice, Page, ResourceExhausted, Unavailable
+from service.invoices import NoStripe
 from service.storage import Storage
 from tests.conftest import API_KEY, ROTATED_KEY, Stack, json_shape, make_invoice
 from tools.stack import ENVOY, free_port, start_envoy
@@ -230,7 +231,7 @@ class FailingStore:
         raise Unavailable("the invoice store is unavailable; retry later")
 
 
-class RateLimitedCreator:
+class RateLimitedCreator(NoStripe):
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]:
         raise ResourceExhausted("Stripe rate limit reached; retry with backoff")
 

@@ -17,7 +17,12 @@ def _document() -> dict[str, Any]:
 def test_paths_and_parameters_follow_the_http_annotations() -> None:
     doc = _document()
     validate(doc)
-    assert set(doc["paths"]) == {"/admin/api/invoices", "/admin/api/invoices/{id}"}
+    assert set(doc["paths"]) == {
+        "/admin/api/invoices",
+        "/admin/api/invoices/{id}",
+        "/admin/api/invoices/{id}:pay",
+        "/admin/api/invoices/{id}:void",
+    }
     listing = doc["paths"]["/admin/api/invoices"]["get"]
     assert [(p["name"], p["in"], p["required"]) for p in listing["parameters"]] == [
         ("page", "query", False),
@@ -38,6 +43,11 @@ def test_paths_and_parameters_follow_the_http_annotations() -> None:
     # The Stripe invoice comes back as a plain JSON object (google.protobuf.Struct).
     assert create["responses"]["200"]["content"]["application/json"]["schema"]["type"] == "object"
     assert doc["components"]["securitySchemes"]["ApiKey"] == {"type": "apiKey", "in": "header", "name": "Api-Key"}
+    # A custom verb after a path field: `id` is a path parameter, the optional body the rest.
+    pay = doc["paths"]["/admin/api/invoices/{id}:pay"]["post"]
+    assert [(p["name"], p["in"], p["required"]) for p in pay["parameters"]] == [("id", "path", True)]
+    assert pay["requestBody"]["required"] is False
+    assert set(pay["requestBody"]["content"]["application/json"]["schema"]["properties"]) == {"paymentMethod"}
 
 
 def test_schemas_use_json_names_and_json_types() -> None:

@@ -30,6 +30,8 @@ def test_api_conforms_to_its_document(stack: Stack, mode: GenerationMode) -> Non
         "GET /admin/api/invoices",
         "GET /admin/api/invoices/{id}",
         "POST /admin/api/invoices",
+        "POST /admin/api/invoices/{id}:pay",
+        "POST /admin/api/invoices/{id}:void",
     }
     for operation in operations:
 

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from service import payments, validation
 from service.app import reconcile
 from service.config import Settings
+from service.invoices import InvoiceCreator, Timing
 from service.storage import Storage
 from tests.conftest import OLD_WEBHOOK_SECRET, WEBHOOK_SECRET
 from tools.stack import LOCALSTRIPE_KEY, customer_with_card
@@ -238,18 +239,19 @@ async def test_bad_deliveries_are_400_and_change_nothing(
 
 
 async def test_invoices_since_pages_through_stripe_and_stamps_each_page_when_asked(
-    stripe_client: stripe.StripeClient,
+    stripe_client: stripe.StripeClient, store: Storage
 ) -> None:
     """Reconcile judges what a page says as of when it was asked for, not when each invoice
     is applied: an event that arrives in between must still count as newer."""
     since = datetime.now(UTC) - timedelta(seconds=1)
     customer, method = await customer_with_card(stripe_client)
     new = validation.new_invoice([("a", 500)], customer, method, currency="eur")
-    creator = payments.StripePayments(stripe_client)
-    created = [(await creator.create_invoice(new, uuid.uuid4().hex))["id"] for _ in range(3)]
+    stripe = payments.StripePayments(stripe_client)
+    creator = InvoiceCreator(store, store, stripe, Timing())
+    created = [(await creator.create(new, uuid.uuid4().hex))["id"] for _ in range(3)]
     asked_before = int(time.time()) - 1  # the stamp is the second before the request
     seen: list[tuple[str, int]] = []
-    async for invoice, asked_at in creator.invoices_since(since, page_size=2):
+    async for invoice, asked_at in stripe.invoices_since(since, page_size=2):
         seen.append((invoice.stripe_invoice_id, asked_at))
         await asyncio.sleep(0.6)  # slow applying: the stamps must not move with it
     ours = [(key, at) for key, at in seen if key in created]
@@ -261,15 +263,15 @@ async def test_invoices_since_pages_through_stripe_and_stamps_each_page_when_ask
 
 
 async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_state(
-    database: str, localstripe: str, stripe_client: stripe.StripeClient
+    database: str, localstripe: str, stripe_client: stripe.StripeClient, store: Storage
 ) -> None:
     """A database that received no webhook at all: reconcile creates the records, and a
     second run changes nothing."""
     since = datetime.now(UTC) - timedelta(seconds=5)
-    creator = payments.StripePayments(stripe_client)
+    creator = InvoiceCreator(store, store, payments.StripePayments(stripe_client), Timing())
     customer, method = await customer_with_card(stripe_client)
     new = validation.new_invoice([("a", 1200), ("b", 34)], customer, method, currency="eur")
-    created = [await creator.create_invoice(new, uuid.uuid4().hex) for _ in range(2)]
+    created = [await creator.create(new, uuid.uuid4().hex) for _ in range(2)]
     settings = Settings(
         database_url=SecretStr(database), stripe_api_key=SecretStr(LOCALSTRIPE_KEY), stripe_api_base=localstripe
     )

@@ -17,7 +17,7 @@ from service import embedded, payments, storage, webhooks
 from service.app import start_grpc
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from service.invoices import InvoiceCreator
+from service.invoices import InvoiceCreator, Timing
 from tests.conftest import API_KEY, AUTH, WEBHOOK_SECRET
 from tests.test_stripe import event, sign
 from tools.stack import free_port
@@ -50,7 +50,7 @@ def _stripe_answering(status: int, error: dict[str, Any]) -> web.Application:
 
 async def _create_status(store: storage.Storage, api_base: str, api_key: str = "sk_test_x") -> grpc.aio.AioRpcError:
     client = payments.client(api_key, api_base=api_base, timeout_s=2, max_retries=0)
-    creator = InvoiceCreator(store, payments.StripePayments(client))
+    creator = InvoiceCreator(store, store, payments.StripePayments(client), Timing())
     running = await start_grpc(store, [API_KEY], "127.0.0.1:0", creator=creator)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -5,6 +5,7 @@ same descriptor set, so the document and the gateway cannot disagree."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from google.api import annotations_pb2, http_pb2
@@ -126,7 +127,8 @@ def _operation(
     inputs: set[str] = set()
     outputs: set[str] = set()
     request = index.messages[method.input_type]
-    path_fields = {part[1:-1] for part in path.split("/") if part.startswith("{")}
+    # `{id}` and custom verbs after it: `/invoices/{id}:pay`.
+    path_fields = set(re.findall(r"\{([^}=]+)", path))
     parameters = []
     for field in request.field:
         if field.name in path_fields:
@@ -168,9 +170,15 @@ def _operation(
     if body:
         if body != "*":
             raise ValueError(f"{method.name}: only body '*' is supported, got {body!r}")
-        inputs.add(method.input_type)
-        schema = {"$ref": f"#/components/schemas/{_schema_name(method.input_type)}"}
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        if path_fields:
+            # Body "*" beside path fields is every other field, and may be left out.
+            schema = _message_schema(index, method.input_type, inputs, output=False)
+            schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in path_fields}
+            operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": schema}}}
+        else:
+            inputs.add(method.input_type)
+            schema = {"$ref": f"#/components/schemas/{_schema_name(method.input_type)}"}
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     return operation, inputs, outputs
 
 

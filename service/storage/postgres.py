@@ -17,6 +17,8 @@ import asyncpg
 
 from service.domain import (
     AlreadyExists,
+    CreateClaim,
+    CreateInProgress,
     Cursor,
     Filters,
     Invoice,
@@ -76,13 +78,39 @@ _UPSERT = """
         amount = EXCLUDED.amount, invoice_pdf = EXCLUDED.invoice_pdf, updated_at = EXCLUDED.updated_at
     RETURNING id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at"""
 
+# A Create's idempotency key: a new key is claimed by its first attempt; a key whose
+# attempts did not finish is claimed again (attempt + 1) once no attempt holds its lease.
+# Read committed: ON CONFLICT then sees, and locks, the row a concurrent claim committed.
 _CLAIM_CREATE = """
-    INSERT INTO create_requests (idempotency_key, fingerprint) VALUES ($1, $2)
-    ON CONFLICT (idempotency_key) DO NOTHING"""
-_GET_CREATE = "SELECT fingerprint, response FROM create_requests WHERE idempotency_key = $1"
+    INSERT INTO create_requests AS r (idempotency_key, fingerprint, customer, lease_until)
+    VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+    ON CONFLICT (idempotency_key) DO UPDATE SET
+        attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, updated_at = now()
+    WHERE r.fingerprint = ANY($5::text[]) AND r.response IS NULL
+        AND (r.lease_until IS NULL OR r.lease_until < now())
+    RETURNING attempt, stripe_invoice_id, step, created_at"""
+_GET_CREATE = """
+    SELECT fingerprint, response, coalesce(lease_until > now(), false) AS leased
+    FROM create_requests WHERE idempotency_key = $1"""
+# Progress is fenced by the attempt: one whose lease another attempt took over records nothing.
+_RECORD_CREATE_STEP = """
+    UPDATE create_requests SET step = $3, stripe_invoice_id = coalesce($4, stripe_invoice_id),
+        lease_until = now() + make_interval(secs => $5), updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
 _FINISH_CREATE = """
-    UPDATE create_requests SET stripe_invoice_id = $2, response = $3, completed_at = now()
-    WHERE idempotency_key = $1"""
+    UPDATE create_requests SET stripe_invoice_id = $3, response = $4, step = 'done', completed_at = now(),
+        lease_until = NULL, updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
+_RELEASE_CREATE = """
+    UPDATE create_requests SET lease_until = NULL, updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
+# The first of identical keyless requests within the window holds the fingerprint.
+_CLAIM_KEYLESS = """
+    INSERT INTO keyless_creates AS k (fingerprint, idempotency_key) VALUES ($1, $2)
+    ON CONFLICT (fingerprint) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key, claimed_at = now()
+    WHERE k.claimed_at < now() - make_interval(secs => $3)
+    RETURNING idempotency_key"""
+_GET_KEYLESS = "SELECT idempotency_key FROM keyless_creates WHERE fingerprint = $1"
 
 # Events of one invoice are applied one at a time, under a transaction-scoped advisory lock
 # on its Stripe id (two-key form, its own key space; a hash collision only serializes two
@@ -237,20 +265,67 @@ class Storage:
             raise RuntimeError("INSERT ... RETURNING returned no row")
         return _invoice(row)
 
-    async def claim_create(self, key: str, fingerprint: str) -> dict[str, Any] | None:
-        """Registers a Create under its idempotency key. Returns the answer of an earlier
-        Create with the same key and request, None if there is none yet (first attempt,
-        or an earlier one that did not finish), and refuses the key for another request."""
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute(_CLAIM_CREATE, key, fingerprint)
+    async def claim_create(
+        self, key: str, fingerprints: tuple[str, ...], customer: str | None, lease_s: float
+    ) -> dict[str, Any] | CreateClaim:
+        """Claims `key` for an attempt of the request whose fingerprint is the first of
+        `fingerprints` (the others: the same request's older encodings). Answers the
+        finished request's stored answer, or the claim with what earlier attempts
+        recorded; refuses the key for another request, and while another attempt holds it."""
+        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], customer, lease_s, list(fingerprints))
+            if row is not None:
+                return CreateClaim(row["attempt"], row["stripe_invoice_id"], row["step"], row["created_at"])
             row = await conn.fetchrow(_GET_CREATE, key)
-        if row is None or row["fingerprint"] != fingerprint:
+        if row is None or row["fingerprint"] not in fingerprints:
             raise AlreadyExists("this Idempotency-Key was already used for a different request")
-        return None if row["response"] is None else dict(json.loads(row["response"]))
+        if row["response"] is not None:
+            return dict(json.loads(row["response"]))
+        if row["leased"]:
+            raise CreateInProgress("a request with this Idempotency-Key is in progress; retry later")
+        raise CreateInProgress("this Idempotency-Key was just released; retry")
 
-    async def finish_create(self, key: str, stripe_invoice_id: str, response: dict[str, Any]) -> None:
+    async def record_create_step(
+        self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
+    ) -> None:
+        """Records a step done and renews the attempt's lease; an attempt that lost the key
+        to another (its lease ran out) is stopped here, before its next Stripe call."""
         async with self._connection() as conn:
-            await conn.execute(_FINISH_CREATE, key, stripe_invoice_id, json.dumps(response))
+            status = await conn.execute(_RECORD_CREATE_STEP, key, attempt, step, stripe_invoice_id, lease_s)
+        if status == "UPDATE 0":
+            raise CreateInProgress("another attempt took over this Idempotency-Key; retry later")
+
+    async def finish_create(self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any]) -> None:
+        async with self._connection() as conn:
+            status = await conn.execute(_FINISH_CREATE, key, attempt, stripe_invoice_id, json.dumps(response))
+        if status == "UPDATE 0":
+            log.warning("a finished attempt had lost its key", extra={"invoice": stripe_invoice_id})
+
+    async def release_create(self, key: str, attempt: int) -> None:
+        """Ends an attempt that failed, so that the caller's retry may claim the key now."""
+        async with self._connection() as conn:
+            await conn.execute(_RELEASE_CREATE, key, attempt)
+
+    async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str:
+        """The key of the first identical keyless request within `window_s`, or `key` if
+        there is none (it is then the first)."""
+        async with self._connection() as conn:
+            claimed = await conn.fetchval(_CLAIM_KEYLESS, fingerprint, key, window_s)
+            if claimed is None:  # the other request committed first: read what it holds
+                claimed = await conn.fetchval(_GET_KEYLESS, fingerprint)
+        return str(claimed or key)
+
+    async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice:
+        """Applies what Stripe answered to a call of the service's own (Pay, Void) and
+        answers the record as that transaction left it."""
+        key = invoice.stripe_invoice_id
+        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+            await conn.execute(_LOCK_INVOICE, key)
+            await self._apply(conn, invoice, stripe_time, deleted=False)
+            row = await conn.fetchrow(_GET_BY_STRIPE_ID, key)
+        if row is None:
+            raise NotFound(f"invoice {key} was deleted in Stripe")
+        return _invoice(row)
 
     async def apply_stripe_invoice(
         self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""

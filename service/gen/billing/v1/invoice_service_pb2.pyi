@@ -318,3 +318,53 @@ class InvoiceItem(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvoiceItem: _TypeAlias = InvoiceItem  # noqa: Y015
+
+@_typing.final
+class PayInvoiceRequest(_message.Message):
+    """PayInvoiceRequest names the invoice to charge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    payment_method: _builtins.str
+    """Stripe's payment method id, `pm_...`, attached to the invoice's customer;
+    empty: the invoice's default payment method.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        payment_method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "payment_method", b"payment_method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayInvoiceRequest: _TypeAlias = PayInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class VoidInvoiceRequest(_message.Message):
+    """VoidInvoiceRequest names the invoice to void."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidInvoiceRequest: _TypeAlias = VoidInvoiceRequest  # noqa: Y015

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class InvoiceServiceStub:
-    """InvoiceService lists, reads and creates invoices.
+    """InvoiceService lists, reads and creates invoices, and pays or voids them.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -54,10 +54,20 @@ class InvoiceServiceStub:
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.CreateInvoiceRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
                 _registered_method=True)
+        self.PayInvoice = channel.unary_unary(
+                '/billing.v1.InvoiceService/PayInvoice',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.PayInvoiceRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+                _registered_method=True)
+        self.VoidInvoice = channel.unary_unary(
+                '/billing.v1.InvoiceService/VoidInvoice',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+                _registered_method=True)
 
 
 class InvoiceServiceServicer:
-    """InvoiceService lists, reads and creates invoices.
+    """InvoiceService lists, reads and creates invoices, and pays or voids them.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -97,11 +107,23 @@ class InvoiceServiceServicer:
         A declined card is not an error: the answer is the invoice, `open` with
         `amount_paid` 0, and `invoice.payment_failed` follows on the webhook.
 
+        An invoice that Stripe settles at finalization (the customer's credit
+        covers it, or the amount due is under the currency's minimum charge, which
+        Stripe carries to the customer's balance) is answered `paid`.
+
         Idempotency: send metadata `idempotency-key` (REST: header
         `Idempotency-Key`, 1 to 200 printable ASCII characters). A retry with the
         same key and request never creates a second Stripe invoice and answers the
-        same invoice; the same key with a different request fails with
-        ALREADY_EXISTS (REST 409). Keys are kept by the service without expiry.
+        same invoice, however long after; the same key with a different request
+        fails with ALREADY_EXISTS (REST 409). While an earlier attempt with the key
+        is still running, a retry waits for it briefly, then fails with
+        UNAVAILABLE (retry later). Keys are kept by the service without expiry.
+
+        Without a key, identical requests (same customer, items, currency,
+        payment method and user) within CREATE_DUPLICATE_WINDOW_S (default 120 s)
+        are taken for retries of the first: they answer its invoice instead of
+        billing again. To bill the same thing twice inside the window, send two
+        different keys.
 
         Errors: INVALID_ARGUMENT for bad fields and for a customer or payment
         method Stripe does not know; UNAVAILABLE when Stripe is unreachable,
@@ -113,6 +135,34 @@ class InvoiceServiceServicer:
         object, as they always did, and gRPC callers receive Stripe's full,
         versioned object without this contract having to mirror (and lag behind)
         Stripe's ~80 invoice fields. The typed view of an invoice is Invoice.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PayInvoice(self, request, context):
+        """PayInvoice charges an `open` or `uncollectible` invoice now, with
+        `payment_method` or else the invoice's default, and answers the service's
+        record after the change (a GET right after shows it). A paid invoice is
+        answered as it is. A declined card is not an error: the answer is the
+        record, still `open`. A draft or void invoice fails with
+        FAILED_PRECONDITION naming its status (REST 400); an unknown id with
+        NOT_FOUND. `idempotency-key` as for CreateInvoice.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoidInvoice(self, request, context):
+        """VoidInvoice voids an `open` or `uncollectible` invoice and answers the
+        service's record after the change. A void invoice is answered as it is; a
+        draft or paid one fails with FAILED_PRECONDITION naming its status (REST
+        400); an unknown id with NOT_FOUND. `idempotency-key` as for
+        CreateInvoice.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
@@ -138,6 +188,16 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.CreateInvoiceRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
             ),
+            'PayInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.PayInvoice,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.PayInvoiceRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
+            ),
+            'VoidInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoidInvoice,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'billing.v1.InvoiceService', rpc_method_handlers)
@@ -147,7 +207,7 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InvoiceService:
-    """InvoiceService lists, reads and creates invoices.
+    """InvoiceService lists, reads and creates invoices, and pays or voids them.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -224,6 +284,60 @@ class InvoiceService:
             '/billing.v1.InvoiceService/CreateInvoice',
             billing_dot_v1_dot_invoice__service__pb2.CreateInvoiceRequest.SerializeToString,
             google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PayInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.InvoiceService/PayInvoice',
+            billing_dot_v1_dot_invoice__service__pb2.PayInvoiceRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoidInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.InvoiceService/VoidInvoice',
+            billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InvoiceServiceStub:
-    """InvoiceService lists, reads and creates invoices.
+    """InvoiceService lists, reads and creates invoices, and pays or voids them.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -67,11 +67,23 @@ class InvoiceServiceStub:
     A declined card is not an error: the answer is the invoice, `open` with
     `amount_paid` 0, and `invoice.payment_failed` follows on the webhook.
 
+    An invoice that Stripe settles at finalization (the customer's credit
+    covers it, or the amount due is under the currency's minimum charge, which
+    Stripe carries to the customer's balance) is answered `paid`.
+
     Idempotency: send metadata `idempotency-key` (REST: header
     `Idempotency-Key`, 1 to 200 printable ASCII characters). A retry with the
     same key and request never creates a second Stripe invoice and answers the
-    same invoice; the same key with a different request fails with
-    ALREADY_EXISTS (REST 409). Keys are kept by the service without expiry.
+    same invoice, however long after; the same key with a different request
+    fails with ALREADY_EXISTS (REST 409). While an earlier attempt with the key
+    is still running, a retry waits for it briefly, then fails with
+    UNAVAILABLE (retry later). Keys are kept by the service without expiry.
+
+    Without a key, identical requests (same customer, items, currency,
+    payment method and user) within CREATE_DUPLICATE_WINDOW_S (default 120 s)
+    are taken for retries of the first: they answer its invoice instead of
+    billing again. To bill the same thing twice inside the window, send two
+    different keys.
 
     Errors: INVALID_ARGUMENT for bad fields and for a customer or payment
     method Stripe does not know; UNAVAILABLE when Stripe is unreachable,
@@ -86,10 +98,30 @@ class InvoiceServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    PayInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.PayInvoiceRequest, _invoice_service_pb2.Invoice]
+    """PayInvoice charges an `open` or `uncollectible` invoice now, with
+    `payment_method` or else the invoice's default, and answers the service's
+    record after the change (a GET right after shows it). A paid invoice is
+    answered as it is. A declined card is not an error: the answer is the
+    record, still `open`. A draft or void invoice fails with
+    FAILED_PRECONDITION naming its status (REST 400); an unknown id with
+    NOT_FOUND. `idempotency-key` as for CreateInvoice.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    VoidInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.VoidInvoiceRequest, _invoice_service_pb2.Invoice]
+    """VoidInvoice voids an `open` or `uncollectible` invoice and answers the
+    service's record after the change. A void invoice is answered as it is; a
+    draft or paid one fails with FAILED_PRECONDITION naming its status (REST
+    400); an unknown id with NOT_FOUND. `idempotency-key` as for
+    CreateInvoice.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class InvoiceServiceAsyncStub(InvoiceServiceStub):
-    """InvoiceService lists, reads and creates invoices.
+    """InvoiceService lists, reads and creates invoices, and pays or voids them.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -122,11 +154,23 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     A declined card is not an error: the answer is the invoice, `open` with
     `amount_paid` 0, and `invoice.payment_failed` follows on the webhook.
 
+    An invoice that Stripe settles at finalization (the customer's credit
+    covers it, or the amount due is under the currency's minimum charge, which
+    Stripe carries to the customer's balance) is answered `paid`.
+
     Idempotency: send metadata `idempotency-key` (REST: header
     `Idempotency-Key`, 1 to 200 printable ASCII characters). A retry with the
     same key and request never creates a second Stripe invoice and answers the
-    same invoice; the same key with a different request fails with
-    ALREADY_EXISTS (REST 409). Keys are kept by the service without expiry.
+    same invoice, however long after; the same key with a different request
+    fails with ALREADY_EXISTS (REST 409). While an earlier attempt with the key
+    is still running, a retry waits for it briefly, then fails with
+    UNAVAILABLE (retry later). Keys are kept by the service without expiry.
+
+    Without a key, identical requests (same customer, items, currency,
+    payment method and user) within CREATE_DUPLICATE_WINDOW_S (default 120 s)
+    are taken for retries of the first: they answer its invoice instead of
+    billing again. To bill the same thing twice inside the window, send two
+    different keys.
 
     Errors: INVALID_ARGUMENT for bad fields and for a customer or payment
     method Stripe does not know; UNAVAILABLE when Stripe is unreachable,
@@ -141,9 +185,29 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    PayInvoice: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.PayInvoiceRequest, _invoice_service_pb2.Invoice]  # type: ignore[assignment]
+    """PayInvoice charges an `open` or `uncollectible` invoice now, with
+    `payment_method` or else the invoice's default, and answers the service's
+    record after the change (a GET right after shows it). A paid invoice is
+    answered as it is. A declined card is not an error: the answer is the
+    record, still `open`. A draft or void invoice fails with
+    FAILED_PRECONDITION naming its status (REST 400); an unknown id with
+    NOT_FOUND. `idempotency-key` as for CreateInvoice.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    VoidInvoice: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.VoidInvoiceRequest, _invoice_service_pb2.Invoice]  # type: ignore[assignment]
+    """VoidInvoice voids an `open` or `uncollectible` invoice and answers the
+    service's record after the change. A void invoice is answered as it is; a
+    draft or paid one fails with FAILED_PRECONDITION naming its status (REST
+    400); an unknown id with NOT_FOUND. `idempotency-key` as for
+    CreateInvoice.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """InvoiceService lists, reads and creates invoices.
+    """InvoiceService lists, reads and creates invoices, and pays or voids them.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -192,11 +256,23 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         A declined card is not an error: the answer is the invoice, `open` with
         `amount_paid` 0, and `invoice.payment_failed` follows on the webhook.
 
+        An invoice that Stripe settles at finalization (the customer's credit
+        covers it, or the amount due is under the currency's minimum charge, which
+        Stripe carries to the customer's balance) is answered `paid`.
+
         Idempotency: send metadata `idempotency-key` (REST: header
         `Idempotency-Key`, 1 to 200 printable ASCII characters). A retry with the
         same key and request never creates a second Stripe invoice and answers the
-        same invoice; the same key with a different request fails with
-        ALREADY_EXISTS (REST 409). Keys are kept by the service without expiry.
+        same invoice, however long after; the same key with a different request
+        fails with ALREADY_EXISTS (REST 409). While an earlier attempt with the key
+        is still running, a retry waits for it briefly, then fails with
+        UNAVAILABLE (retry later). Keys are kept by the service without expiry.
+
+        Without a key, identical requests (same customer, items, currency,
+        payment method and user) within CREATE_DUPLICATE_WINDOW_S (default 120 s)
+        are taken for retries of the first: they answer its invoice instead of
+        billing again. To bill the same thing twice inside the window, send two
+        different keys.
 
         Errors: INVALID_ARGUMENT for bad fields and for a customer or payment
         method Stripe does not know; UNAVAILABLE when Stripe is unreachable,
@@ -208,6 +284,38 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         object, as they always did, and gRPC callers receive Stripe's full,
         versioned object without this contract having to mirror (and lag behind)
         Stripe's ~80 invoice fields. The typed view of an invoice is Invoice.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def PayInvoice(
+        self,
+        request: _invoice_service_pb2.PayInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_invoice_service_pb2.Invoice, _abc.Awaitable[_invoice_service_pb2.Invoice]]:
+        """PayInvoice charges an `open` or `uncollectible` invoice now, with
+        `payment_method` or else the invoice's default, and answers the service's
+        record after the change (a GET right after shows it). A paid invoice is
+        answered as it is. A declined card is not an error: the answer is the
+        record, still `open`. A draft or void invoice fails with
+        FAILED_PRECONDITION naming its status (REST 400); an unknown id with
+        NOT_FOUND. `idempotency-key` as for CreateInvoice.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def VoidInvoice(
+        self,
+        request: _invoice_service_pb2.VoidInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_invoice_service_pb2.Invoice, _abc.Awaitable[_invoice_service_pb2.Invoice]]:
+        """VoidInvoice voids an `open` or `uncollectible` invoice and answers the
+        service's record after the change. A void invoice is answered as it is; a
+        draft or paid one fails with FAILED_PRECONDITION naming its status (REST
+        400); an unknown id with NOT_FOUND. `idempotency-key` as for
+        CreateInvoice.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """

@@ -1,0 +1,305 @@
+"""A Create bills once, whatever fails in between: the service's own InvoiceCreator and
+StripePayments against the Stripe emulator, which behaves as Stripe does where it matters
+here (it replays a saved 500 for a key, forgets its keys after 24 hours on request, and
+settles at finalization an invoice under the currency's minimum charge). Every test
+counts what Stripe holds for its own customer afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+
+from service import payments, validation
+from service.domain import CreateInProgress, NewInvoice, Unavailable
+from service.invoices import InvoiceCreator, Timing
+from service.payments import StripePayments
+from service.storage import Storage
+from tools.stack import customer_with_card
+
+DECLINED_ON_CHARGE = "4000000000000341"  # attaches, then every charge is declined
+
+
+class Interrupted(Exception):
+    """What a process killed right after a Stripe call returned would leave behind."""
+
+
+class Payments(StripePayments):
+    """The real payments, counting calls by operation, and optionally cut off right after
+    one step's call has reached Stripe (its effect exists, the service never heard)."""
+
+    def __init__(self, client: stripe.StripeClient, *, cut_after: str = "", lines_per_call: int = 250) -> None:
+        self.calls: list[str] = []
+        super().__init__(client, observe=lambda op, _outcome, _s: self.calls.append(op), lines_per_call=lines_per_call)
+        self.cut_after = cut_after
+
+    def _cut(self, step: str) -> None:
+        if self.cut_after == step:
+            self.cut_after = ""
+            raise Interrupted(step)
+
+    async def create_draft(self, new: NewInvoice, key: str, stripe_key: str) -> dict[str, Any]:
+        answer = await super().create_draft(new, key, stripe_key)
+        self._cut("draft")
+        return answer
+
+    async def add_lines(self, invoice_id: str, items: Any, stripe_key: str) -> dict[str, Any]:
+        answer = await super().add_lines(invoice_id, items, stripe_key)
+        self._cut("lines")
+        return answer
+
+    async def finalize(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
+        answer = await super().finalize(invoice_id, stripe_key)
+        self._cut("finalize")
+        return answer
+
+    async def pay(self, invoice_id: str, payment_method: str | None, stripe_key: str) -> dict[str, Any]:
+        answer = await super().pay(invoice_id, payment_method, stripe_key)
+        self._cut("pay")
+        return answer
+
+
+async def emulator(localstripe: str, method: str, path: str, body: object = None) -> Any:
+    """The emulator's test hooks (tools/localstripe_launcher.py, /_config/...)."""
+    async with httpx.AsyncClient(base_url=localstripe, timeout=10) as http:
+        reply = await http.request(method, path, json=body)
+        reply.raise_for_status()
+        return reply.json() if reply.content else None
+
+
+async def stripe_invoices(client: stripe.StripeClient, customer: str) -> list[Any]:
+    return list((await client.v1.invoices.list_async({"customer": customer, "limit": 100})).data)
+
+
+def request(customer: str, method: str, amounts: list[int] | None = None) -> NewInvoice:
+    items = [(f"item {i}", amount) for i, amount in enumerate(amounts or [3300, 700])]
+    return validation.new_invoice(items, customer, method, currency="eur")
+
+
+def creator(store: Storage, stripe_payments: StripePayments, **timing: float) -> InvoiceCreator:
+    return InvoiceCreator(store, store, stripe_payments, Timing(**timing))
+
+
+def test_the_fingerprint_is_a_pinned_canonical_encoding() -> None:
+    """Stored fingerprints must survive a deploy: this value may never change (a new field
+    enters under a new FINGERPRINT_VERSION)."""
+    new = validation.new_invoice(
+        [("All resources", 3300), ("Support", 700)], "cus_A", "pm_B", currency="eur", user=("u-1", "Ada")
+    )
+    canonical = (
+        '["create",{"currency":"eur","customer":"cus_A","items":[["All resources",3300],["Support",700]],'
+        '"payment_method":"pm_B","user":["u-1","Ada"]}]'
+    )
+    pinned = "v1:7b3a35465953cdeb610570295b9633d2c64ea06356640a8f927235d80c9d3494"
+    assert new.fingerprint() == "v1:" + hashlib.sha256(canonical.encode()).hexdigest() == pinned
+
+
+@pytest.mark.parametrize("count", [1, 10, 100])
+async def test_four_stripe_calls_whatever_the_item_count(
+    store: Storage, stripe_client: stripe.StripeClient, count: int
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    stripe_payments = Payments(stripe_client)
+    answer = await creator(store, stripe_payments).create(
+        request(customer, method, [100 + i for i in range(count)]), uuid.uuid4().hex
+    )
+    assert stripe_payments.calls == ["invoices.create", "invoices.add_lines", "invoices.finalize", "invoices.pay"]
+    assert answer["status"] == "paid"
+    lines = (await stripe_client.v1.invoices.retrieve_async(answer["id"])).lines
+    listed = await stripe_client.v1.invoices.line_items.list_async(answer["id"], {"limit": 100})
+    assert [(line.description, line.amount) for line in listed.data] == [(f"item {i}", 100 + i) for i in range(count)]
+    assert lines is not None
+
+
+async def test_lines_beyond_one_call_go_in_batches_in_order(store: Storage, stripe_client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    stripe_payments = Payments(stripe_client, lines_per_call=3)
+    answer = await creator(store, stripe_payments).create(request(customer, method, list(range(1, 11))), "batches")
+    assert stripe_payments.calls.count("invoices.add_lines") == 4
+    listed = await stripe_client.v1.invoices.line_items.list_async(answer["id"], {"limit": 100})
+    assert [line.amount for line in listed.data] == list(range(1, 11))
+    assert answer["total"] == 55
+
+
+async def test_an_invoice_under_the_minimum_charge_is_answered_paid(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """The seed's own example bills one cent: Stripe settles it at finalization (and
+    refuses `pay` afterwards); the Create answers the paid invoice, it does not fail."""
+    customer, method = await customer_with_card(stripe_client)
+    stripe_payments = Payments(stripe_client)
+    answer = await creator(store, stripe_payments).create(request(customer, method, [1]), uuid.uuid4().hex)
+    assert answer["status"] == "paid"
+    assert "invoices.pay" not in stripe_payments.calls
+    assert [i.status for i in await stripe_invoices(stripe_client, customer)] == ["paid"]
+
+
+@pytest.mark.parametrize("step", ["draft", "lines", "finalize", "pay"])
+async def test_a_create_cut_off_after_each_step_and_retried_after_stripe_forgot_its_keys_bills_once(
+    store: Storage, stripe_client: stripe.StripeClient, localstripe: str, step: str
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    key = uuid.uuid4().hex
+    with pytest.raises(Interrupted):
+        await creator(store, Payments(stripe_client, cut_after=step)).create(request(customer, method), key)
+    await emulator(localstripe, "POST", "/_config/idempotency/forget")  # more than 24 h later
+
+    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), key)
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert [i.id for i in invoices] == [answer["id"]]
+    assert (invoices[0].status, invoices[0].amount_paid, invoices[0].total) == ("paid", 4000, 4000)
+    listed = await stripe_client.v1.invoices.line_items.list_async(answer["id"])
+    assert [line.amount for line in listed.data] == [3300, 700]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize(
+    ("step", "path"),
+    [
+        ("invoices.create", "^/v1/invoices$"),
+        ("invoices.add_lines", "^/v1/invoices/[^/]+/add_lines$"),
+        ("invoices.finalize", "^/v1/invoices/[^/]+/finalize$"),
+        ("invoices.pay", "^/v1/invoices/[^/]+/pay$"),
+    ],
+)
+async def test_a_stripe_500_on_a_step_then_the_callers_retry_bills_once(
+    store: Storage, stripe_client: stripe.StripeClient, localstripe: str, step: str, path: str, when: str
+) -> None:
+    """Stripe saves a 500 under its idempotency key and replays it for a day: the retry
+    must find out what exists and go on with keys of its own, not resend the old ones."""
+    customer, method = await customer_with_card(stripe_client)
+    key = uuid.uuid4().hex
+    await emulator(localstripe, "POST", "/_config/faults", {"path": path, "method": "POST", "count": 1, "when": when})
+    try:
+        with pytest.raises(Unavailable):
+            await creator(store, Payments(stripe_client)).create(request(customer, method), key)
+    finally:
+        await emulator(localstripe, "DELETE", "/_config/faults")
+    retry = Payments(stripe_client)
+    answer = await creator(store, retry).create(request(customer, method), key)
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert [i.id for i in invoices] == [answer["id"]]
+    assert (invoices[0].status, invoices[0].amount_paid) == ("paid", 4000)
+    assert "invoices.create" not in retry.calls or (step, when) == ("invoices.create", "before")
+
+
+async def test_a_finished_create_is_answered_again_without_calling_stripe(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    first = await creator(store, Payments(stripe_client)).create(request(customer, method), "replayed")
+    again = Payments(stripe_client)
+    assert await creator(store, again).create(request(customer, method), "replayed") == first
+    assert again.calls == []
+
+
+async def test_two_creates_with_one_key_in_flight_at_once_make_one_invoice(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    one = creator(store, Payments(stripe_client), wait_s=0)
+    answers = await asyncio.gather(
+        *(one.create(request(customer, method), "in-flight") for _ in range(2)), return_exceptions=True
+    )
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert len(invoices) == 1
+    for answer in answers:
+        assert isinstance(answer, CreateInProgress) or (isinstance(answer, dict) and answer["id"] == invoices[0].id)
+    assert any(isinstance(answer, dict) for answer in answers)
+
+
+async def test_a_duplicate_waits_for_the_attempt_in_progress_and_answers_its_invoice(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    one = creator(store, Payments(stripe_client))
+    first, second = await asyncio.gather(*(one.create(request(customer, method), "waits") for _ in range(2)))
+    assert first["id"] == second["id"]
+    assert len(await stripe_invoices(stripe_client, customer)) == 1
+
+
+async def test_an_attempt_that_died_holding_its_key_is_taken_over_after_its_lease(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """A process killed mid-Create releases nothing: the next attempt waits out the lease,
+    then resumes the draft; the dead attempt, should it wake, can record nothing."""
+    customer, method = await customer_with_card(stripe_client)
+    claim = await store.claim_create("died", (request(customer, method).fingerprint(),), customer, 0.5)
+    assert not isinstance(claim, dict)
+    stuck = Payments(stripe_client)
+    draft = await stuck.create_draft(request(customer, method), "died", "died-draft")
+    await store.record_create_step("died", claim.attempt, "drafted", str(draft["id"]), 0.5)
+    with pytest.raises(CreateInProgress):
+        await creator(store, Payments(stripe_client), wait_s=0).create(request(customer, method), "died")
+    await asyncio.sleep(0.6)
+    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), "died")
+    assert answer["id"] == draft["id"]
+    assert answer["status"] == "paid"
+    with pytest.raises(CreateInProgress):
+        await store.record_create_step("died", claim.attempt, "lined", None, 0.5)
+    assert len(await stripe_invoices(stripe_client, customer)) == 1
+
+
+async def test_ten_identical_keyless_creates_at_once_make_one_invoice(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    one = creator(store, Payments(stripe_client))
+    answers = await asyncio.gather(*(one.create(request(customer, method), None) for _ in range(10)))
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert len(invoices) == 1
+    assert {answer["id"] for answer in answers} == {invoices[0].id}
+    other = await one.create(request(customer, method, [3300, 701]), None)
+    assert other["id"] != invoices[0].id
+
+
+async def test_without_a_duplicate_window_identical_keyless_creates_bill_each(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    one = creator(store, Payments(stripe_client), duplicate_window_s=0)
+    for _ in range(2):
+        await one.create(request(customer, method), None)
+    assert len(await stripe_invoices(stripe_client, customer)) == 2
+
+
+async def test_a_key_stored_before_the_canonical_fingerprint_still_answers(
+    store: Storage, stripe_client: stripe.StripeClient, pool: Any
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    new = request(customer, method)
+    first = await creator(store, Payments(stripe_client)).create(new, "legacy")
+    await pool.execute(
+        "UPDATE create_requests SET fingerprint = $2 WHERE idempotency_key = $1", "legacy", new.legacy_fingerprint()
+    )
+    again = Payments(stripe_client)
+    assert await creator(store, again).create(new, "legacy") == first
+    assert again.calls == []
+
+
+async def test_a_declined_create_can_be_paid_with_another_card(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)
+    one = creator(store, Payments(stripe_client))
+    open_invoice = await one.create(request(customer, declining), uuid.uuid4().hex)
+    assert open_invoice["status"] == "open"
+    card: Any = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+    good = await stripe_client.v1.payment_methods.create_async({"type": "card", "card": card})
+    assert good.id is not None
+    await stripe_client.v1.payment_methods.attach_async(good.id, {"customer": customer})
+    record = await one.pay(open_invoice["id"], good.id, None)
+    assert (record.stripe_invoice_id, record.status, record.amount) == (open_invoice["id"], "paid", 4000)
+    assert (await store.get_invoice(open_invoice["id"])).status == "paid"
+    assert [i.status for i in await stripe_invoices(stripe_client, customer)] == ["paid"]
+
+
+def test_payments_module_keeps_one_stripe_call_per_line_batch() -> None:
+    """The batch size is Stripe's (250 items per invoice, no smaller documented limit per
+    add_lines call), and a Create's 100 items fit one call."""
+    assert validation.MAX_ITEMS <= payments.LINES_PER_CALL

@@ -1,0 +1,203 @@
+"""The admin's verbs after an invoice exists, through the real Envoy, server, sidecar and
+Stripe emulator: `:pay` and `:void` over REST and PayInvoice/VoidInvoice over gRPC, the
+seed's own Create payload, and the Envoy routes that must never retry a POST."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import httpx
+import pytest
+import stripe
+import yaml
+
+from gateway.render import render
+from service.config import Settings
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from tests.conftest import AUTH, Stack
+from tests.test_stripe import REQUEST, wait_for_status
+from tools.stack import customer_with_card
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DECLINED_ON_CHARGE = "4000000000000341"
+
+
+async def create(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    reply = await http.post("/admin/api/invoices", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
+    assert reply.status_code == 200, reply.text
+    answer: dict[str, Any] = reply.json()
+    return answer
+
+
+async def event_outcome(stack: Stack, invoice_id: str, event_type: str) -> str:
+    """The outcome the sidecar recorded for the emulator's event, once it has arrived."""
+    conn = await asyncpg.connect(stack.database)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            outcome = await conn.fetchval(
+                "SELECT outcome FROM stripe_events WHERE stripe_invoice_id = $1 AND type = $2", invoice_id, event_type
+            )
+            if outcome is not None:
+                return str(outcome)
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    raise AssertionError(f"no {event_type} of {invoice_id} arrived")
+
+
+async def good_card(client: stripe.StripeClient, customer: str) -> str:
+    card: Any = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+    method = await client.v1.payment_methods.create_async({"type": "card", "card": card})
+    assert method.id is not None
+    await client.v1.payment_methods.attach_async(method.id, {"customer": customer})
+    return method.id
+
+
+async def test_the_seeds_own_payload_answers_a_paid_invoice(
+    http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    """One item of 1 cent, in eur: under Stripe's minimum charge, settled at finalization."""
+    seed = json.loads((FIXTURES / "create-invoice.request.json").read_text())
+    customer, method = await customer_with_card(stripe_client)
+    answer = await create(http, {**seed, "customer": customer, "paymentMethod": method})
+    assert (answer["status"], answer["total"], answer["currency"]) == ("paid", 1, "eur")
+    await wait_for_status(http, answer["id"], "paid")
+
+
+async def test_a_declined_create_is_paid_with_another_card_through_rest(
+    http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)
+    invoice = await create(http, {**REQUEST, "customer": customer, "paymentMethod": declining})
+    assert invoice["status"] == "open"
+    method = await good_card(stripe_client, customer)
+    reply = await http.post(f"/admin/api/invoices/{invoice['id']}:pay", json={"paymentMethod": method})
+    assert reply.status_code == 200, reply.text
+    record = reply.json()
+    assert (record["invoiceId"], record["status"], record["amount"]) == (invoice["id"], "paid", 4000)
+    assert (await http.get(f"/admin/api/invoices/{record['_id']}")).json()["status"] == "paid"
+    listed = await stripe_client.v1.invoices.list_async({"customer": customer})
+    assert [(i.id, i.status) for i in listed.data] == [(invoice["id"], "paid")]
+    again = await http.post(f"/admin/api/invoices/{record['_id']}:pay")
+    assert (again.status_code, again.json()["status"]) == (200, "paid")
+
+
+async def test_voiding_an_open_invoice_twice_answers_void_both_times(
+    stack: Stack, http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)
+    invoice = await create(http, {**REQUEST, "customer": customer, "paymentMethod": declining})
+    replies = [await http.post(f"/admin/api/invoices/{invoice['id']}:void") for _ in range(2)]
+    assert [(r.status_code, r.json()["status"]) for r in replies] == [(200, "void"), (200, "void")]
+    assert (await http.get(f"/admin/api/invoices/{invoice['id']}")).json()["status"] == "void"
+    assert (await stripe_client.v1.invoices.retrieve_async(invoice["id"])).status == "void"
+    # The answer was already the record: Stripe's webhook that follows finds nothing to do.
+    assert await event_outcome(stack, invoice["id"], "invoice.voided") == "unchanged"
+    paying = await http.post(f"/admin/api/invoices/{invoice['id']}:pay", json={})
+    assert paying.status_code == 400, paying.text
+    assert paying.json()["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "void" in paying.json()["message"]
+
+
+async def test_voiding_a_paid_invoice_is_refused_naming_paid(
+    http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    invoice = await create(http, {**REQUEST, "customer": customer, "paymentMethod": method})
+    reply = await http.post(f"/admin/api/invoices/{invoice['id']}:void", headers={"Idempotency-Key": "void-paid"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "is paid" in reply.json()["message"]
+    assert (await stripe_client.v1.invoices.retrieve_async(invoice["id"])).status == "paid"
+
+
+async def test_a_replayed_create_makes_no_stripe_call(
+    stack: Stack, http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    body, key = {**REQUEST, "customer": customer, "paymentMethod": method}, {"Idempotency-Key": uuid.uuid4().hex}
+    first = await http.post("/admin/api/invoices", json=body, headers=key)
+    assert first.status_code == 200, first.text
+    async with httpx.AsyncClient(base_url=stack.localstripe) as emulator:
+        await emulator.delete("/_config/calls")
+        again = await http.post("/admin/api/invoices", json=body, headers=key)
+        calls = (await emulator.get("/_config/calls")).json()["calls"]
+    assert (again.status_code, again.json()) == (200, first.json())
+    assert {route: n for route, n in calls.items() if " /v1/" in route} == {}
+
+
+async def test_pay_and_void_of_an_unknown_invoice_are_404(http: httpx.AsyncClient) -> None:
+    for verb in ("pay", "void"):
+        reply = await http.post(f"/admin/api/invoices/in_doesnotexist:{verb}")
+        assert reply.status_code == 404, reply.text
+        assert reply.json()["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+        reply = await http.post(f"/admin/api/invoices/{'0' * 24}:{verb}")
+        assert reply.status_code == 404, reply.text
+
+
+async def test_a_pay_key_reused_for_another_request_is_409(
+    http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)
+    invoice = await create(http, {**REQUEST, "customer": customer, "paymentMethod": declining})
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = await http.post(f"/admin/api/invoices/{invoice['id']}:void", headers=key)
+    assert first.status_code == 200, first.text
+    other = await http.post(f"/admin/api/invoices/{invoice['id']}:pay", headers=key)
+    assert other.status_code == 409, other.text
+
+
+async def test_pay_and_void_over_grpc(
+    stack: Stack, stripe_client: stripe.StripeClient, http: httpx.AsyncClient
+) -> None:
+    customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)
+    invoice = await create(http, {**REQUEST, "customer": customer, "paymentMethod": declining})
+    method = await good_card(stripe_client, customer)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = pb_grpc.InvoiceServiceStub(channel)
+        paid = await stub.PayInvoice(pb.PayInvoiceRequest(id=invoice["id"], payment_method=method), metadata=AUTH)
+        assert (paid.invoice_id, paid.status, paid.amount) == (invoice["id"], "paid", 4000)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.VoidInvoice(pb.VoidInvoiceRequest(id=paid.id), metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "paid" in (info.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PayInvoice(pb.PayInvoiceRequest(id=paid.id, payment_method="card_x"), metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.VoidInvoice(pb.VoidInvoiceRequest(id=paid.id))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_envoy_retries_no_post_route() -> None:
+    """A retried POST would bill again for a keyless caller, or void and pay twice: only
+    routes matching GET alone may carry a retry policy."""
+    config = yaml.safe_load(render(Settings(), gateway_port=0, admin_port=0, grpc_port=1, webhook_port=2))
+    routes = [
+        route
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        for host in f["typed_config"]["route_config"]["virtual_hosts"]
+        for route in host["routes"]
+    ]
+    retrying = [route for route in routes if "retry_policy" in route.get("route", {})]
+    assert retrying, "the GET routes are expected to retry"
+    for route in retrying:
+        methods = [h for h in route["match"].get("headers", []) if h["name"] == ":method"]
+        webhook = route["match"].get("path") == "/webhooks/stripe"
+        assert webhook or methods == [{"name": ":method", "string_match": {"exact": "GET"}}], route
+    for verb in ("pay", "void", ""):
+        path = f"/admin/api/invoices/in_x:{verb}" if verb else "/admin/api/invoices"
+        unconditional = [r for r in routes if not r["match"].get("headers")]
+        matching = [r for r in unconditional if path.startswith(r["match"].get("prefix", "\0"))]
+        assert matching and "retry_policy" not in matching[0]["route"], path
