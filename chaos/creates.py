@@ -1,10 +1,18 @@
 """Creates under Stripe faults: CHAOS_CREATES invoices created through Envoy while a
 fault-injecting proxy (chaos/stripe_proxy.py) drops, fails or stalls CHAOS_FAULT_RATE of
-the service's Stripe calls. Each caller retries with its Idempotency-Key until it gets
-its invoice, as a careful client does. Afterwards Stripe must hold exactly one invoice,
-with exactly its one item, per key; the service's record of each key must name that
-invoice; and the invoices table, fed by the emulator's webhooks, must agree with Stripe.
-Prints the figures as JSON; exits 1 if anything is doubled, lost or disagrees."""
+the service's Stripe calls. In three phases:
+
+1. the first half of the orders, each caller trying once (many are cut off mid-Create);
+2. the emulator forgets its idempotency keys (Stripe's 24 hours, passed at once), then
+   every order is sent, each caller retrying with its Idempotency-Key until it gets its
+   invoice, as a careful client does: the first half's unfinished Creates resume;
+3. CHAOS_KEYLESS orders sent without a key, each as a burst of identical requests at once,
+   each caller retrying without a key, as the seed's callers do.
+
+Afterwards Stripe must hold exactly one invoice, with exactly its one item, per order and
+none charged twice; the service's record of each key must name that invoice; and the
+invoices table, fed by the emulator's webhooks, must agree with Stripe. Prints the
+figures as JSON; exits 1 if anything is doubled, lost or disagrees."""
 
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ CUSTOMERS = 8
 # per call, so that a good share of the faults reaches the service and its callers.
 STRIPE_TIMEOUT_S = 1.0
 STRIPE_MAX_RETRIES = 1
+# Identical keyless requests sent at once for one order (a caller's retries racing).
+KEYLESS_BURST = 5
 
 
 @dataclass
@@ -54,6 +64,7 @@ class Tally:
     replays: int = 0
     replays_sent: int = 0
     replays_with_other_invoice: int = 0
+    cut_off_then_resumed: int = 0
 
 
 def expected_amount(n: int) -> int:
@@ -61,48 +72,81 @@ def expected_amount(n: int) -> int:
 
 
 async def _create(
-    http: httpx.AsyncClient, key: str, body: dict[str, Any], tally: Tally, deadline_s: float = 300
+    http: httpx.AsyncClient,
+    key: str | None,
+    body: dict[str, Any],
+    tally: Tally,
+    deadline_s: float = 300,
+    attempts: int = 1000,
+    order: str = "",
 ) -> None:
     """One caller: retries 429, 5xx and lost connections with capped, jittered backoff,
-    always with the same key, until an answer; a 4xx other than 429 is final."""
-    started, attempt = time.monotonic(), 0
-    while time.monotonic() - started < deadline_s:
+    always with the same key (or always without one), until an answer or `attempts`; a
+    4xx other than 429 is final."""
+    started, attempt, order = time.monotonic(), 0, order or str(key)
+    headers = {"Idempotency-Key": key} if key else {}
+    while time.monotonic() - started < deadline_s and attempt < attempts:
         attempt += 1
         try:
-            reply = await http.post("/admin/api/invoices", json=body, headers={"Idempotency-Key": key})
+            reply = await http.post("/admin/api/invoices", json=body, headers=headers)
             tally.answers[str(reply.status_code)] += 1
         except httpx.HTTPError as exc:
             tally.answers[type(exc).__name__] += 1
         else:
             if reply.status_code == 200:
-                tally.invoice_of[key] = str(reply.json()["id"])
+                tally.invoice_of[order] = str(reply.json()["id"])
                 tally.attempts[attempt] += 1
                 tally.seconds.append(time.monotonic() - started)
                 return
             if reply.status_code < 500 and reply.status_code != 429:
-                tally.failed[key] = f"{reply.status_code} {reply.text[:300]}"
+                tally.failed[order] = f"{reply.status_code} {reply.text[:300]}"
                 return
-        await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))  # noqa: S311 - jitter
-    tally.failed[key] = "gave up after the deadline"
+        if attempt < attempts:
+            await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))  # noqa: S311 - jitter
+    tally.failed[order] = "gave up after the deadline" if attempt < attempts else f"gave up after {attempt}"
 
 
-async def create_all(base_url: str, customers: list[tuple[str, str]], creates: int, run: str) -> Tally:
-    tally, replayed = Tally(), Tally()
+def _body(customers: list[tuple[str, str]], kind: str, n: int) -> dict[str, Any]:
+    customer, method = customers[n % len(customers)]
+    return {
+        "items": [{"name": f"chaos {kind} {n}", "amount": expected_amount(n)}],
+        "customer": customer,
+        "paymentMethod": method,
+    }
+
+
+def forget_idempotency_keys(direct: str) -> None:
+    """Stripe's 24 hours, passed at once: the emulator forgets every key it kept."""
+    url = f"{direct}/_config/idempotency/forget"
+    request = urllib.request.Request(url, data=b"", method="POST")  # noqa: S310 - the local emulator
+    with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - the local emulator
+        pass
+
+
+async def create_all(
+    base_url: str, direct: str, customers: list[tuple[str, str]], creates: int, keyless: int, run: str
+) -> tuple[Tally, Tally]:
+    tally, replayed, cut_off, bursts = Tally(), Tally(), Tally(), Tally()
     gate = asyncio.Semaphore(16)
 
-    async def one(n: int, tally: Tally = tally) -> None:
-        customer, method = customers[n % len(customers)]
-        body = {
-            "items": [{"name": f"chaos item {n}", "amount": expected_amount(n)}],
-            "customer": customer,
-            "paymentMethod": method,
-        }
+    async def one(n: int, tally: Tally = tally, attempts: int = 1000) -> None:
         async with gate:
-            await _create(http, f"{run}-{n}", body, tally)
+            await _create(http, f"{run}-{n}", _body(customers, "item", n), tally, attempts=attempts)
+
+    async def burst(n: int) -> None:
+        async with gate:
+            body = _body(customers, "keyless", n)
+            await asyncio.gather(
+                *(_create(http, None, body, bursts, order=f"keyless-{n}-{i}") for i in range(KEYLESS_BURST))
+            )
 
     timeout = httpx.Timeout(30)
     async with httpx.AsyncClient(base_url=base_url, headers={"Api-Key": API_KEY}, timeout=timeout) as http:
+        await asyncio.gather(*(one(n, cut_off, attempts=1) for n in range(creates // 2)))
+        tally.cut_off_then_resumed = len(cut_off.failed)
+        await asyncio.to_thread(forget_idempotency_keys, direct)
         await asyncio.gather(*(one(n) for n in range(creates)))
+        await asyncio.gather(*(burst(n) for n in range(keyless)))
         # A replay after success answers the same invoice without touching Stripe.
         replays = range(0, creates, max(1, creates // 10))
         await asyncio.gather(*(one(n, replayed) for n in replays))
@@ -110,7 +154,7 @@ async def create_all(base_url: str, customers: list[tuple[str, str]], creates: i
     tally.replays_sent = len(replays)
     tally.failed |= {f"replay {k}": v for k, v in replayed.failed.items()}
     tally.replays_with_other_invoice = sum(1 for k, i in replayed.invoice_of.items() if tally.invoice_of.get(k) != i)
-    return tally
+    return tally, bursts
 
 
 async def stripe_invoices(direct: str) -> list[dict[str, Any]]:
@@ -136,11 +180,14 @@ def verify(
     invoices: list[dict[str, Any]],
     keys: dict[str, str | None],
     rows: dict[str, tuple[str, int]],
-    tally: Tally,
+    tallies: tuple[Tally, Tally],
     run: str,
-    creates: int,
+    counts: tuple[int, int],
 ) -> dict[str, Any]:
-    by_key: dict[str, list[dict[str, Any]]] = {}
+    """The figures, per order: keyed orders are `{run}-{n}`, keyless ones `keyless-{n}`."""
+    tally, bursts = tallies
+    creates, keyless = counts
+    by_order: dict[str, list[dict[str, Any]]] = {}
     orphans = 0
     for invoice in invoices:
         lines = invoice.get("lines", {}).get("data", [])
@@ -148,23 +195,33 @@ def verify(
         if len(names) != 1:
             orphans += 1  # a draft without its item, or an invoice with mixed items
             continue
-        n = int(next(iter(names)).rsplit(" ", 1)[1])
-        by_key.setdefault(f"{run}-{n}", []).append(invoice)
+        _, kind, n = next(iter(names)).split(" ")
+        by_order.setdefault(f"{run}-{n}" if kind == "item" else f"keyless-{n}", []).append(invoice)
     expected = {f"{run}-{n}": expected_amount(n) for n in range(creates)}
-    doubled = [k for k, found in by_key.items() if len(found) > 1]
-    missing = [k for k in expected if k not in by_key]
+    expected |= {f"keyless-{n}": expected_amount(n) for n in range(keyless)}
+    doubled = [k for k, found in by_order.items() if len(found) > 1]
+    charged_twice = [k for k, found in by_order.items() if sum(1 for i in found if i.get("amount_paid")) > 1]
+    missing = [k for k in expected if k not in by_order]
     wrong_items = [
-        k for k, found in by_key.items() if len(found[0]["lines"]["data"]) != 1 or found[0]["total"] != expected.get(k)
+        k
+        for k, found in by_order.items()
+        if len(found[0]["lines"]["data"]) != 1 or found[0]["total"] != expected.get(k)
     ]
-    stripe_id = {k: found[0]["id"] for k, found in by_key.items()}
+    stripe_id = {k: found[0]["id"] for k, found in by_order.items()}
     stripe_status = {inv["id"]: (inv["status"], inv["total"]) for inv in invoices}
     answered_other = [k for k, i in tally.invoice_of.items() if stripe_id.get(k) != i]
-    recorded_other = [k for k in expected if keys.get(k) != stripe_id.get(k)]
+    answered_other += [k for k, i in bursts.invoice_of.items() if stripe_id.get(k.rsplit("-", 1)[0]) != i]
+    recorded_other = [k for k in expected if k.startswith(run) and keys.get(k) != stripe_id.get(k)]
     disagree = [i for i, state in stripe_status.items() if rows.get(i) != state]
     figures = {
         "stripe_invoices": len(invoices),
-        "keys_with_one_invoice": sum(1 for found in by_key.values() if len(found) == 1),
-        "keys_with_several_invoices": len(doubled),
+        "orders": len(expected),
+        "stripe_invoices_per_order_max": max((len(found) for found in by_order.values()), default=0),
+        "orders_charged_twice": len(charged_twice),
+        "keys_with_one_invoice": sum(1 for k, found in by_order.items() if len(found) == 1 and k.startswith(run)),
+        "keys_with_several_invoices": len([k for k in doubled if k.startswith(run)]),
+        "keyless_orders_with_one_invoice": sum(1 for k, f in by_order.items() if len(f) == 1 and k[:8] == "keyless-"),
+        "keyless_orders_with_several_invoices": len([k for k in doubled if k.startswith("keyless-")]),
         "keys_without_invoice": len(missing),
         "invoices_without_their_one_item": orphans + len(wrong_items),
         "answers_naming_another_invoice": len(answered_other),
@@ -174,13 +231,16 @@ def verify(
         "stripe_statuses": dict(Counter(s for s, _ in stripe_status.values())),
     }
     figures["ok"] = (
-        len(invoices) == creates
-        and not (doubled or missing or orphans or wrong_items or answered_other or recorded_other or disagree)
-        and len(rows) == creates
+        len(invoices) == len(expected)
+        and not (doubled or charged_twice or missing or orphans or wrong_items)
+        and not (answered_other or recorded_other or disagree)
+        and len(rows) == len(expected)
         and not tally.failed
+        and not bursts.failed
         and tally.replays_with_other_invoice == 0
         and tally.replays == tally.replays_sent > 0
         and tally.answers["500"] == 0
+        and bursts.answers["500"] == 0
     )
     return figures
 
@@ -209,6 +269,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     creates = int(os.environ.get("CHAOS_CREATES", "1000"))
+    keyless = int(os.environ.get("CHAOS_KEYLESS", str(creates // 10)))
     fault_rate = float(os.environ.get("CHAOS_FAULT_RATE", "0.3"))
     work, url = prepare("chaos-creates")
     run = f"chaos-{uuid.uuid4().hex[:8]}"
@@ -236,7 +297,7 @@ def main() -> None:
                 register_webhook(stripe_port, f"{base}/webhooks/stripe", SECRET)
                 customers = asyncio.run(_customers(direct))
                 started = time.monotonic()
-                tally = asyncio.run(create_all(base, customers, creates, run))
+                tally, bursts = asyncio.run(create_all(base, direct, customers, creates, keyless, run))
                 elapsed = time.monotonic() - started
                 with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/_proxy/stats", timeout=5) as reply:
                     faults = json.load(reply)
@@ -246,9 +307,13 @@ def main() -> None:
             emulator.stop()
     figures: dict[str, Any] = {
         "creates": creates,
+        "keyless_orders": keyless,
+        "keyless_burst": KEYLESS_BURST,
+        "cut_off_before_stripe_forgot_its_keys": tally.cut_off_then_resumed,
         "fault_rate": fault_rate,
         "stripe_calls_by_fault": faults,
         "answers": dict(tally.answers),
+        "keyless_answers": dict(bursts.answers),
         "attempts_per_create": {str(k): v for k, v in sorted(tally.attempts.items())},
         "create_seconds_p50": _percentile(tally.seconds, 0.5),
         "create_seconds_p99": _percentile(tally.seconds, 0.99),
@@ -257,7 +322,7 @@ def main() -> None:
         "replays_after_success": tally.replays,
         "replays_naming_another_invoice": tally.replays_with_other_invoice,
     }
-    figures |= verify(invoices, keys, rows, tally, run, creates)
+    figures |= verify(invoices, keys, rows, (tally, bursts), run, (creates, keyless))
     print(json.dumps(figures))
     if not figures["ok"]:
         sys.exit(1)
