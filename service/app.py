@@ -195,10 +195,16 @@ def stripe_payments(settings: Settings, metrics: Metrics | None = None) -> Strip
     )
 
 
+# The stripe SDK's longest wait between two retries of a call (stripe 16, HTTPClient.MAX_DELAY).
+STRIPE_MAX_RETRY_DELAY_S = 5.0
+
+
 def create_timing(settings: Settings) -> Timing:
-    """An attempt's lease outlasts one Stripe call with all of the SDK's retries (and
-    their backoff, at most 2 s each), so a second attempt never runs beside a live one."""
-    one_call = settings.stripe_timeout_s * (settings.stripe_max_retries + 1) + 2.0 * settings.stripe_max_retries
+    """An attempt's lease, renewed before each Stripe call, outlasts one call with all of
+    the SDK's retries and their backoff, so a second attempt rarely waits beside a live
+    one (and if it does, the shared Stripe keys keep the work single)."""
+    retries = settings.stripe_max_retries
+    one_call = settings.stripe_timeout_s * (retries + 1) + STRIPE_MAX_RETRY_DELAY_S * retries
     return Timing(lease_s=one_call + 5.0, duplicate_window_s=settings.create_duplicate_window_s)
 
 
@@ -233,11 +239,12 @@ async def serve(settings: Settings) -> None:
         metrics_site = await start_metrics(settings, metrics)
         store = storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
         stripe = stripe_payments(settings, metrics)
+        creator = InvoiceCreator(store, store, stripe, create_timing(settings)) if stripe else None
         running = await start_grpc(
             store,
             keys,
             f"{settings.grpc_host}:{settings.grpc_port}",
-            creator=InvoiceCreator(store, store, stripe, create_timing(settings)) if stripe else None,
+            creator=creator,
             default_currency=settings.stripe_default_currency,
             ready=False,
             metrics=metrics,
@@ -256,6 +263,8 @@ async def serve(settings: Settings) -> None:
         readiness.cancel()
         log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
         await running.stop(settings.shutdown_grace_s, settings.shutdown_drain_s)
+        if creator is not None:  # attempts whose callers went away still record what they did
+            await creator.drain(settings.shutdown_grace_s)
     finally:
         if metrics_site is not None:
             await metrics_site.cleanup()

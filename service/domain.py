@@ -123,20 +123,23 @@ def fingerprint(operation: str, fields: Mapping[str, object]) -> str:
     return f"v{FINGERPRINT_VERSION}:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# The steps of a Create, in order (`legacy`: cut off before progress was recorded); a key's
+# row names the last one known done.
+CREATE_STEPS = ("legacy", "claimed", "drafted", "lined", "finalized", "done")
+
+
 @dataclass(frozen=True, slots=True)
 class CreateClaim:
     """An attempt's hold on an idempotency key: what earlier attempts recorded. `attempt`
-    numbers the attempts of the key (Stripe keys are derived from it) and fences progress:
-    only the attempt that holds the lease may record."""
+    fences progress (only the attempt that holds the lease may record); `generation`
+    names the Stripe Idempotency-Keys its calls use; `step` is the last step known done
+    (`legacy`: cut off before the service recorded progress)."""
 
     attempt: int
+    generation: int
     stripe_invoice_id: str | None
     step: str
     created_at: datetime
-
-
-# The steps of a Create, in order; `step` of a key's row is the last one known done.
-CREATE_STEPS = ("claimed", "drafted", "lined", "finalized", "done")
 
 
 RECORD_ID = re.compile(r"[0-9a-f]{24}")
@@ -165,6 +168,11 @@ class NotFound(DomainError):
 
 class Unavailable(DomainError):
     """A dependency (Postgres, Stripe) cannot be reached now; retrying later may work."""
+
+
+class StripeFailed(Unavailable):
+    """Stripe itself answered a 5xx, which it saves under the call's idempotency key and
+    replays for a day: a retry must find out what exists and use keys of its own."""
 
 
 class CreateInProgress(Unavailable):

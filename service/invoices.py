@@ -18,11 +18,11 @@ from service.domain import (
     CreateClaim,
     CreateInProgress,
     FailedPrecondition,
-    Internal,
     Invoice,
     NewInvoice,
     NewItem,
     NotFound,
+    StripeFailed,
     StripeInvoice,
     Unavailable,
     fingerprint,
@@ -35,13 +35,13 @@ T = TypeVar("T")
 
 class CreateRequests(Protocol):
     async def claim_create(
-        self, key: str, fingerprints: tuple[str, ...], customer: str | None, lease_s: float
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float
     ) -> dict[str, Any] | CreateClaim: ...
     async def record_create_step(
         self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
     ) -> None: ...
     async def finish_create(self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any]) -> None: ...
-    async def release_create(self, key: str, attempt: int) -> None: ...
+    async def release_create(self, key: str, attempt: int, *, new_stripe_keys: bool = False) -> None: ...
     async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str: ...
 
 
@@ -65,21 +65,23 @@ class NoStripe:
 
 @dataclass(frozen=True)
 class Timing:
-    """How long an attempt owns its key without recording progress (longer than one
-    Stripe call with the SDK's retries can take, or a second attempt could run beside
-    it); how long a duplicate waits for the attempt in progress; the keyless window."""
+    """How long an attempt owns its key between two renewals (one before every Stripe
+    call; the composition root sizes it from the Stripe timeout and retries), how long a
+    duplicate waits for the attempt in progress, and the keyless duplicate window."""
 
-    lease_s: float = 40.0
+    lease_s: float
     wait_s: float = 10.0
     poll_s: float = 0.1
     duplicate_window_s: float = 120.0
 
 
-def _stripe_key(key: str, attempt: int, step: str) -> str:
-    """Stripe's Idempotency-Key for one step of one attempt. Each attempt has its own, so
-    a 500 Stripe saved under the last attempt's key is never replayed to this one; that
-    is safe because an attempt only calls a step whose effect it found absent."""
-    return f"invoice-service:{key}:{attempt}:{step}"
+def _stripe_key(key: str, generation: int, step: str) -> str:
+    """Stripe's Idempotency-Key for one step. Attempts share it, so that Stripe collapses
+    a call still in flight (an attempt that timed out, or whose lease ran out) with its
+    retry instead of doing the work twice; a new generation follows a 5xx that Stripe
+    saved and would replay (StripeFailed), and is safe because a step runs only when its
+    effect is absent."""
+    return f"invoice-service:{key}:{generation}:{step}"
 
 
 def lines_done(invoice: dict[str, Any], batches: list[tuple[NewItem, ...]]) -> int:
@@ -92,7 +94,9 @@ def lines_done(invoice: dict[str, Any], batches: list[tuple[NewItem, ...]]) -> i
         total += sum(item.amount for item in batch)
     if subtotal == total:
         return len(batches)
-    raise Internal(f"the Stripe draft {invoice.get('id')} holds lines the service did not add")
+    raise FailedPrecondition(
+        f"the Stripe draft {invoice.get('id')} holds lines the service did not add; delete it in Stripe, then retry"
+    )
 
 
 class InvoiceCreator:
@@ -103,7 +107,8 @@ class InvoiceCreator:
         self._timing = timing
         # Attempts run as tasks of their own: a caller that goes away (Envoy's route
         # timeout, a client deadline) must not cut an attempt between Stripe charging and
-        # the row recording it. Held here so that they are not garbage-collected.
+        # the row recording it. Held here so that they are not garbage-collected, and so
+        # that shutdown can wait for them (`drain`).
         self._running: set[asyncio.Task[Any]] = set()
 
     async def _detached(self, work: Awaitable[T]) -> T:
@@ -112,19 +117,36 @@ class InvoiceCreator:
         task.add_done_callback(self._running.discard)
         return await asyncio.shield(task)
 
-    async def _claim(
-        self, key: str, fingerprints: tuple[str, ...], customer: str | None
-    ) -> dict[str, Any] | CreateClaim:
+    async def drain(self, timeout_s: float) -> None:
+        """Waits for the attempts still running (their callers may have gone), so that
+        they record what they did before the pool closes."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout_s)
+
+    async def _claim(self, key: str, fingerprints: tuple[str, ...]) -> dict[str, Any] | CreateClaim:
         """Claims the key, waiting a while for an attempt in progress to answer."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.wait_s
         while True:
             try:
-                return await self._requests.claim_create(key, fingerprints, customer, self._timing.lease_s)
+                return await self._requests.claim_create(key, fingerprints, self._timing.lease_s)
             except CreateInProgress:
                 if loop.time() >= deadline:
                     raise
             await asyncio.sleep(self._timing.poll_s)
+
+    async def _attempt(self, key: str, claim: CreateClaim, run: Callable[[], Awaitable[T]], answer: Any) -> T:
+        """Runs one attempt under its claim: on failure the key is released (with new
+        Stripe keys after a 5xx Stripe saved); on success the answer is stored. Should
+        storing fail after Stripe did the work, the key is released too, so the caller's
+        retry reads what Stripe holds instead of waiting out the lease."""
+        try:
+            result = await run()
+            await self._requests.finish_create(key, claim.attempt, *answer(result))
+        except BaseException as error:
+            await self._requests.release_create(key, claim.attempt, new_stripe_keys=isinstance(error, StripeFailed))
+            raise
+        return result
 
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]:
         key = idempotency_key
@@ -135,49 +157,52 @@ class InvoiceCreator:
             key = f"keyless:{uuid.uuid4().hex}"
             if self._timing.duplicate_window_s > 0:
                 key = await self._requests.claim_keyless(new.fingerprint(), key, self._timing.duplicate_window_s)
-        claim = await self._claim(key, (new.fingerprint(), new.legacy_fingerprint()), new.customer)
+        claim = await self._claim(key, (new.fingerprint(), new.legacy_fingerprint()))
         if not isinstance(claim, CreateClaim):
             return claim
-        return await self._detached(self._attempt(new, key, claim))
+        return await self._detached(
+            self._attempt(key, claim, lambda: self._run(new, key, claim), lambda i: (str(i["id"]), i))
+        )
 
-    async def _attempt(self, new: NewInvoice, key: str, claim: CreateClaim) -> dict[str, Any]:
-        try:
-            invoice = await self._run(new, key, claim)
-        except BaseException:
-            await self._requests.release_create(key, claim.attempt)
-            raise
-        await self._requests.finish_create(key, claim.attempt, str(invoice["id"]), invoice)
-        return invoice
+    async def _find(self, new: NewInvoice, key: str, claim: CreateClaim) -> dict[str, Any] | None:
+        """The invoice an earlier attempt made: by its recorded id; else by the key in its
+        metadata; for a Create cut off before the service recorded progress (`legacy`), by
+        its content."""
+        stripe = self._payments
+        if claim.stripe_invoice_id is not None:
+            return await stripe.retrieve(claim.stripe_invoice_id)
+        if claim.step == "legacy":
+            return await stripe.find_unmarked(new, claim.created_at)
+        if claim.attempt > 1:
+            return await stripe.find_draft(new.customer, key, claim.created_at)
+        return None
 
     async def _run(self, new: NewInvoice, key: str, claim: CreateClaim) -> dict[str, Any]:
-        """Each step only if Stripe does not show it done: a resumed attempt first finds
-        the draft (by the recorded id, or by the key in its metadata), then continues."""
-        stripe, attempt = self._payments, claim.attempt
+        """Each step only if Stripe does not show it done; the lease is renewed (and the
+        attempt's hold checked) before every Stripe call."""
+        stripe, generation = self._payments, claim.generation
+        invoice_id: str | None = claim.stripe_invoice_id
 
-        async def record(step: str, stripe_invoice_id: str | None = None) -> None:
-            await self._requests.record_create_step(key, attempt, step, stripe_invoice_id, self._timing.lease_s)
+        async def record(step: str) -> None:
+            await self._requests.record_create_step(key, claim.attempt, step, invoice_id, self._timing.lease_s)
 
-        invoice: dict[str, Any] | None = None
-        if claim.stripe_invoice_id is not None:
-            invoice = await stripe.retrieve(claim.stripe_invoice_id)
-        elif attempt > 1:
-            invoice = await stripe.find_draft(new.customer, key, claim.created_at)
-            if invoice is not None:
-                log.info("resumed a draft found in Stripe", extra={"invoice": invoice["id"], "attempt": attempt})
+        invoice = await self._find(new, key, claim)
         if invoice is None:
-            invoice = await stripe.create_draft(new, key, _stripe_key(key, attempt, "invoice"))
+            await record("claimed")
+            invoice = await stripe.create_draft(new, key, _stripe_key(key, generation, "invoice"))
+        elif claim.stripe_invoice_id is None:
+            log.info("resumed an invoice found in Stripe", extra={"invoice": invoice["id"], "attempt": claim.attempt})
         invoice_id = str(invoice["id"])
-        if claim.stripe_invoice_id is None:
-            await record("drafted", invoice_id)
+        await record("drafted")
         if invoice.get("status") == "draft":
             batches = stripe.batches(new.items)
             for n in range(lines_done(invoice, batches), len(batches)):
-                invoice = await stripe.add_lines(invoice_id, batches[n], _stripe_key(key, attempt, f"lines-{n}"))
-            await record("lined")
-            invoice = await stripe.finalize(invoice_id, _stripe_key(key, attempt, "finalize"))
+                invoice = await stripe.add_lines(invoice_id, batches[n], _stripe_key(key, generation, f"lines-{n}"))
+                await record("drafted" if n + 1 < len(batches) else "lined")
+            invoice = await stripe.finalize(invoice_id, _stripe_key(key, generation, "finalize"))
             await record("finalized")
         if invoice.get("status") == "open":
-            invoice = await stripe.pay(invoice_id, new.payment_method, _stripe_key(key, attempt, "pay"))
+            invoice = await stripe.pay(invoice_id, new.payment_method, _stripe_key(key, generation, "pay"))
         return invoice
 
     async def pay(self, invoice_id: str, payment_method: str | None, idempotency_key: str | None) -> Invoice:
@@ -189,7 +214,7 @@ class InvoiceCreator:
                 return current
             if status not in ("open", "uncollectible"):
                 raise FailedPrecondition(f"invoice {current['id']} is {status}; only open or uncollectible can be paid")
-            return await self._payments.pay(str(current["id"]), payment_method, stripe_key)
+            return await self._payments.pay(str(current["id"]), payment_method, stripe_key, declined_ok=False)
 
         return await self._manage("pay", invoice_id, {"payment_method": payment_method}, idempotency_key, act)
 
@@ -222,25 +247,19 @@ class InvoiceCreator:
         so that a GET right after shows it."""
         stripe_id = await self._stripe_id(invoice_id)
         key = idempotency_key or f"{operation}:{uuid.uuid4().hex}"
-        claim = await self._claim(key, (fingerprint(operation, {"invoice": stripe_id, **fields}),), None)
+        claim = await self._claim(key, (fingerprint(operation, {"invoice": stripe_id, **fields}),))
         if not isinstance(claim, CreateClaim):
             return await self._records.get_invoice(stripe_id)
 
-        async def attempt() -> Invoice:
-            try:
-                # What Stripe answers is true as of the second before the call: an event of
-                # the same second may be newer, and wins the tie (as in reconcile).
-                asked_at = int(time.time()) - 1
-                current = await self._payments.retrieve(stripe_id)
-                answer = await act(current, _stripe_key(key, claim.attempt, operation))
-                record = await self._records.record_stripe_invoice(invoice_from_stripe(answer), stripe_time=asked_at)
-            except BaseException:
-                await self._requests.release_create(key, claim.attempt)
-                raise
-            await self._requests.finish_create(key, claim.attempt, stripe_id, {"invoice": stripe_id})
-            return record
+        async def run() -> Invoice:
+            # What Stripe answers is true as of the second before the call: an event of the
+            # same second may be newer, and wins the tie (as in reconcile).
+            asked_at = int(time.time()) - 1
+            current = await self._payments.retrieve(stripe_id)
+            answer = await act(current, _stripe_key(key, claim.generation, operation))
+            return await self._records.record_stripe_invoice(invoice_from_stripe(answer), stripe_time=asked_at)
 
-        return await self._detached(attempt())
+        return await self._detached(self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id})))
 
     async def _stripe_id(self, invoice_id: str) -> str:
         """Stripe's id of the invoice named by the service's `_id` or by `in_...`; an

@@ -24,6 +24,7 @@ from service.domain import (
     NewInvoice,
     NewItem,
     ResourceExhausted,
+    StripeFailed,
     StripeInvoice,
     Unavailable,
     User,
@@ -87,6 +88,16 @@ def _domain_error(exc: stripe.StripeError) -> DomainError:
         return Internal("the service's Stripe credentials were refused")
     # APIError includes Stripe's 409 "another request with this key is in progress" (a
     # caller's retry overtaking its first attempt): retrying later is right for it too.
+    body = exc.json_body
+    if (
+        isinstance(exc, stripe.APIError)
+        and (exc.http_status or 0) >= 500
+        and isinstance(body, dict)
+        and "error" in body
+    ):
+        # Stripe's own error body: Stripe finished the call and saved this answer (a proxy's
+        # 502/504, or a timeout, may leave the call running: its key must stay).
+        return StripeFailed("Stripe is failing; retry later with the same idempotency key")
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return Unavailable("Stripe is unreachable or failing; retry later with the same idempotency key")
     if isinstance(exc, stripe.CardError):
@@ -115,8 +126,6 @@ LINES_PER_CALL = 250
 # Metadata key on the Stripe invoice: the idempotency key of the Create that made it, so
 # that a retry that never learned the draft's id finds it in the customer's invoices.
 CREATE_KEY = "invoice_service_key"
-# Stripe's answer to `pay` on a paid invoice (an invalid_request_error without a code).
-_ALREADY_PAID = "already paid"
 
 
 class StripePayments:
@@ -199,19 +208,44 @@ class StripePayments:
         """The customer's invoice made by the Create with this key, if an earlier attempt
         made one without learning its id. Listing (not search, which lags by up to a
         minute) and only the invoices created since the key was first claimed."""
-        params: InvoiceListParams = {
-            "customer": customer,
-            "created": {"gte": int(since.timestamp()) - 60},
-            "limit": 100,
-        }
+        async for invoice in self._invoices({"customer": customer, "created": {"gte": int(since.timestamp()) - 60}}):
+            if (invoice.get("metadata") or {}).get(CREATE_KEY) == key:
+                return invoice
+        return None
+
+    async def find_unmarked(self, new: NewInvoice, since: datetime) -> dict[str, Any] | None:
+        """The finalized invoice a Create cut off before the service recorded progress (and
+        put its key in metadata) made: the customer's invoices since then without a key,
+        in the request's currency, for its owner, whose subtotal is the request's sum.
+        Drafts are left out: never charged, a half-built one is simply not reused. Two
+        candidates cannot be told apart: refused, for an operator to settle."""
+        params: InvoiceListParams = {"customer": new.customer, "created": {"gte": int(since.timestamp()) - 60}}
+        total = sum(item.amount for item in new.items)
+        found = []
+        async for invoice in self._invoices(params):
+            metadata = invoice.get("metadata") or {}
+            if CREATE_KEY in metadata or invoice.get("status") == "draft":
+                continue
+            owner = metadata.get(USER_ID)
+            if (invoice.get("currency"), invoice.get("subtotal"), owner) == (
+                new.currency,
+                total,
+                new.user.id if new.user else None,
+            ):
+                found.append(invoice)
+        if len(found) > 1:
+            ids = ", ".join(str(i["id"]) for i in found)
+            raise FailedPrecondition(f"this Create was cut off before an upgrade and may have made any of {ids}")
+        return found[0] if found else None
+
+    async def _invoices(self, params: InvoiceListParams) -> AsyncIterator[dict[str, Any]]:
+        params = {**params, "limit": 100}
         while True:
             page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
             for obj in page.data:
-                invoice = obj.to_dict(for_json=True)
-                if (invoice.get("metadata") or {}).get(CREATE_KEY) == key:
-                    return invoice
+                yield obj.to_dict(for_json=True)
             if not page.has_more or not page.data:
-                return None
+                return
             params = {**params, "starting_after": page.data[-1].id}
 
     async def exists(self, invoice_id: str) -> bool:
@@ -248,11 +282,14 @@ class StripePayments:
         )
         return invoice.to_dict(for_json=True)
 
-    async def pay(self, invoice_id: str, payment_method: str | None, stripe_key: str) -> dict[str, Any]:
-        """Charges the invoice now. A decline is not an error: the invoice stays `open` and
-        is answered as it is; so is an invoice Stripe finds already paid (by credit at
-        finalize, or a concurrent payment): Stripe's refusal is checked against the
-        invoice itself before anything is answered."""
+    async def pay(
+        self, invoice_id: str, payment_method: str | None, stripe_key: str, *, declined_ok: bool = True
+    ) -> dict[str, Any]:
+        """Charges the invoice now. A decline leaves it `open`: answered as it is when
+        `declined_ok` (a Create: the failure also arrives by webhook), else
+        FAILED_PRECONDITION with the decline (the admin's Pay). Any refusal is checked
+        against the invoice itself: one already paid (by credit at finalize, or a
+        concurrent payment) is answered paid, whatever Stripe's message says."""
         params: InvoicePayParams = {"payment_method": payment_method} if payment_method else {}
         try:
             paid = await self._call(
@@ -263,8 +300,9 @@ class StripePayments:
             cause = error.__cause__
             if isinstance(cause, stripe.CardError):
                 log.info("card declined", extra={"invoice": invoice_id, "decline_code": cause.code})
-                return await self.retrieve(invoice_id)
-            if isinstance(cause, stripe.InvalidRequestError) and _ALREADY_PAID in str(cause.user_message).lower():
+                if declined_ok:
+                    return await self.retrieve(invoice_id)
+            if isinstance(cause, stripe.InvalidRequestError):
                 current = await self.retrieve(invoice_id)
                 if current.get("status") == "paid":
                     return current

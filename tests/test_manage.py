@@ -79,6 +79,10 @@ async def test_a_declined_create_is_paid_with_another_card_through_rest(
     customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)
     invoice = await create(http, {**REQUEST, "customer": customer, "paymentMethod": declining})
     assert invoice["status"] == "open"
+    declined = await http.post(f"/admin/api/invoices/{invoice['id']}:pay")  # the same card again
+    assert declined.status_code == 400, declined.text
+    assert declined.json()["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "declined" in declined.json()["message"]
     method = await good_card(stripe_client, customer)
     reply = await http.post(f"/admin/api/invoices/{invoice['id']}:pay", json={"paymentMethod": method})
     assert reply.status_code == 200, reply.text
@@ -144,7 +148,7 @@ async def test_pay_and_void_of_an_unknown_invoice_are_404(http: httpx.AsyncClien
         assert reply.status_code == 404, reply.text
 
 
-async def test_a_pay_key_reused_for_another_request_is_409(
+async def test_a_key_used_to_void_is_refused_for_a_pay_409(
     http: httpx.AsyncClient, stripe_client: stripe.StripeClient
 ) -> None:
     customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)

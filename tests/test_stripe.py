@@ -247,7 +247,7 @@ async def test_invoices_since_pages_through_stripe_and_stamps_each_page_when_ask
     customer, method = await customer_with_card(stripe_client)
     new = validation.new_invoice([("a", 500)], customer, method, currency="eur")
     stripe = payments.StripePayments(stripe_client)
-    creator = InvoiceCreator(store, store, stripe, Timing())
+    creator = InvoiceCreator(store, store, stripe, Timing(lease_s=40))
     created = [(await creator.create(new, uuid.uuid4().hex))["id"] for _ in range(3)]
     asked_before = int(time.time()) - 1  # the stamp is the second before the request
     seen: list[tuple[str, int]] = []
@@ -268,7 +268,7 @@ async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_sta
     """A database that received no webhook at all: reconcile creates the records, and a
     second run changes nothing."""
     since = datetime.now(UTC) - timedelta(seconds=5)
-    creator = InvoiceCreator(store, store, payments.StripePayments(stripe_client), Timing())
+    creator = InvoiceCreator(store, store, payments.StripePayments(stripe_client), Timing(lease_s=40))
     customer, method = await customer_with_card(stripe_client)
     new = validation.new_invoice([("a", 1200), ("b", 34)], customer, method, currency="eur")
     created = [await creator.create(new, uuid.uuid4().hex) for _ in range(2)]

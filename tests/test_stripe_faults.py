@@ -50,7 +50,7 @@ def _stripe_answering(status: int, error: dict[str, Any]) -> web.Application:
 
 async def _create_status(store: storage.Storage, api_base: str, api_key: str = "sk_test_x") -> grpc.aio.AioRpcError:
     client = payments.client(api_key, api_base=api_base, timeout_s=2, max_retries=0)
-    creator = InvoiceCreator(store, store, payments.StripePayments(client), Timing())
+    creator = InvoiceCreator(store, store, payments.StripePayments(client), Timing(lease_s=40))
     running = await start_grpc(store, [API_KEY], "127.0.0.1:0", creator=creator)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 
 from service.domain import (
+    CREATE_STEPS,
     AlreadyExists,
     CreateClaim,
     CreateInProgress,
@@ -82,19 +83,22 @@ _UPSERT = """
 # attempts did not finish is claimed again (attempt + 1) once no attempt holds its lease.
 # Read committed: ON CONFLICT then sees, and locks, the row a concurrent claim committed.
 _CLAIM_CREATE = """
-    INSERT INTO create_requests AS r (idempotency_key, fingerprint, customer, lease_until)
-    VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until)
+    VALUES ($1, $2, now() + make_interval(secs => $3))
     ON CONFLICT (idempotency_key) DO UPDATE SET
         attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, updated_at = now()
-    WHERE r.fingerprint = ANY($5::text[]) AND r.response IS NULL
+    WHERE r.fingerprint = ANY($4::text[]) AND r.response IS NULL
         AND (r.lease_until IS NULL OR r.lease_until < now())
-    RETURNING attempt, stripe_invoice_id, step, created_at"""
+    RETURNING attempt, stripe_key_gen, stripe_invoice_id, step, created_at"""
 _GET_CREATE = """
     SELECT fingerprint, response, coalesce(lease_until > now(), false) AS leased
     FROM create_requests WHERE idempotency_key = $1"""
 # Progress is fenced by the attempt: one whose lease another attempt took over records nothing.
+# A step never goes back (a resumed attempt renews its lease with the step it found done).
 _RECORD_CREATE_STEP = """
-    UPDATE create_requests SET step = $3, stripe_invoice_id = coalesce($4, stripe_invoice_id),
+    UPDATE create_requests SET
+        step = CASE WHEN array_position($6::text[], $3) > array_position($6::text[], step) THEN $3 ELSE step END,
+        stripe_invoice_id = coalesce($4, stripe_invoice_id),
         lease_until = now() + make_interval(secs => $5), updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
 _FINISH_CREATE = """
@@ -102,7 +106,7 @@ _FINISH_CREATE = """
         lease_until = NULL, updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
 _RELEASE_CREATE = """
-    UPDATE create_requests SET lease_until = NULL, updated_at = now()
+    UPDATE create_requests SET lease_until = NULL, stripe_key_gen = stripe_key_gen + $3::int, updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
 # The first of identical keyless requests within the window holds the fingerprint.
 _CLAIM_KEYLESS = """
@@ -266,16 +270,18 @@ class Storage:
         return _invoice(row)
 
     async def claim_create(
-        self, key: str, fingerprints: tuple[str, ...], customer: str | None, lease_s: float
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float
     ) -> dict[str, Any] | CreateClaim:
         """Claims `key` for an attempt of the request whose fingerprint is the first of
         `fingerprints` (the others: the same request's older encodings). Answers the
         finished request's stored answer, or the claim with what earlier attempts
         recorded; refuses the key for another request, and while another attempt holds it."""
         async with self._connection() as conn, conn.transaction(isolation="read_committed"):
-            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], customer, lease_s, list(fingerprints))
+            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints))
             if row is not None:
-                return CreateClaim(row["attempt"], row["stripe_invoice_id"], row["step"], row["created_at"])
+                return CreateClaim(
+                    row["attempt"], row["stripe_key_gen"], row["stripe_invoice_id"], row["step"], row["created_at"]
+                )
             row = await conn.fetchrow(_GET_CREATE, key)
         if row is None or row["fingerprint"] not in fingerprints:
             raise AlreadyExists("this Idempotency-Key was already used for a different request")
@@ -291,7 +297,9 @@ class Storage:
         """Records a step done and renews the attempt's lease; an attempt that lost the key
         to another (its lease ran out) is stopped here, before its next Stripe call."""
         async with self._connection() as conn:
-            status = await conn.execute(_RECORD_CREATE_STEP, key, attempt, step, stripe_invoice_id, lease_s)
+            status = await conn.execute(
+                _RECORD_CREATE_STEP, key, attempt, step, stripe_invoice_id, lease_s, list(CREATE_STEPS)
+            )
         if status == "UPDATE 0":
             raise CreateInProgress("another attempt took over this Idempotency-Key; retry later")
 
@@ -301,10 +309,11 @@ class Storage:
         if status == "UPDATE 0":
             log.warning("a finished attempt had lost its key", extra={"invoice": stripe_invoice_id})
 
-    async def release_create(self, key: str, attempt: int) -> None:
-        """Ends an attempt that failed, so that the caller's retry may claim the key now."""
+    async def release_create(self, key: str, attempt: int, *, new_stripe_keys: bool = False) -> None:
+        """Ends an attempt that failed, so that the caller's retry may claim the key now;
+        with `new_stripe_keys`, the retry's Stripe calls use a new generation of keys."""
         async with self._connection() as conn:
-            await conn.execute(_RELEASE_CREATE, key, attempt)
+            await conn.execute(_RELEASE_CREATE, key, attempt, int(new_stripe_keys))
 
     async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str:
         """The key of the first identical keyless request within `window_s`, or `key` if

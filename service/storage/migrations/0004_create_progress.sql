@@ -1,21 +1,27 @@
 -- A Create's progress, recorded step by step in its idempotency key's row, so that a retry
 -- resumes with the Stripe invoice it already made however long after (Stripe forgets its
 -- own idempotency keys after 24 hours) and never makes a second one.
---   attempt      how many attempts claimed the key; each attempt derives fresh Stripe keys
---                from it, and only the attempt holding the lease may record progress
---   lease_until  until when the current attempt owns the key; a concurrent retry is told
---                to retry later instead of running the same Stripe calls alongside it
---   step         the last step known done: claimed, drafted, lined, finalized, done
---   customer     the Stripe customer, where a retry looks for a draft it never recorded
+--   attempt         how many attempts claimed the key; only the attempt holding the lease
+--                   may record progress (a fencing token)
+--   lease_until     until when the current attempt owns the key; a concurrent retry waits
+--                   for its answer instead of running the same steps beside it
+--   stripe_key_gen  which Stripe Idempotency-Keys the steps use; a new generation only
+--                   after Stripe answered a 5xx of its own, which it would replay for the
+--                   old keys (a timeout keeps them, so Stripe collapses a call still in
+--                   flight with its retry)
+--   step            the last step known done: claimed, drafted, lined, finalized, done;
+--                   `legacy` for a Create cut off before this migration, whose invoice
+--                   carries no key in its metadata
+--   updated_at      when the row last changed, for an operator looking at a stuck key
 ALTER TABLE create_requests
-    ADD COLUMN customer    text,
-    ADD COLUMN attempt     integer NOT NULL DEFAULT 1,
-    ADD COLUMN lease_until timestamptz,
-    ADD COLUMN step        text NOT NULL DEFAULT 'claimed'
-        CHECK (step IN ('claimed', 'drafted', 'lined', 'finalized', 'done')),
-    ADD COLUMN updated_at  timestamptz NOT NULL DEFAULT now();
+    ADD COLUMN attempt        integer NOT NULL DEFAULT 1,
+    ADD COLUMN lease_until    timestamptz,
+    ADD COLUMN stripe_key_gen integer NOT NULL DEFAULT 1,
+    ADD COLUMN step           text NOT NULL DEFAULT 'claimed'
+        CHECK (step IN ('legacy', 'claimed', 'drafted', 'lined', 'finalized', 'done')),
+    ADD COLUMN updated_at     timestamptz NOT NULL DEFAULT now();
 
-UPDATE create_requests SET step = 'done' WHERE response IS NOT NULL;
+UPDATE create_requests SET step = CASE WHEN response IS NULL THEN 'legacy' ELSE 'done' END;
 
 -- Keyless Creates: the first of identical requests within CREATE_DUPLICATE_WINDOW_S holds
 -- the request's fingerprint and the key the service made for it; the others answer that

@@ -102,10 +102,10 @@ class InvoiceServiceStub:
     """PayInvoice charges an `open` or `uncollectible` invoice now, with
     `payment_method` or else the invoice's default, and answers the service's
     record after the change (a GET right after shows it). A paid invoice is
-    answered as it is. A declined card is not an error: the answer is the
-    record, still `open`. A draft or void invoice fails with
-    FAILED_PRECONDITION naming its status (REST 400); an unknown id with
-    NOT_FOUND. `idempotency-key` as for CreateInvoice.
+    answered as it is. A declined card fails with FAILED_PRECONDITION saying
+    so (the invoice stays `open`), as does a draft or void invoice, naming its
+    status (REST 400); an unknown id fails with NOT_FOUND. `idempotency-key`
+    as for CreateInvoice.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
@@ -189,10 +189,10 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     """PayInvoice charges an `open` or `uncollectible` invoice now, with
     `payment_method` or else the invoice's default, and answers the service's
     record after the change (a GET right after shows it). A paid invoice is
-    answered as it is. A declined card is not an error: the answer is the
-    record, still `open`. A draft or void invoice fails with
-    FAILED_PRECONDITION naming its status (REST 400); an unknown id with
-    NOT_FOUND. `idempotency-key` as for CreateInvoice.
+    answered as it is. A declined card fails with FAILED_PRECONDITION saying
+    so (the invoice stays `open`), as does a draft or void invoice, naming its
+    status (REST 400); an unknown id fails with NOT_FOUND. `idempotency-key`
+    as for CreateInvoice.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
@@ -297,10 +297,10 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         """PayInvoice charges an `open` or `uncollectible` invoice now, with
         `payment_method` or else the invoice's default, and answers the service's
         record after the change (a GET right after shows it). A paid invoice is
-        answered as it is. A declined card is not an error: the answer is the
-        record, still `open`. A draft or void invoice fails with
-        FAILED_PRECONDITION naming its status (REST 400); an unknown id with
-        NOT_FOUND. `idempotency-key` as for CreateInvoice.
+        answered as it is. A declined card fails with FAILED_PRECONDITION saying
+        so (the invoice stays `open`), as does a draft or void invoice, naming its
+        status (REST 400); an unknown id fails with NOT_FOUND. `idempotency-key`
+        as for CreateInvoice.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
