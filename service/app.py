@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Protocol
 
 import asyncpg
 import grpc
@@ -23,13 +24,14 @@ from grpc_reflection.v1alpha import reflection
 
 from service import embedded, payments, storage, webhooks
 from service.config import Settings
-from service.domain import Unavailable
+from service.domain import InvalidArgument, StripeInvoice, Unavailable, Unrecordable
 from service.edge import Edge
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
 from service.invoices import InvoiceCreator, NoStripe, Timing
 from service.metrics import Metrics, add_routes
 from service.payments import StripePayments
 from service.rpc import Creator, InvoiceServicer, InvoiceStore
+from service.validation import DEFAULT_MAX_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ async def start_grpc(
     default_currency: str = "eur",
     ready: bool = True,
     metrics: Metrics | None = None,
+    max_offset: int = DEFAULT_MAX_OFFSET,
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
     health says SERVING now if `ready`, else NOT_SERVING until `set_serving`."""
@@ -88,7 +91,7 @@ async def start_grpc(
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ]
     )
-    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency)
+    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset)
     edge = Edge(api_keys, metrics or Metrics(), ready=ready)
     methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name
     # The generated registration looks the methods up by name: it gets the wrapped ones.
@@ -248,6 +251,7 @@ async def serve(settings: Settings) -> None:
             default_currency=settings.stripe_default_currency,
             ready=False,
             metrics=metrics,
+            max_offset=settings.list_max_offset,
         )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})
         print(f"gRPC  InvoiceService  localhost:{running.port}", flush=True)
@@ -306,6 +310,7 @@ async def run_webhooks(settings: Settings) -> None:
         max_body_bytes=settings.webhook_max_body_bytes,
         cleanup=close_pool,
         metrics=metrics,
+        livemode=settings.stripe_livemode,
     )
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
@@ -332,12 +337,28 @@ async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
     if stripe is None:
         raise SystemExit("STRIPE_API_KEY must be set to reconcile")
     pool = await open_pool(settings)
-    outcomes: Counter[str] = Counter()
     try:
-        store = storage.Storage(pool)
-        async for invoice, asked_at in stripe.invoices_since(since):
-            outcomes[await store.apply_stripe_invoice(invoice, stripe_time=asked_at)] += 1
+        outcomes = await reconcile_from(stripe.invoices_since(since), storage.Storage(pool))
     finally:
         await pool.close()
     log.info("reconciled", extra={"since": since.isoformat(), **outcomes})
+    return outcomes
+
+
+class ReconciledStore(Protocol):
+    async def apply_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> str: ...
+
+
+async def reconcile_from(listed: AsyncIterator[tuple[dict[str, Any], int]], store: ReconciledStore) -> Counter[str]:
+    """Applies each listed Stripe invoice as of when it was listed. One the service cannot
+    read or record is reported (`rejected`, logged at ERROR) and the others still count:
+    Stripe lists newest first, so stopping would leave every older invoice behind."""
+    outcomes: Counter[str] = Counter()
+    async for obj, asked_at in listed:
+        try:
+            invoice = payments.invoice_from_stripe(obj)
+            outcomes[await store.apply_stripe_invoice(invoice, stripe_time=asked_at)] += 1
+        except (InvalidArgument, Unrecordable) as error:
+            log.error("invoice not reconciled", extra={"invoice": str(obj.get("id")), "reason": str(error)})
+            outcomes["rejected"] += 1
     return outcomes

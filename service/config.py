@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.validation import DEFAULT_MAX_OFFSET
+
 
 class Settings(BaseSettings):
     """Environment variables of the same names (case-insensitive) set these fields."""
@@ -30,6 +32,10 @@ class Settings(BaseSettings):
     db_pool_max_size: int = Field(default=10, ge=1)
     # Bounds every statement so a stuck database surfaces as UNAVAILABLE, not a hang.
     db_command_timeout_s: float = Field(default=5.0, gt=0)
+
+    # How many invoices a page by number may skip; deeper pages are refused with the advice
+    # to page by token (an OFFSET scan reads every invoice it skips).
+    list_max_offset: int = Field(default=DEFAULT_MAX_OFFSET, ge=0)
 
     grpc_host: str = "[::]"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
@@ -59,6 +65,9 @@ class Settings(BaseSettings):
     # Stripe. Unset STRIPE_API_KEY: `make run` starts the localstripe emulator on
     # LOCALSTRIPE_PORT and points STRIPE_API_BASE at it.
     stripe_api_key: SecretStr | None = None
+    # Live or test mode, where STRIPE_API_KEY does not say it (the webhook sidecar, which
+    # needs no key); events of the other mode are answered 200 `ignored`.
+    stripe_mode: Literal["live", "test"] | None = None
     stripe_api_base: str | None = None
     stripe_default_currency: str = Field(default="eur", pattern=r"^[a-z]{3}$")
     # Bounds every Stripe call; the SDK retries connection errors and 5xx (with
@@ -86,9 +95,30 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_stripe_mode(self) -> Settings:
+        key_mode = _mode_of(self.stripe_api_key.get_secret_value()) if self.stripe_api_key else None
+        if key_mode and self.stripe_mode and key_mode != self.stripe_mode:
+            raise ValueError(f"STRIPE_MODE is {self.stripe_mode} but STRIPE_API_KEY is a {key_mode}-mode key")
+        return self
+
+    @property
+    def stripe_livemode(self) -> bool:
+        """The key's mode (sk_live_/rk_live_ or sk_test_/rk_test_), else STRIPE_MODE, else test."""
+        key_mode = _mode_of(self.stripe_api_key.get_secret_value()) if self.stripe_api_key else None
+        return (key_mode or self.stripe_mode) == "live"
+
     @field_validator("admin_api_keys", "stripe_webhook_secrets", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
+
+
+def _mode_of(api_key: str) -> Literal["live", "test"] | None:
+    if api_key.startswith(("sk_live_", "rk_live_")):
+        return "live"
+    if api_key.startswith(("sk_test_", "rk_test_")):
+        return "test"
+    return None

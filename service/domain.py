@@ -31,6 +31,8 @@ class Invoice:
     invoice_pdf: str
     created_at: datetime
     updated_at: datetime
+    # Lowercase ISO 4217; None on records from before the service kept it.
+    currency: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +173,8 @@ class Unavailable(DomainError):
 
 
 class StripeFailed(Unavailable):
-    """Stripe itself answered a 5xx, which it saves under the call's idempotency key and
-    replays for a day: a retry must find out what exists and use keys of its own."""
+    """Stripe replayed a 5xx it saved under the call's idempotency key (it would do so for
+    a day): the step must find out what exists and go on with keys of a new generation."""
 
 
 class CreateInProgress(Unavailable):
@@ -196,16 +198,24 @@ class Internal(DomainError):
     """The service itself is misconfigured; the message says what, never a secret."""
 
 
+class Unrecordable(Internal):
+    """Postgres refused what Stripe sent (a value no column can hold): retrying the same
+    data cannot help, so the webhook takes it as `rejected` for an operator to see."""
+
+
 @dataclass(frozen=True, slots=True)
 class StripeInvoice:
     """What one Stripe invoice object (from an API answer or an event) says about an
-    invoice: enough to build or update the service's record."""
+    invoice: enough to build or update the service's record. `amount` is Stripe's
+    `total` (negative for a credit), `created` Stripe's creation time (Unix seconds)."""
 
     stripe_invoice_id: str
     status: str
     amount: int
     invoice_pdf: str
     user: User
+    currency: str | None = None
+    created: int | None = None
 
 
 # Stripe's invoice state machine: draft -> open -> paid | uncollectible | void, and
@@ -222,3 +232,31 @@ _LATER_STATES = {
 def supersedes(current: str, new: str) -> bool:
     """Whether an invoice in `current` may move to `new` (events arrive out of order)."""
     return new in _LATER_STATES[current]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """What the record holds of Stripe's invoice, and the Stripe time (Unix seconds) of
+    the newest fact applied to it."""
+
+    status: str
+    amount: int
+    invoice_pdf: str
+    stripe_time: int
+
+    def _progress(self) -> tuple[bool, int]:
+        return bool(self.invoice_pdf), self.amount if self.status == "draft" else 0
+
+    def overtaken_by(self, new: StripeInvoice, stripe_time: int) -> bool:
+        """Whether `new`, true at `stripe_time`, is a later state of the invoice than the
+        record: a later status; or the same status at a later Stripe second; or, within
+        the same second (whose events arrive in any order), a state at least as far along:
+        a draft's total only grows while the service adds its lines, and the PDF link,
+        once Stripe sets it at finalization, stays. So a draft's `invoice.created` (total
+        0) never undoes the `invoice.updated` of the same second that carried its lines."""
+        if new.status != self.status:
+            return supersedes(self.status, new.status)
+        if stripe_time != self.stripe_time:
+            return stripe_time > self.stripe_time
+        later = StoredState(new.status, new.amount, new.invoice_pdf, stripe_time)
+        return later._progress() >= self._progress()

@@ -14,20 +14,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import logs
-from service.domain import (
-    AlreadyExists,
-    DomainError,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
+from service.domain import DomainError, InvalidArgument
+from service.errors import status_of
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
 
@@ -36,22 +28,9 @@ log = logging.getLogger(__name__)
 Behavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Any]]
 
 
-_CODES: dict[type[DomainError], tuple[grpc.StatusCode, int]] = {
-    InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
-    NotFound: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
-    Unavailable: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
-    AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
-    FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
-    ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
-    Internal: (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL),
-}
-
-
 def _status(error: DomainError) -> grpc.Status:
-    code = next((c for cls, c in _CODES.items() if isinstance(error, cls)), None)
-    if code is None:
-        raise TypeError(f"no status for {type(error).__name__}")
-    status = status_pb2.Status(code=code[1], message=str(error))
+    code, _ = status_of(error)
+    status = status_pb2.Status(code=code, message=str(error))
     if isinstance(error, InvalidArgument):
         detail = error_details_pb2.BadRequest(
             field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=str(error))]

@@ -41,7 +41,9 @@ class CreateRequests(Protocol):
         self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
     ) -> None: ...
     async def finish_create(self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any]) -> None: ...
-    async def release_create(self, key: str, attempt: int, *, new_stripe_keys: bool = False) -> None: ...
+    async def release_create(self, key: str, attempt: int) -> None: ...
+    async def new_stripe_keys(self, key: str, attempt: int) -> int: ...
+    async def recorded_invoices(self, stripe_invoice_ids: list[str]) -> set[str]: ...
     async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str: ...
 
 
@@ -75,12 +77,19 @@ class Timing:
     duplicate_window_s: float = 120.0
 
 
+@dataclass
+class _Progress:
+    """What one attempt learned, across its runs: the Stripe invoice's id."""
+
+    invoice_id: str | None
+
+
 def _stripe_key(key: str, generation: int, step: str) -> str:
     """Stripe's Idempotency-Key for one step. Attempts share it, so that Stripe collapses
     a call still in flight (an attempt that timed out, or whose lease ran out) with its
     retry instead of doing the work twice; a new generation follows a 5xx that Stripe
-    saved and would replay (StripeFailed), and is safe because a step runs only when its
-    effect is absent."""
+    replayed for one of them (StripeFailed), and is safe because a step runs only when
+    its effect is absent."""
     return f"invoice-service:{key}:{generation}:{step}"
 
 
@@ -135,16 +144,23 @@ class InvoiceCreator:
                     raise
             await asyncio.sleep(self._timing.poll_s)
 
-    async def _attempt(self, key: str, claim: CreateClaim, run: Callable[[], Awaitable[T]], answer: Any) -> T:
-        """Runs one attempt under its claim: on failure the key is released (with new
-        Stripe keys after a 5xx Stripe saved); on success the answer is stored. Should
-        storing fail after Stripe did the work, the key is released too, so the caller's
-        retry reads what Stripe holds instead of waiting out the lease."""
+    async def _attempt(
+        self, key: str, claim: CreateClaim, run: Callable[[int], Awaitable[T]], answer: Callable[[T], Any]
+    ) -> T:
+        """Runs one attempt under its claim with the key's current generation of Stripe
+        keys, and once more with the next if Stripe replays a 5xx it saved for one of them
+        (then no call of the key is running, and `run` starts from what Stripe shows). On
+        failure the key is released; on success the answer is stored. Should storing fail
+        after Stripe did the work, the key is released too, so the caller's retry reads
+        what Stripe holds instead of waiting out the lease."""
         try:
-            result = await run()
+            try:
+                result = await run(claim.generation)
+            except StripeFailed:
+                result = await run(await self._requests.new_stripe_keys(key, claim.attempt))
             await self._requests.finish_create(key, claim.attempt, *answer(result))
-        except BaseException as error:
-            await self._requests.release_create(key, claim.attempt, new_stripe_keys=isinstance(error, StripeFailed))
+        except BaseException:
+            await self._requests.release_create(key, claim.attempt)
             raise
         return result
 
@@ -160,39 +176,49 @@ class InvoiceCreator:
         claim = await self._claim(key, (new.fingerprint(), new.legacy_fingerprint()))
         if not isinstance(claim, CreateClaim):
             return claim
+        progress = _Progress(claim.stripe_invoice_id)
         return await self._detached(
-            self._attempt(key, claim, lambda: self._run(new, key, claim), lambda i: (str(i["id"]), i))
+            self._attempt(
+                key, claim, lambda gen: self._run(new, key, claim, progress, gen), lambda i: (str(i["id"]), i)
+            )
         )
 
-    async def _find(self, new: NewInvoice, key: str, claim: CreateClaim) -> dict[str, Any] | None:
-        """The invoice an earlier attempt made: by its recorded id; else by the key in its
-        metadata; for a Create cut off before the service recorded progress (`legacy`), by
-        its content."""
+    async def _find(self, new: NewInvoice, key: str, claim: CreateClaim, known: str | None) -> dict[str, Any] | None:
+        """The invoice an earlier attempt (or run) made: by its recorded id; else by the
+        key in its metadata; for a Create of the service before it recorded progress
+        (`legacy`), by its content, among the invoices no other key names."""
         stripe = self._payments
-        if claim.stripe_invoice_id is not None:
-            return await stripe.retrieve(claim.stripe_invoice_id)
+        if known is not None:
+            return await stripe.retrieve(known)
         if claim.step == "legacy":
-            return await stripe.find_unmarked(new, claim.created_at)
+            found = await stripe.find_unmarked(new, claim.created_at)
+            recorded = await self._requests.recorded_invoices([str(i["id"]) for i in found]) if found else set()
+            found = [i for i in found if i["id"] not in recorded]
+            if len(found) > 1:
+                ids = ", ".join(str(i["id"]) for i in found)
+                raise FailedPrecondition(f"this Create was cut off before an upgrade and may have made any of {ids}")
+            return found[0] if found else None
         if claim.attempt > 1:
             return await stripe.find_draft(new.customer, key, claim.created_at)
         return None
 
-    async def _run(self, new: NewInvoice, key: str, claim: CreateClaim) -> dict[str, Any]:
+    async def _run(
+        self, new: NewInvoice, key: str, claim: CreateClaim, progress: _Progress, generation: int
+    ) -> dict[str, Any]:
         """Each step only if Stripe does not show it done; the lease is renewed (and the
         attempt's hold checked) before every Stripe call."""
-        stripe, generation = self._payments, claim.generation
-        invoice_id: str | None = claim.stripe_invoice_id
+        stripe = self._payments
 
         async def record(step: str) -> None:
-            await self._requests.record_create_step(key, claim.attempt, step, invoice_id, self._timing.lease_s)
+            await self._requests.record_create_step(key, claim.attempt, step, progress.invoice_id, self._timing.lease_s)
 
-        invoice = await self._find(new, key, claim)
+        invoice = await self._find(new, key, claim, progress.invoice_id)
         if invoice is None:
             await record("claimed")
             invoice = await stripe.create_draft(new, key, _stripe_key(key, generation, "invoice"))
-        elif claim.stripe_invoice_id is None:
+        elif progress.invoice_id is None:
             log.info("resumed an invoice found in Stripe", extra={"invoice": invoice["id"], "attempt": claim.attempt})
-        invoice_id = str(invoice["id"])
+        progress.invoice_id = invoice_id = str(invoice["id"])
         await record("drafted")
         if invoice.get("status") == "draft":
             batches = stripe.batches(new.items)
@@ -251,12 +277,12 @@ class InvoiceCreator:
         if not isinstance(claim, CreateClaim):
             return await self._records.get_invoice(stripe_id)
 
-        async def run() -> Invoice:
+        async def run(generation: int) -> Invoice:
             # What Stripe answers is true as of the second before the call: an event of the
             # same second may be newer, and wins the tie (as in reconcile).
             asked_at = int(time.time()) - 1
             current = await self._payments.retrieve(stripe_id)
-            answer = await act(current, _stripe_key(key, claim.generation, operation))
+            answer = await act(current, _stripe_key(key, generation, operation))
             return await self._records.record_stripe_invoice(invoice_from_stripe(answer), stripe_time=asked_at)
 
         return await self._detached(self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id})))

@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 import stripe
 from stripe.params import InvoiceAddLinesParamsLine, InvoiceListParams, InvoicePayParams
 
+from service import validation
 from service.domain import (
+    STATUSES,
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -46,28 +48,50 @@ def client(api_key: str, *, api_base: str | None, timeout_s: float, max_retries:
     )
 
 
+# What a bigint column holds; Stripe's totals stay far inside (250 lines of 8 digits).
+_INT64 = 2**63
+
+
+def _text(value: object) -> str:
+    """What Postgres text can hold: no NUL (dropped) and no lone surrogate (JSON can
+    escape one, UTF-8 cannot encode it: replaced), so that no invoice Stripe sends is
+    unrecordable for a character of a customer's name."""
+    return str(value).replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 def invoice_from_stripe(obj: Mapping[str, Any]) -> StripeInvoice:
-    """Reads a Stripe invoice object. The owner is the user named at creation (metadata)
-    or, failing that, the Stripe customer with Stripe's customer name."""
+    """Reads a Stripe invoice object of any API version since the seed's 2023 sample.
+    The owner is the user named at creation (metadata) or, failing that, the Stripe
+    customer with Stripe's customer name."""
     try:
         metadata = obj.get("metadata") or {}
         user_id, user_name = metadata.get(USER_ID), metadata.get(USER_NAME)
         if user_id:
-            user = User(id=str(user_id), name=str(user_name or ""))
+            user = User(id=_text(user_id), name=_text(user_name or ""))
         else:
-            user = User(id=str(obj["customer"]), name=str(obj.get("customer_name") or ""))
+            user = User(id=_text(obj["customer"]), name=_text(obj.get("customer_name") or ""))
+        total, created = obj.get("total") or 0, obj.get("created")
+        if isinstance(total, bool) or not isinstance(total, int) or not -_INT64 <= total < _INT64:
+            raise ValueError(f"total {total!r} is not a 64-bit integer")
+        if created is not None and (isinstance(created, bool) or not isinstance(created, int) or created < 0):
+            raise ValueError(f"created {created!r} is not a Unix time")
+        currency = obj.get("currency")
+        if currency is not None and not (isinstance(currency, str) and validation.CURRENCY.fullmatch(currency)):
+            raise ValueError(f"currency {currency!r} is not a lowercase ISO 4217 code")
         invoice = StripeInvoice(
-            stripe_invoice_id=str(obj["id"]),
+            stripe_invoice_id=_text(obj["id"]),
             status=str(obj["status"]),
-            amount=int(obj.get("total") or 0),
-            invoice_pdf=str(obj.get("invoice_pdf") or ""),
+            amount=total,
+            invoice_pdf=_text(obj.get("invoice_pdf") or ""),
             user=user,
+            currency=currency,
+            created=created,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidArgument("data.object", f"not a Stripe invoice: {type(exc).__name__} {exc}") from exc
-    if not invoice.stripe_invoice_id.startswith("in_"):
+    if not validation.STRIPE_ID["in"].fullmatch(invoice.stripe_invoice_id):
         raise InvalidArgument("data.object.id", "not a Stripe invoice id")
-    if invoice.status not in ("draft", "open", "paid", "uncollectible", "void"):
+    if invoice.status not in STATUSES:
         raise InvalidArgument("data.object.status", f"unknown invoice status {invoice.status!r}")
     return invoice
 
@@ -88,21 +112,21 @@ def _domain_error(exc: stripe.StripeError) -> DomainError:
         return Internal("the service's Stripe credentials were refused")
     # APIError includes Stripe's 409 "another request with this key is in progress" (a
     # caller's retry overtaking its first attempt): retrying later is right for it too.
-    body = exc.json_body
-    if (
-        isinstance(exc, stripe.APIError)
-        and (exc.http_status or 0) >= 500
-        and isinstance(body, dict)
-        and "error" in body
-    ):
-        # Stripe's own error body: Stripe finished the call and saved this answer (a proxy's
-        # 502/504, or a timeout, may leave the call running: its key must stay).
+    if isinstance(exc, stripe.APIError) and (exc.http_status or 0) >= 500 and _replayed(exc):
+        # A 5xx that Stripe replays for this key: proof that Stripe saved it, and that no
+        # call with the key is still running (a first 5xx proves neither: a proxy may have
+        # answered it, or Stripe may not have saved it).
         return StripeFailed("Stripe is failing; retry later with the same idempotency key")
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return Unavailable("Stripe is unreachable or failing; retry later with the same idempotency key")
     if isinstance(exc, stripe.CardError):
         return FailedPrecondition(f"the card was declined: {exc.user_message or exc.code}")
     return Unavailable(f"Stripe call failed ({type(exc).__name__}); retry later with the same idempotency key")
+
+
+def _replayed(exc: stripe.StripeError) -> bool:
+    headers = {str(k).lower(): v for k, v in (exc.headers or {}).items()}
+    return str(headers.get("idempotent-replayed", "")).lower() == "true"
 
 
 # (operation, outcome, seconds) for each Stripe call: the composition root counts them.
@@ -213,30 +237,32 @@ class StripePayments:
                 return invoice
         return None
 
-    async def find_unmarked(self, new: NewInvoice, since: datetime) -> dict[str, Any] | None:
-        """The finalized invoice a Create cut off before the service recorded progress (and
-        put its key in metadata) made: the customer's invoices since then without a key,
-        in the request's currency, for its owner, whose subtotal is the request's sum.
-        Drafts are left out: never charged, a half-built one is simply not reused. Two
-        candidates cannot be told apart: refused, for an operator to settle."""
+    async def find_unmarked(self, new: NewInvoice, since: datetime) -> list[dict[str, Any]]:
+        """The finalized invoices a Create of the service before it put its key in
+        metadata may have made: the customer's since then without a key, in the request's
+        currency, for its owner, with exactly the request's lines. Drafts are left out:
+        never charged, a half-built one is simply not reused."""
         params: InvoiceListParams = {"customer": new.customer, "created": {"gte": int(since.timestamp()) - 60}}
         total = sum(item.amount for item in new.items)
+        owner = new.user.id if new.user else None
+        lines = [(item.name, item.amount) for item in new.items]
         found = []
         async for invoice in self._invoices(params):
             metadata = invoice.get("metadata") or {}
             if CREATE_KEY in metadata or invoice.get("status") == "draft":
                 continue
-            owner = metadata.get(USER_ID)
-            if (invoice.get("currency"), invoice.get("subtotal"), owner) == (
+            if (invoice.get("currency"), invoice.get("subtotal"), metadata.get(USER_ID)) != (
                 new.currency,
                 total,
-                new.user.id if new.user else None,
+                owner,
             ):
+                continue
+            listed = await self._call(
+                "invoices.lines", self._stripe.v1.invoices.line_items.list_async(str(invoice["id"]), {"limit": 100})
+            )
+            if [(line.description, line.amount) for line in listed.data] == lines:
                 found.append(invoice)
-        if len(found) > 1:
-            ids = ", ".join(str(i["id"]) for i in found)
-            raise FailedPrecondition(f"this Create was cut off before an upgrade and may have made any of {ids}")
-        return found[0] if found else None
+        return found
 
     async def _invoices(self, params: InvoiceListParams) -> AsyncIterator[dict[str, Any]]:
         params = {**params, "limit": 100}
@@ -316,11 +342,12 @@ class StripePayments:
         )
         return invoice.to_dict(for_json=True)
 
-    async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[StripeInvoice, int]]:
-        """Every Stripe invoice created at or after `since`, newest first, each with the
-        time (Unix seconds) its page was asked for: what it says is true as of then, so an
-        event from after the request is not taken as older than it. The second before, in
-        fact: an event of the same second may be newer, and wins the tie."""
+    async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
+        """Every Stripe invoice object created at or after `since`, newest first, each with
+        the time (Unix seconds) its page was asked for: what it says is true as of then, so
+        an event from after the request is not taken as older than it. The second before,
+        in fact: an event of the same second may be newer, and wins the tie. Objects come
+        unread, so that one the service cannot read does not end the listing."""
         params: InvoiceListParams = {"created": {"gte": int(since.timestamp())}, "limit": page_size}
         seen: set[str] = set()
         while True:
@@ -328,8 +355,8 @@ class StripePayments:
             page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
             fresh = [obj for obj in page.data if obj.id not in seen]
             for obj in fresh:
-                seen.add(obj.id)
-                yield invoice_from_stripe(obj.to_dict(for_json=True)), asked_at
+                seen.add(str(obj.id))
+                yield obj.to_dict(for_json=True), asked_at
             if not page.has_more or not fresh:  # no new id: a list that starts over ends here
                 return
             params = {**params, "starting_after": fresh[-1].id}

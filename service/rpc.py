@@ -42,15 +42,21 @@ def _time(request: pb.ListInvoicesRequest, field: Literal["created_after", "crea
     return moment
 
 
-def fill_invoice(target: pb.Invoice, invoice: Invoice) -> pb.Invoice:
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def fill_invoice(target: pb.Invoice, invoice: Invoice, default_currency: str) -> pb.Invoice:
     """Writes the invoice into `target` in place: building sub-messages and then copying
-    them into a parent (as keyword construction does) was a fifth of a list's time."""
+    them into a parent (as keyword construction does) was a fifth of a list's time. A
+    record from before the service kept currencies is in `default_currency`."""
     target.id = invoice.id
     target.invoice_id = invoice.stripe_invoice_id
     target.user.id = invoice.user.id
     target.user.name = invoice.user.name
     target.status = invoice.status
     target.amount = invoice.amount
+    target.amount_int32 = invoice.amount if _INT32_MIN <= invoice.amount <= _INT32_MAX else 0
+    target.currency = invoice.currency or default_currency
     target.invoice_pdf = invoice.invoice_pdf
     _set_time(target.created_at, invoice.created_at)
     _set_time(target.updated_at, invoice.updated_at)
@@ -73,10 +79,17 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | No
 
 
 class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
-    def __init__(self, store: InvoiceStore, creator: Creator, default_currency: str) -> None:
+    def __init__(
+        self,
+        store: InvoiceStore,
+        creator: Creator,
+        default_currency: str,
+        max_offset: int = validation.DEFAULT_MAX_OFFSET,
+    ) -> None:
         self._store = store
         self._creator = creator
         self._default_currency = default_currency
+        self._max_offset = max_offset
 
     async def ListInvoices(
         self,
@@ -94,11 +107,12 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
             request.limit if request.HasField("limit") else None,
             token=request.page_token,
             filters=filters,
+            max_offset=self._max_offset,
         )
         result = await self._store.list_invoices(page)
         reply = pb.ListInvoicesResponse(count=result.total)
         for invoice in result.invoices:
-            fill_invoice(reply.invoices.add(), invoice)
+            fill_invoice(reply.invoices.add(), invoice, self._default_currency)
         if page.keyset and result.next_after is not None:
             reply.next_page_token = pagetoken.encode(result.next_after, filters)
         return reply
@@ -106,7 +120,8 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
     async def GetInvoice(
         self, request: pb.GetInvoiceRequest, context: grpc.aio.ServicerContext[pb.GetInvoiceRequest, pb.Invoice]
     ) -> pb.Invoice:
-        return fill_invoice(pb.Invoice(), await self._store.get_invoice(validation.invoice_id(request.id)))
+        invoice = await self._store.get_invoice(validation.invoice_id(request.id))
+        return fill_invoice(pb.Invoice(), invoice, self._default_currency)
 
     async def CreateInvoice(
         self,
@@ -125,11 +140,11 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         invoice_id = validation.invoice_id(request.id)
         method = validation.payment_method_id(request.payment_method) if request.payment_method else None
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
-        return fill_invoice(pb.Invoice(), await self._creator.pay(invoice_id, method, key))
+        return fill_invoice(pb.Invoice(), await self._creator.pay(invoice_id, method, key), self._default_currency)
 
     async def VoidInvoice(
         self, request: pb.VoidInvoiceRequest, context: grpc.aio.ServicerContext[pb.VoidInvoiceRequest, pb.Invoice]
     ) -> pb.Invoice:
         invoice_id = validation.invoice_id(request.id)
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
-        return fill_invoice(pb.Invoice(), await self._creator.void(invoice_id, key))
+        return fill_invoice(pb.Invoice(), await self._creator.void(invoice_id, key), self._default_currency)

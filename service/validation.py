@@ -13,11 +13,16 @@ from service.domain import RECORD_ID, STATUSES, Filters, InvalidArgument, NewInv
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 MAX_ITEMS = 100
-# Stripe refuses amounts above eight digits in minor units.
+# Stripe refuses amounts above eight digits in minor units: an item's, and the total a
+# Create charges.
 MAX_AMOUNT = 99_999_999
 MAX_NAME_LENGTH = 500
 # Deep pages cost an OFFSET scan; past this, callers must narrow the query.
 MAX_PAGE = 1_000_000
+# How many invoices a page by number may skip (LIST_MAX_OFFSET): each is read and
+# thrown away, so a deep page costs as much as all the pages before it. As in
+# Elasticsearch's max_result_window; deeper, page with page_token.
+DEFAULT_MAX_OFFSET = 10_000
 
 # Stripe metadata values hold 500 characters; user ids and names stay well inside.
 MAX_USER_FIELD = 200
@@ -33,6 +38,7 @@ def page(
     *,
     token: str = "",
     filters: Filters | None = None,
+    max_offset: int = DEFAULT_MAX_OFFSET,
 ) -> Page:
     """A page by number (the original API, which always sent `page`), or by token
     (AIP-158) when `page` is absent: the first page then has no token."""
@@ -48,6 +54,12 @@ def page(
         return Page(number=1, limit=limit, filters=filters, keyset=True)
     if not 1 <= number <= MAX_PAGE:
         raise InvalidArgument("page", f"must be between 1 and {MAX_PAGE}, got {number}")
+    if (number - 1) * limit > max_offset:
+        raise InvalidArgument(
+            "page",
+            f"page {number} of {limit} skips {(number - 1) * limit} invoices, more than {max_offset}: "
+            "page with pageToken instead (leave page out; pass each answer's nextPageToken as pageToken)",
+        )
     return Page(number=number, limit=limit, filters=filters)
 
 
@@ -100,6 +112,9 @@ def new_invoice(
         checked.append(NewItem(name=name, amount=amount))
     if not checked:
         raise InvalidArgument("items", "at least one item is required")
+    total = sum(item.amount for item in checked)
+    if total > MAX_AMOUNT:
+        raise InvalidArgument("items", f"the total must be at most {MAX_AMOUNT} minor units, got {total}")
     if len(checked) > MAX_ITEMS:
         raise InvalidArgument("items", f"at most {MAX_ITEMS} items are allowed, got {len(checked)}")
     if not CURRENCY.fullmatch(currency.lower()):

@@ -1,8 +1,10 @@
 """The Stripe webhook sidecar (aiohttp): verifies each delivery's Stripe-Signature over
 the raw body, then records the event and applies it to the invoice in one transaction.
 Stripe retries anything but a 2xx for days, so the answers are chosen for that: 400 for
-a delivery that can never be accepted, 503 while Postgres is away (Stripe will retry;
-nothing accepted is lost), 200 for applied, duplicate and ignored events."""
+a delivery that is not Stripe's (no valid signature, not an event), 503 while Postgres
+is away (Stripe will retry; nothing accepted is lost), 200 for applied, duplicate and
+ignored events (other types, the other mode), and 200 `rejected`, logged at ERROR, for
+a signed event the service can never record: retrying it for days would not help."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Any, Protocol
 import stripe
 from aiohttp import web
 
-from service.domain import InvalidArgument, StripeInvoice, Unavailable
+from service.domain import DomainError, Internal, InvalidArgument, StripeInvoice, Unavailable, Unrecordable
+from service.errors import status_of
 from service.logs import REQUEST_ID, request_id
 from service.metrics import METRICS, WEBHOOK_OUTCOMES, Metrics, add_routes
 from service.payments import invoice_from_stripe
@@ -53,12 +56,18 @@ STORE = web.AppKey("store", EventStore)
 SECRETS = web.AppKey("secrets", Sequence[str])
 TOLERANCE = web.AppKey("tolerance", int)
 DRAINING = web.AppKey("draining", asyncio.Event)
+# Whether the service runs in Stripe's live mode: events of the other mode are ignored.
+LIVEMODE = web.AppKey("livemode", bool)
 
 
-def _reply(status: int, code: int, message: str, **extra: Any) -> web.Response:
+def _error(error: DomainError, http_status: int | None = None) -> web.Response:
     """Errors in the google.rpc.Status shape the REST gateway uses, so one parser serves."""
-    body = {"code": code, "message": message, "details": []} if status >= 400 else {"received": True, **extra}
-    return web.json_response(body, status=status)
+    code, status = status_of(error)
+    return web.json_response({"code": code, "message": str(error), "details": []}, status=http_status or status)
+
+
+def _received(outcome: str, **extra: str) -> web.Response:
+    return web.json_response({"received": True, "outcome": outcome, **extra})
 
 
 def verified_event(payload: bytes, header: str | None, secrets: Sequence[str], tolerance: int) -> dict[str, Any]:
@@ -66,6 +75,8 @@ def verified_event(payload: bytes, header: str | None, secrets: Sequence[str], t
     Raises InvalidArgument naming what is wrong."""
     if not header:
         raise InvalidArgument("Stripe-Signature", "header missing")
+    if not header.isascii():  # the SDK's constant-time compare raises TypeError on non-ASCII
+        raise InvalidArgument("Stripe-Signature", "not ASCII")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -108,7 +119,9 @@ async def receive(request: web.Request) -> web.Response:
         response, delivery = await _handle(request)
         seconds = time.perf_counter() - started
         request.app[METRICS].observe_webhook(delivery.type, delivery.outcome, seconds)
-        level = logging.WARNING if response.status >= 400 else logging.INFO
+        # An event taken but never recorded needs an operator: ERROR, though Stripe got a 200.
+        level = logging.ERROR if delivery.outcome == "rejected" else logging.INFO
+        level = logging.WARNING if response.status >= 400 else level
         if log.isEnabledFor(level):  # the line's fields cost a dataclass copy per delivery
             extra = {k: v for k, v in asdict(delivery).items() if v}
             extra |= {"status": response.status, "duration_ms": round(seconds * 1000, 2)}
@@ -122,7 +135,7 @@ async def receive(request: web.Request) -> web.Response:
 class Delivery:
     """What the log line and the metrics say about one delivery."""
 
-    outcome: str = "rejected"
+    outcome: str = "invalid"
     type: str = "unknown"  # until the signature is verified, the body's type is not trusted
     event: str = ""
     invoice: str = ""
@@ -135,36 +148,43 @@ async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
         payload = await request.read()
     except web.HTTPRequestEntityTooLarge:
         delivery.reason = "body over the size limit"
-        return _reply(413, 3, delivery.reason), delivery
+        return _error(InvalidArgument("body", delivery.reason), 413), delivery
     try:
         event = verified_event(
             payload, request.headers.get("Stripe-Signature"), request.app[SECRETS], request.app[TOLERANCE]
         )
-        delivery.type, delivery.event = str(event["type"]), str(event["id"])
-        if event["type"] not in INVOICE_EVENTS:
-            delivery.outcome = "ignored"
-            return _reply(200, 0, "", outcome="ignored"), delivery
+    except InvalidArgument as error:
+        delivery.reason = str(error)
+        return _error(error), delivery
+    delivery.type, delivery.event = str(event["type"]), str(event["id"])
+    livemode = event.get("livemode")
+    if event["type"] not in INVOICE_EVENTS or (isinstance(livemode, bool) and livemode != request.app[LIVEMODE]):
+        delivery.outcome = "ignored"
+        if event["type"] in INVOICE_EVENTS:
+            delivery.reason = f"a {'live' if livemode else 'test'}-mode event; this service runs in the other mode"
+        return _received("ignored"), delivery
+    try:
         invoice = invoice_from_stripe(_data_object(event))
         delivery.invoice = invoice.stripe_invoice_id
         created = event.get("created")
-        if not isinstance(created, int):
+        if isinstance(created, bool) or not isinstance(created, int):
             raise InvalidArgument("created", "must be the event's Unix time")
-    except InvalidArgument as error:
-        delivery.reason = str(error)
-        return _reply(400, 3, delivery.reason), delivery
-    try:
         outcome = await request.app[STORE].apply_stripe_invoice(
             invoice, stripe_time=created, event_id=event["id"], event_type=event["type"]
         )
+    except (InvalidArgument, Unrecordable) as error:
+        # Signed by Stripe, so retrying cannot change it: taken, and left to an operator.
+        delivery.outcome, delivery.reason = "rejected", str(error)
+        return _received("rejected", reason=str(error)), delivery
     except Unavailable:
         delivery.outcome = "unavailable"
-        return _reply(503, 14, "the invoice store is unavailable; Stripe will retry"), delivery
+        return _error(Unavailable("the invoice store is unavailable; Stripe will retry")), delivery
     except Exception:  # a bug: Stripe retries a 500, and the delivery is still counted
         log.exception("webhook failed", extra={"event": delivery.event})
         delivery.outcome = "error"
-        return _reply(500, 13, "internal error"), delivery
+        return _error(Internal("internal error")), delivery
     delivery.outcome = WEBHOOK_OUTCOMES.get(outcome, outcome)
-    return _reply(200, 0, "", outcome=outcome), delivery
+    return _received(outcome), delivery
 
 
 def _data_object(event: dict[str, Any]) -> dict[str, Any]:
@@ -179,11 +199,11 @@ async def ready(request: web.Request) -> web.Response:
     """Readiness (Envoy's and the orchestrator's): Postgres answers and the schema is
     current. While not, Envoy answers Stripe 503 itself and Stripe retries later."""
     if request.app[DRAINING].is_set():
-        return _reply(503, 14, "shutting down")
+        return _error(Unavailable("shutting down"))
     try:
         await request.app[STORE].check_ready()
     except Unavailable as exc:
-        return _reply(503, 14, str(exc))
+        return _error(exc)
     return web.json_response({"status": "SERVING"})
 
 
@@ -201,6 +221,7 @@ def init(
     max_body_bytes: int = 1_048_576,
     cleanup: Callable[[web.Application], AsyncIterator[None]] | None = None,
     metrics: Metrics | None = None,
+    livemode: bool = False,
 ) -> web.Application:
     """The sidecar's application, with /metrics and /livez; `cleanup` owns resources such
     as the pool."""
@@ -211,6 +232,7 @@ def init(
     app[SECRETS] = list(secrets)
     app[TOLERANCE] = tolerance_s
     app[DRAINING] = asyncio.Event()
+    app[LIVEMODE] = livemode
     app.router.add_post(PATH, receive)
     app.router.add_get("/healthz", ready)
     add_routes(app, metrics or Metrics())

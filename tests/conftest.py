@@ -105,6 +105,21 @@ def json_shape(value: object) -> object:
     return type(value).__name__
 
 
+# Keys the service adds to the original API's invoice (adding keys is allowed; renaming or
+# retyping one is not).
+ADDED_INVOICE_KEYS = {"amountInt32", "currency"}
+
+
+def has_shape(value: object, reference: object) -> bool:
+    """Whether `value` has every key of `reference` with the same JSON type, recursively
+    (lists by their first element); extra keys are allowed."""
+    if isinstance(reference, dict):
+        return isinstance(value, dict) and all(k in value and has_shape(value[k], v) for k, v in reference.items())
+    if isinstance(reference, list):
+        return isinstance(value, list) and (not reference or not value or has_shape(value[0], reference[0]))
+    return type(value) is type(reference)
+
+
 def make_invoice(n: int, *, base: datetime | None = None, status: str = "paid") -> Invoice:
     """The n-th of a series of invoices, each a second newer than the one before."""
     created = (base or datetime(2026, 11, 1, tzinfo=UTC)) + timedelta(seconds=n, milliseconds=250)

@@ -396,33 +396,15 @@ async def test_a_create_cut_off_before_the_upgrade_resumes_the_invoice_it_made(
         "before-upgrade",
         new.legacy_fingerprint(),
     )
-    old = StripePayments(stripe_client)
-    draft = await stripe_client.v1.invoices.create_async(
-        {
-            "customer": customer,
-            "currency": "eur",
-            "auto_advance": False,
-            "default_payment_method": method,
-            "pending_invoice_items_behavior": "exclude",
-        }
-    )
-    assert draft.id is not None
-    await old.add_lines(draft.id, new.items, "old-lines")
-    await old.finalize(draft.id, "old-finalize")
-    await old.pay(draft.id, method, "old-pay")
+    made = await old_service_create(stripe_client, new, "before-upgrade")
     # Another order of the customer's, finalized, for another sum: not taken for this one.
-    other = await stripe_client.v1.invoices.create_async(
-        {"customer": customer, "currency": "eur", "auto_advance": False, "pending_invoice_items_behavior": "exclude"}
-    )
-    assert other.id is not None
-    await old.add_lines(other.id, request(customer, method, [999]).items, "other-lines")
-    await old.finalize(other.id, "other-finalize")
+    other = await old_service_create(stripe_client, request(customer, method, [999]), "other", pay=False)
 
     again = Payments(stripe_client)
     answer = await creator(store, again).create(new, "before-upgrade")
-    assert (answer["id"], answer["status"]) == (draft.id, "paid")
+    assert (answer["id"], answer["status"]) == (made, "paid")
     assert "invoices.create" not in again.calls
-    assert {i.id for i in await stripe_invoices(stripe_client, customer)} == {draft.id, other.id}
+    assert {i.id for i in await stripe_invoices(stripe_client, customer)} == {made, other}
 
 
 async def test_an_admin_pay_with_a_declined_card_is_failed_precondition(
@@ -434,3 +416,90 @@ async def test_an_admin_pay_with_a_declined_card_is_failed_precondition(
     with pytest.raises(FailedPrecondition, match="declined"):
         await one.pay(open_invoice["id"], None, None)
     assert (await stripe_client.v1.invoices.retrieve_async(open_invoice["id"])).status == "open"
+
+
+async def test_a_500_on_a_read_does_not_renew_the_keys_while_a_call_is_in_flight(
+    store: Storage, stripe_client: stripe.StripeClient, localstripe: str
+) -> None:
+    """Only a 5xx Stripe replays for a key proves that no call with it is running. A 500
+    on a read (no key, nothing saved) must not move the key on: here the first attempt's
+    add_lines is still on its way, and a retry under new keys would add the lines twice."""
+    customer, method = await customer_with_card(stripe_client)
+    late = TimesOut(stripe_client)
+    with pytest.raises(Unavailable):
+        await creator(store, late).create(request(customer, method), "read-500")
+    await emulator(localstripe, "POST", "/_config/faults", {"path": "^/v1/invoices/in_[^/]+$", "method": "GET"})
+    try:
+        with pytest.raises(Unavailable):
+            await creator(store, Payments(stripe_client)).create(request(customer, method), "read-500")
+    finally:
+        await emulator(localstripe, "DELETE", "/_config/faults")
+    retry = await asyncio.gather(  # finalizing slowly, so that the late call lands first
+        creator(store, SlowToReachStripe(stripe_client, "finalize", 1.0)).create(request(customer, method), "read-500"),
+        return_exceptions=True,
+    )
+    await asyncio.gather(*([late.late] if late.late else []), return_exceptions=True)
+    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), "read-500")
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert [(i.id, i.amount_paid, i.total) for i in invoices] == [(answer["id"], 4000, 4000)], retry
+
+
+async def old_service_create(client: stripe.StripeClient, new: NewInvoice, label: str, *, pay: bool = True) -> str:
+    """An invoice as the service before progress records made it: no key in its metadata."""
+    old = StripePayments(client)
+    draft = await client.v1.invoices.create_async(
+        {
+            "customer": new.customer,
+            "currency": new.currency,
+            "auto_advance": False,
+            "default_payment_method": new.payment_method,
+            "pending_invoice_items_behavior": "exclude",
+        }
+    )
+    assert draft.id is not None
+    await old.add_lines(draft.id, new.items, f"{label}-lines")
+    await old.finalize(draft.id, f"{label}-finalize")
+    if pay:
+        await old.pay(draft.id, new.payment_method, f"{label}-pay")
+    return draft.id
+
+
+async def test_a_row_an_old_replica_claims_during_the_rollout_is_legacy(
+    store: Storage, stripe_client: stripe.StripeClient, pool: Any
+) -> None:
+    """An old replica still serving after the migration claims keys with its own INSERT:
+    the column default makes such a row legacy, so a new replica's retry looks for the
+    old replica's invoice by content instead of billing again."""
+    customer, method = await customer_with_card(stripe_client)
+    new = request(customer, method)
+    await pool.execute(
+        "INSERT INTO create_requests (idempotency_key, fingerprint) VALUES ($1, $2)",
+        "old-replica",
+        new.legacy_fingerprint(),
+    )
+    made = await old_service_create(stripe_client, new, "old-replica")
+    answer = await creator(store, Payments(stripe_client)).create(new, "old-replica")
+    assert answer["id"] == made
+    assert [i.id for i in await stripe_invoices(stripe_client, customer)] == [made]
+
+
+async def test_a_legacy_create_never_takes_an_invoice_another_key_names(
+    store: Storage, stripe_client: stripe.StripeClient, pool: Any
+) -> None:
+    """The customer ordered the same thing twice before the upgrade: the other key's
+    invoice (finished, named by its row) is not this key's, however alike."""
+    customer, method = await customer_with_card(stripe_client)
+    new = request(customer, method)
+    other = await old_service_create(stripe_client, new, "other-order")
+    await pool.execute(
+        "INSERT INTO create_requests (idempotency_key, fingerprint, stripe_invoice_id, response, step)"
+        " VALUES ($1, $2, $3, '{}', 'done'), ($4, $2, NULL, NULL, 'legacy')",
+        "other-order",
+        new.legacy_fingerprint(),
+        other,
+        "this-order",
+    )
+    answer = await creator(store, Payments(stripe_client)).create(new, "this-order")
+    assert answer["id"] != other
+    assert answer["status"] == "paid"
+    assert len(await stripe_invoices(stripe_client, customer)) == 2

@@ -123,7 +123,7 @@ async def test_webhook_outcomes_are_counted(stack: Stack, http: httpx.AsyncClien
     assert delta("invoice.paid", "applied") == 1
     assert delta("invoice.paid", "duplicate") == 1
     # A delivery that fails verification is not trusted to name its type.
-    assert delta("unknown", "rejected") == 1
+    assert delta("unknown", "invalid") == 1
     assert delta("customer.created", "ignored") == 1
 
 

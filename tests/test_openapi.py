@@ -35,7 +35,11 @@ def test_paths_and_parameters_follow_the_http_annotations() -> None:
     ]
     assert listing["parameters"][5]["schema"] == {"type": "string", "format": "date-time"}
     get = doc["paths"]["/admin/api/invoices/{id}"]["get"]
-    assert [(p["name"], p["in"], p["required"]) for p in get["parameters"]] == [("id", "path", True)]
+    assert [(p["name"], p["in"], p["required"]) for p in get["parameters"]] == [
+        ("id", "path", True),
+        ("page", "query", False),  # accepted and ignored, as the original API did
+        ("limit", "query", False),
+    ]
     create = doc["paths"]["/admin/api/invoices"]["post"]
     assert create["parameters"] == []
     body = create["requestBody"]["content"]["application/json"]["schema"]
@@ -58,17 +62,18 @@ def test_schemas_use_json_names_and_json_types() -> None:
         "invoiceId",
         "user",
         "status",
-        "amount",
+        "amountInt32",
         "invoicePdf",
         "createdAt",
         "updatedAt",
+        "amount",
+        "currency",
     ]
-    assert invoice["properties"]["amount"]["type"] == "integer"
-    assert invoice["properties"]["createdAt"] == {
-        "description": "When the record was created; RFC 3339 UTC with milliseconds in JSON.",
-        "type": "string",
-        "format": "date-time",
-    }
+    # A double on the wire, printed by Envoy as a JSON number (whole: see the proto).
+    assert invoice["properties"]["amount"]["type"] == "number"
+    created = invoice["properties"]["createdAt"]
+    assert (created["type"], created["format"]) == ("string", "date-time")
+    assert created["description"].startswith("When Stripe created the invoice")
     assert schemas["billing_v1_User"]["required"] == ["_id", "name"]
     request = schemas["billing_v1_CreateInvoiceRequest"]
     assert "required" not in request

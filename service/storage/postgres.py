@@ -7,8 +7,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -26,11 +26,12 @@ from service.domain import (
     InvoicePage,
     NotFound,
     Page,
+    StoredState,
     StripeInvoice,
     Unavailable,
+    Unrecordable,
     User,
     new_record_id,
-    supersedes,
 )
 from service.storage import migrations
 
@@ -53,7 +54,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 # Statements are whole literals, except the list, whose WHERE is assembled from the
 # constant fragments below (values are always $n parameters).
-_SELECT = "SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at"
+# The record's columns, written once: the order of _invoice's reads and of the VALUES below.
+_COLUMNS = "id, stripe_invoice_id, user_id, user_name, status, amount, currency, invoice_pdf, created_at, updated_at"
+_SELECT = f"SELECT {_COLUMNS}"
 _ORDER = "ORDER BY created_at DESC, id DESC"
 _FILTERS = {
     "status": "status = ${}",
@@ -64,27 +67,22 @@ _FILTERS = {
 _AFTER = "(created_at, id) < (${}, ${})"
 _COUNT_ALL = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts"
 _COUNT_STATUS = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts WHERE status = $1"
-_GET_BY_ID = """
-    SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at
-    FROM invoices WHERE id = $1"""
-_GET_BY_STRIPE_ID = """
-    SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at
-    FROM invoices WHERE stripe_invoice_id = $1"""
-_UPSERT = """
-    INSERT INTO invoices
-        (id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+_GET_BY_ID = f"{_SELECT} FROM invoices WHERE id = $1"
+_GET_BY_STRIPE_ID = f"{_SELECT} FROM invoices WHERE stripe_invoice_id = $1"
+_UPSERT = f"""
+    INSERT INTO invoices ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
     ON CONFLICT (stripe_invoice_id) DO UPDATE SET
         user_id = EXCLUDED.user_id, user_name = EXCLUDED.user_name, status = EXCLUDED.status,
-        amount = EXCLUDED.amount, invoice_pdf = EXCLUDED.invoice_pdf, updated_at = EXCLUDED.updated_at
-    RETURNING id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at"""
+        amount = EXCLUDED.amount, currency = EXCLUDED.currency, invoice_pdf = EXCLUDED.invoice_pdf,
+        updated_at = EXCLUDED.updated_at
+    RETURNING {_COLUMNS}"""  # noqa: S608 - constants
 
 # A Create's idempotency key: a new key is claimed by its first attempt; a key whose
 # attempts did not finish is claimed again (attempt + 1) once no attempt holds its lease.
 # Read committed: ON CONFLICT then sees, and locks, the row a concurrent claim committed.
 _CLAIM_CREATE = """
-    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until)
-    VALUES ($1, $2, now() + make_interval(secs => $3))
+    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step)
+    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed')
     ON CONFLICT (idempotency_key) DO UPDATE SET
         attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, updated_at = now()
     WHERE r.fingerprint = ANY($4::text[]) AND r.response IS NULL
@@ -106,13 +104,22 @@ _FINISH_CREATE = """
         lease_until = NULL, updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
 _RELEASE_CREATE = """
-    UPDATE create_requests SET lease_until = NULL, stripe_key_gen = stripe_key_gen + $3::int, updated_at = now()
+    UPDATE create_requests SET lease_until = NULL, updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
+_NEW_STRIPE_KEYS = """
+    UPDATE create_requests SET stripe_key_gen = stripe_key_gen + 1, updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
+    RETURNING stripe_key_gen"""
+_RECORDED_INVOICES = "SELECT stripe_invoice_id FROM create_requests WHERE stripe_invoice_id = ANY($1::text[])"
 # The first of identical keyless requests within the window holds the fingerprint.
+# ... and keeps it past the window while that key's attempt still runs.
 _CLAIM_KEYLESS = """
     INSERT INTO keyless_creates AS k (fingerprint, idempotency_key) VALUES ($1, $2)
     ON CONFLICT (fingerprint) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key, claimed_at = now()
     WHERE k.claimed_at < now() - make_interval(secs => $3)
+        AND NOT EXISTS (
+            SELECT 1 FROM create_requests r
+            WHERE r.idempotency_key = k.idempotency_key AND r.response IS NULL AND r.lease_until > now())
     RETURNING idempotency_key"""
 _GET_KEYLESS = "SELECT idempotency_key FROM keyless_creates WHERE fingerprint = $1"
 
@@ -130,18 +137,29 @@ _SET_EVENT_OUTCOME = "UPDATE stripe_events SET outcome = $2 WHERE id = $1"
 _IS_DELETED = "SELECT 1 FROM deleted_invoices WHERE stripe_invoice_id = $1"
 _MARK_DELETED = "INSERT INTO deleted_invoices (stripe_invoice_id) VALUES ($1) ON CONFLICT DO NOTHING"
 _DELETE_INVOICE = "DELETE FROM invoices WHERE stripe_invoice_id = $1"
-_INSERT_FROM_STRIPE = """
-    INSERT INTO invoices
-        (id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at, stripe_updated)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
-    ON CONFLICT (stripe_invoice_id) DO NOTHING RETURNING id"""
+# What Stripe says of an invoice, in this order: user_id, user_name, status, amount,
+# currency, invoice_pdf, created_at (Stripe's `created`).
+_INSERT_FROM_STRIPE = f"""
+    INSERT INTO invoices ({_COLUMNS}, stripe_updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    ON CONFLICT (stripe_invoice_id) DO NOTHING RETURNING id"""  # noqa: S608 - constants
 _LOCK_FROM_STRIPE = """
-    SELECT user_id, user_name, status, amount, invoice_pdf, stripe_updated
+    SELECT user_id, user_name, status, amount, currency, invoice_pdf, created_at, stripe_updated
     FROM invoices WHERE stripe_invoice_id = $1 FOR UPDATE"""
 _UPDATE_FROM_STRIPE = """
-    UPDATE invoices SET user_id = $2, user_name = $3, status = $4, amount = $5, invoice_pdf = $6,
-        updated_at = $7, stripe_updated = $8
+    UPDATE invoices SET user_id = $2, user_name = $3, status = $4, amount = $5, currency = $6, invoice_pdf = $7,
+        created_at = $8, updated_at = $9, stripe_updated = $10
     WHERE stripe_invoice_id = $1"""
+
+
+@contextmanager
+def _recordable() -> Iterator[None]:
+    """Postgres refusing a value (out of a column's range, a character its encoding cannot
+    hold, a check) is the data's fault, not the database's: retrying cannot help."""
+    try:
+        yield
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+        log.error("Stripe's invoice cannot be recorded: %s", type(exc).__name__)
+        raise Unrecordable(f"Postgres refused the invoice: {type(exc).__name__}") from exc
 
 
 def record_time(now: datetime | None = None) -> datetime:
@@ -178,6 +196,7 @@ def _invoice(row: asyncpg.Record) -> Invoice:
         invoice_pdf=row["invoice_pdf"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        currency=row["currency"],
     )
 
 
@@ -261,6 +280,7 @@ class Storage:
                 invoice.user.name,
                 invoice.status,
                 invoice.amount,
+                invoice.currency,
                 invoice.invoice_pdf,
                 record_time(invoice.created_at),
                 record_time(invoice.updated_at),
@@ -309,11 +329,24 @@ class Storage:
         if status == "UPDATE 0":
             log.warning("a finished attempt had lost its key", extra={"invoice": stripe_invoice_id})
 
-    async def release_create(self, key: str, attempt: int, *, new_stripe_keys: bool = False) -> None:
-        """Ends an attempt that failed, so that the caller's retry may claim the key now;
-        with `new_stripe_keys`, the retry's Stripe calls use a new generation of keys."""
+    async def release_create(self, key: str, attempt: int) -> None:
+        """Ends an attempt that failed, so that the caller's retry may claim the key now."""
         async with self._connection() as conn:
-            await conn.execute(_RELEASE_CREATE, key, attempt, int(new_stripe_keys))
+            await conn.execute(_RELEASE_CREATE, key, attempt)
+
+    async def new_stripe_keys(self, key: str, attempt: int) -> int:
+        """The next generation of the key's Stripe keys, for this attempt and those after."""
+        async with self._connection() as conn:
+            generation = await conn.fetchval(_NEW_STRIPE_KEYS, key, attempt)
+        if generation is None:
+            raise CreateInProgress("another attempt took over this Idempotency-Key; retry later")
+        return int(generation)
+
+    async def recorded_invoices(self, stripe_invoice_ids: list[str]) -> set[str]:
+        """Which of these Stripe invoices a Create's key already names."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_RECORDED_INVOICES, stripe_invoice_ids)
+        return {row["stripe_invoice_id"] for row in rows}
 
     async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str:
         """The key of the first identical keyless request within `window_s`, or `key` if
@@ -328,10 +361,11 @@ class Storage:
         """Applies what Stripe answered to a call of the service's own (Pay, Void) and
         answers the record as that transaction left it."""
         key = invoice.stripe_invoice_id
-        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
-            await conn.execute(_LOCK_INVOICE, key)
-            await self._apply(conn, invoice, stripe_time, deleted=False)
-            row = await conn.fetchrow(_GET_BY_STRIPE_ID, key)
+        with _recordable():
+            async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+                await conn.execute(_LOCK_INVOICE, key)
+                await self._apply(conn, invoice, stripe_time, deleted=False)
+                row = await conn.fetchrow(_GET_BY_STRIPE_ID, key)
         if row is None:
             raise NotFound(f"invoice {key} was deleted in Stripe")
         return _invoice(row)
@@ -346,14 +380,15 @@ class Storage:
         key = invoice.stripe_invoice_id
         # Read committed, whatever the database's default: the lock and the ON CONFLICT
         # clauses rely on seeing what committed while waiting.
-        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
-            if event_id is None:
-                await conn.execute(_LOCK_INVOICE, key)
-            elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
-                return "duplicate"
-            outcome = await self._apply(conn, invoice, stripe_time, deleted=event_type == "invoice.deleted")
-            if event_id is not None:
-                await conn.execute(_SET_EVENT_OUTCOME, event_id, outcome)
+        with _recordable():
+            async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+                if event_id is None:
+                    await conn.execute(_LOCK_INVOICE, key)
+                elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
+                    return "duplicate"
+                outcome = await self._apply(conn, invoice, stripe_time, deleted=event_type == "invoice.deleted")
+                if event_id is not None:
+                    await conn.execute(_SET_EVENT_OUTCOME, event_id, outcome)
         return outcome
 
     @staticmethod
@@ -368,17 +403,20 @@ class Storage:
         if await conn.fetchval(_IS_DELETED, key):
             return "ignored-deleted"
         now = record_time()
+        created = now if invoice.created is None else record_time(datetime.fromtimestamp(invoice.created, UTC))
         user = invoice.user
-        values = (user.id, user.name, invoice.status, invoice.amount, invoice.invoice_pdf)
+        values = (user.id, user.name, invoice.status, invoice.amount, invoice.currency, invoice.invoice_pdf, created)
         if await conn.fetchval(_INSERT_FROM_STRIPE, new_record_id(), key, *values, now, stripe_time) is not None:
             return "created"
         current = await conn.fetchrow(_LOCK_FROM_STRIPE, key)
         if current is None:  # deleted by a concurrent invoice.deleted
             return "ignored-deleted"
-        same_and_newer = invoice.status == current["status"] and stripe_time >= current["stripe_updated"]
-        if not (supersedes(current["status"], invoice.status) or same_and_newer):
+        stored = StoredState(current["status"], current["amount"], current["invoice_pdf"], current["stripe_updated"])
+        if not stored.overtaken_by(invoice, stripe_time):
             return "stale"
-        if tuple(current)[:5] == values:
+        if invoice.created is None:  # an object without Stripe's `created` keeps the record's
+            values = (*values[:6], current["created_at"])
+        if tuple(current)[:7] == values:
             return "unchanged"
         await conn.execute(_UPDATE_FROM_STRIPE, key, *values, now, max(stripe_time, current["stripe_updated"]))
         return "updated"

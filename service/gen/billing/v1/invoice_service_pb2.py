@@ -27,13 +27,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n billing/v1/invoice_service.proto\x12\nbilling.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x01\n\x07Invoice\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x1e\n\x04user\x18\x03 \x01(\x0b\x32\x10.billing.v1.User\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x05\x12\x13\n\x0binvoice_pdf\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x04User\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xeb\x01\n\x13ListInvoicesRequest\x12\x11\n\x04page\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05_pageB\x08\n\x06_limit\"~\n\x14ListInvoicesResponse\x12%\n\x08invoices\x18\x01 \x03(\x0b\x32\x13.billing.v1.Invoice\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x1c\n\x0fnext_page_token\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_next_page_token\"\x1f\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x9a\x01\n\x14\x43reateInvoiceRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.billing.v1.InvoiceItem\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x16\n\x0epayment_method\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.billing.v1.User\"+\n\x0bInvoiceItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x05\"7\n\x11PayInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0epayment_method\x18\x02 \x01(\t\" \n\x12VoidInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xa9\x04\n\x0eInvoiceService\x12n\n\x0cListInvoices\x12\x1f.billing.v1.ListInvoicesRequest\x1a .billing.v1.ListInvoicesResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/api/invoices\x12\x62\n\nGetInvoice\x12\x1d.billing.v1.GetInvoiceRequest\x1a\x13.billing.v1.Invoice\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/admin/api/invoices/{id}\x12j\n\rCreateInvoice\x12 .billing.v1.CreateInvoiceRequest\x1a\x17.google.protobuf.Struct\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/admin/api/invoices:\x01*\x12i\n\nPayInvoice\x12\x1d.billing.v1.PayInvoiceRequest\x1a\x13.billing.v1.Invoice\"\'\x82\xd3\xe4\x93\x02!\"\x1c/admin/api/invoices/{id}:pay:\x01*\x12l\n\x0bVoidInvoice\x12\x1e.billing.v1.VoidInvoiceRequest\x1a\x13.billing.v1.Invoice\"(\x82\xd3\xe4\x93\x02\"\"\x1d/admin/api/invoices/{id}:void:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n billing/v1/invoice_service.proto\x12\nbilling.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x02\n\x07Invoice\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x1e\n\x04user\x18\x03 \x01(\x0b\x32\x10.billing.v1.User\x12\x0e\n\x06status\x18\x04 \x01(\t\x12%\n\x0c\x61mount_int32\x18\x05 \x01(\x05\x42\x02\x18\x01R\x0b\x61mountInt32\x12\x13\n\x0binvoice_pdf\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61mount\x18\t \x01(\x01\x12\x10\n\x08\x63urrency\x18\n \x01(\t\"%\n\x04User\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xeb\x01\n\x13ListInvoicesRequest\x12\x11\n\x04page\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05_pageB\x08\n\x06_limit\"~\n\x14ListInvoicesResponse\x12%\n\x08invoices\x18\x01 \x03(\x0b\x32\x13.billing.v1.Invoice\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x1c\n\x0fnext_page_token\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_next_page_token\"Y\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04page\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_pageB\x08\n\x06_limit\"\x9a\x01\n\x14\x43reateInvoiceRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.billing.v1.InvoiceItem\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x16\n\x0epayment_method\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.billing.v1.User\"+\n\x0bInvoiceItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x05\"7\n\x11PayInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0epayment_method\x18\x02 \x01(\t\" \n\x12VoidInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xa9\x04\n\x0eInvoiceService\x12n\n\x0cListInvoices\x12\x1f.billing.v1.ListInvoicesRequest\x1a .billing.v1.ListInvoicesResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/api/invoices\x12\x62\n\nGetInvoice\x12\x1d.billing.v1.GetInvoiceRequest\x1a\x13.billing.v1.Invoice\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/admin/api/invoices/{id}\x12j\n\rCreateInvoice\x12 .billing.v1.CreateInvoiceRequest\x1a\x17.google.protobuf.Struct\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/admin/api/invoices:\x01*\x12i\n\nPayInvoice\x12\x1d.billing.v1.PayInvoiceRequest\x1a\x13.billing.v1.Invoice\"\'\x82\xd3\xe4\x93\x02!\"\x1c/admin/api/invoices/{id}:pay:\x01*\x12l\n\x0bVoidInvoice\x12\x1e.billing.v1.VoidInvoiceRequest\x1a\x13.billing.v1.Invoice\"(\x82\xd3\xe4\x93\x02\"\"\x1d/admin/api/invoices/{id}:void:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'billing.v1.invoice_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INVOICE'].fields_by_name['amount_int32']._loaded_options = None
+  _globals['_INVOICE'].fields_by_name['amount_int32']._serialized_options = b'\030\001'
   _globals['_INVOICESERVICE'].methods_by_name['ListInvoices']._loaded_options = None
   _globals['_INVOICESERVICE'].methods_by_name['ListInvoices']._serialized_options = b'\202\323\344\223\002\025\022\023/admin/api/invoices'
   _globals['_INVOICESERVICE'].methods_by_name['GetInvoice']._loaded_options = None
@@ -45,23 +47,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVOICESERVICE'].methods_by_name['VoidInvoice']._loaded_options = None
   _globals['_INVOICESERVICE'].methods_by_name['VoidInvoice']._serialized_options = b'\202\323\344\223\002\"\"\035/admin/api/invoices/{id}:void:\001*'
   _globals['_INVOICE']._serialized_start=142
-  _globals['_INVOICE']._serialized_end=369
-  _globals['_USER']._serialized_start=371
-  _globals['_USER']._serialized_end=408
-  _globals['_LISTINVOICESREQUEST']._serialized_start=411
-  _globals['_LISTINVOICESREQUEST']._serialized_end=646
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=648
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=774
-  _globals['_GETINVOICEREQUEST']._serialized_start=776
-  _globals['_GETINVOICEREQUEST']._serialized_end=807
-  _globals['_CREATEINVOICEREQUEST']._serialized_start=810
-  _globals['_CREATEINVOICEREQUEST']._serialized_end=964
-  _globals['_INVOICEITEM']._serialized_start=966
-  _globals['_INVOICEITEM']._serialized_end=1009
-  _globals['_PAYINVOICEREQUEST']._serialized_start=1011
-  _globals['_PAYINVOICEREQUEST']._serialized_end=1066
-  _globals['_VOIDINVOICEREQUEST']._serialized_start=1068
-  _globals['_VOIDINVOICEREQUEST']._serialized_end=1100
-  _globals['_INVOICESERVICE']._serialized_start=1103
-  _globals['_INVOICESERVICE']._serialized_end=1656
+  _globals['_INVOICE']._serialized_end=426
+  _globals['_USER']._serialized_start=428
+  _globals['_USER']._serialized_end=465
+  _globals['_LISTINVOICESREQUEST']._serialized_start=468
+  _globals['_LISTINVOICESREQUEST']._serialized_end=703
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=705
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=831
+  _globals['_GETINVOICEREQUEST']._serialized_start=833
+  _globals['_GETINVOICEREQUEST']._serialized_end=922
+  _globals['_CREATEINVOICEREQUEST']._serialized_start=925
+  _globals['_CREATEINVOICEREQUEST']._serialized_end=1079
+  _globals['_INVOICEITEM']._serialized_start=1081
+  _globals['_INVOICEITEM']._serialized_end=1124
+  _globals['_PAYINVOICEREQUEST']._serialized_start=1126
+  _globals['_PAYINVOICEREQUEST']._serialized_end=1181
+  _globals['_VOIDINVOICEREQUEST']._serialized_start=1183
+  _globals['_VOIDINVOICEREQUEST']._serialized_end=1215
+  _globals['_INVOICESERVICE']._serialized_start=1218
+  _globals['_INVOICESERVICE']._serialized_end=1771
 # @@protoc_insertion_point(module_scope)

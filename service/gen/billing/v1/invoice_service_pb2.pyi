@@ -20,6 +20,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -32,10 +37,12 @@ class Invoice(_message.Message):
     INVOICE_ID_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
-    AMOUNT_FIELD_NUMBER: _builtins.int
+    AMOUNT_INT32_FIELD_NUMBER: _builtins.int
     INVOICE_PDF_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The service's own id of the record: 24 lowercase hex digits."""
     invoice_id: _builtins.str
@@ -45,20 +52,47 @@ class Invoice(_message.Message):
     `void`. A string, not an enum, because the REST contract prints Stripe's
     lowercase words.
     """
-    amount: _builtins.int
-    """The amount in minor currency units (3300 = 33.00). 32 bits because the
-    REST contract prints a JSON number (int64 would print a string), and
-    Stripe caps an amount at 99,999,999 minor units, well inside int32.
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def amount_int32(self) -> _builtins.int:
+        """Deprecated: `amount` as this field carried it before credits and large
+        invoices were recorded: the same value where it fits 32 bits, else 0. Read
+        `amount`. Kept, with its number, so that callers built before still read
+        what they always did; REST prints it as `amountInt32`.
+        """
+
+    @amount_int32.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def amount_int32(self, value: _builtins.int) -> None:
+        """Deprecated: `amount` as this field carried it before credits and large
+        invoices were recorded: the same value where it fits 32 bits, else 0. Read
+        `amount`. Kept, with its number, so that callers built before still read
+        what they always did; REST prints it as `amountInt32`.
+        """
+
     invoice_pdf: _builtins.str
     """Stripe's link to the invoice PDF; empty until Stripe has one."""
+    amount: _builtins.float
+    """The invoice's total in minor units of `currency` (3300 is 33.00 EUR, or
+    3,300 JPY, a zero-decimal currency), exactly as Stripe reports it:
+    negative for a credit, and above 2^31 for a large invoice. Always a whole
+    number. A double because REST callers have always read `amount` as a JSON
+    number, and protobuf's JSON mapping prints every 64-bit integer type as a
+    string; a double holds every integer up to 2^53 exactly, far beyond any
+    Stripe amount (at most 250 lines of 99,999,999 minor units).
+    """
+    currency: _builtins.str
+    """The currency of `amount`: a lowercase ISO 4217 code such as `eur`."""
     @_builtins.property
     def user(self) -> Global___User:
         """The team member or customer the invoice belongs to."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the record was created; RFC 3339 UTC with milliseconds in JSON."""
+        """When Stripe created the invoice (its `created`, whole seconds; a record
+        from before the service read it: when the service first heard of the
+        invoice). RFC 3339 UTC with milliseconds in JSON.
+        """
 
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
@@ -71,14 +105,16 @@ class Invoice(_message.Message):
         invoice_id: _builtins.str = ...,
         user: Global___User | None = ...,
         status: _builtins.str = ...,
-        amount: _builtins.int = ...,
+        amount_int32: _builtins.int = ...,
         invoice_pdf: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        amount: _builtins.float = ...,
+        currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "id", b"id", "invoice_id", b"invoice_id", "invoice_pdf", b"invoice_pdf", "status", b"status", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_int32", b"amount_int32", "created_at", b"created_at", "currency", b"currency", "id", b"id", "invoice_id", b"invoice_id", "invoice_pdf", b"invoice_pdf", "status", b"status", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,11 +188,11 @@ class ListInvoicesRequest(_message.Message):
     """
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
-        """Only invoices recorded at or after this time."""
+        """Only invoices Stripe created at or after this time."""
 
     @_builtins.property
     def created_before(self) -> _timestamp_pb2.Timestamp:
-        """Only invoices recorded before this time."""
+        """Only invoices Stripe created before this time."""
 
     def __init__(
         self,
@@ -231,18 +267,35 @@ class GetInvoiceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    page: _builtins.int
+    """Accepted and ignored: the original API documented `page` and `limit` on
+    this call too, and its callers may still send them.
+    """
+    limit: _builtins.int
+    """Accepted and ignored, like `page`."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        page: _builtins.int | None = ...,
+        limit: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "limit", b"limit", "page", b"page"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "id", b"id", "limit", b"limit", "page", b"page"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
+    _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
+    _WhichOneofReturnType__page: _TypeAlias = _typing.Literal["page"]  # noqa: Y015
+    _WhichOneofArgType__page: _TypeAlias = _typing.Literal["_page", b"_page"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__page) -> _WhichOneofReturnType__page | None: ...
 
 Global___GetInvoiceRequest: _TypeAlias = GetInvoiceRequest  # noqa: Y015
 
