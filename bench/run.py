@@ -29,6 +29,7 @@ import psutil
 from bench.ceiling import CONSTANT
 from service import embedded, pagetoken, storage
 from service.domain import Cursor, Filters, new_record_id
+from service.validation import DEFAULT_MAX_OFFSET
 from tools.stack import ROOT, Part, backend, local_env, start_python, wait_until_routed
 
 API_KEY = "bench-admin-key"
@@ -40,6 +41,8 @@ GET = "GetInvoice gRPC"
 REST_GET = "GET /invoices/{id} via Envoy"
 PAGE_1 = "ListInvoices page 1 + count"
 PAGE_SIZE = 20
+# Deeper numbered pages are refused (LIST_MAX_OFFSET): the deepest one served is measured.
+DEEPEST_NUMBERED = DEFAULT_MAX_OFFSET // PAGE_SIZE + 1
 
 
 def _env(name: str, default: float) -> float:
@@ -62,14 +65,14 @@ def rows(n: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
         sid = _stripe_id(rng)
         pdf = f"https://pay.stripe.com/invoice/acct_bench/{sid}/pdf" if status != "draft" else ""
         updated = created + timedelta(milliseconds=rng.randrange(1, 86_400_000))
-        yield (new_record_id(), sid, f"user{user:05d}", f"User {user}", status, amount, pdf, created, updated)
+        yield (new_record_id(), sid, f"user{user:05d}", f"User {user}", status, amount, "eur", pdf, created, updated)
 
 
 async def load(dsn: str, n: int) -> dict[str, Any]:
     url = await storage.fresh_database(dsn, "bench")
     pool = await storage.connect(url, max_size=1, command_timeout=600)
     started = time.monotonic()
-    columns = ["id", "stripe_invoice_id", "user_id", "user_name", "status", "amount", "invoice_pdf"]
+    columns = ["id", "stripe_invoice_id", "user_id", "user_name", "status", "amount", "currency", "invoice_pdf"]
     columns += ["created_at", "updated_at"]
     async with pool.acquire() as conn:
         await conn.copy_records_to_table("invoices", records=rows(n), columns=columns)
@@ -95,7 +98,7 @@ def _explained(deep: Any, user: str) -> dict[str, tuple[str, list[Any]]]:
         "page 1": (f"{cols} FROM invoices {order}", []),
         "count": ("SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts", []),
         "deep page_token": (f"{cols} FROM invoices WHERE (created_at, id) < ($1, $2) {order}", after),
-        "deep page/limit": (f"{cols} FROM invoices {order} OFFSET {DEEP_PAGE * PAGE_SIZE - PAGE_SIZE}", []),
+        "deepest page/limit": (f"{cols} FROM invoices {order} OFFSET {(DEEPEST_NUMBERED - 1) * PAGE_SIZE}", []),
         "status filter": (f"{cols} FROM invoices WHERE status = $1 {order}", ["uncollectible"]),
         "user filter": (f"{cols} FROM invoices WHERE user_id = $1 {order}", [user]),
         "created filter": (
@@ -286,10 +289,14 @@ def main() -> None:
             pid,
         )
         case(
-            f"ListInvoices page {DEEP_PAGE:,} (page/limit)",
+            f"ListInvoices page {DEEPEST_NUMBERED:,} (page/limit, the deepest LIST_MAX_OFFSET allows)",
             "bench.load gRPC x2",
             lambda: _grpc_load(
-                direct, "list_deep_page", seconds, 2, deep_page=DEEP_PAGE if n >= DEEP_PAGE * PAGE_SIZE else 2
+                direct,
+                "list_deep_page",
+                seconds,
+                2,
+                deep_page=DEEPEST_NUMBERED if n >= DEEPEST_NUMBERED * PAGE_SIZE else 2,
             ),
             pid,
         )
