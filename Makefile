@@ -10,13 +10,14 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean
+.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it)"
 	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
+	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
 	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, restart"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
@@ -51,11 +52,21 @@ generate: install
 check-generated: install
 	$(BIN)/python -m tools.generate --check
 
+# The contract as released: `buf breaking` compares protos/ with it, so a wire- or
+# JSON-breaking change (a renumbered field, a renamed RPC) fails here. A deliberate one is
+# made with `make release-contract` in the same commit, saying why.
+RELEASED_CONTRACT := protos/released.binpb
+
 lint: check-generated
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+	$(BUF) build -o .build/contract.binpb
+	$(BUF) breaking .build/contract.binpb --against $(RELEASED_CONTRACT)
+
+release-contract: check-generated
+	$(BUF) build -o $(RELEASED_CONTRACT)
 
 format: install
 	$(BIN)/ruff format .
