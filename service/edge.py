@@ -76,6 +76,8 @@ async def _answer(
         # abort's trailers replace those set earlier: the request id goes with the details.
         trailers = (*status.trailing_metadata, ("x-request-id", request_id))
         await context.abort(status.code, status.details, trailers)
+    except NotImplementedError:  # the generated base's answer for a method the servicer lacks
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     except Exception:
         log.exception("unexpected error in %s", method)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -1,0 +1,82 @@
+"""Every method the server exposes goes through the edge: walking the service's
+descriptors, each one (other than health and reflection) refuses a call without a valid
+key, is counted in the metrics, and maps a method the servicer lacks to UNIMPLEMENTED
+rather than INTERNAL. Adding an RPC without the edge fails here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import symbol_database
+
+from service.app import GrpcServer, start_grpc
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.metrics import Metrics
+from service.rpc import InvoiceServicer
+from service.storage import Storage
+from tests.conftest import API_KEY
+
+SERVICE = pb.DESCRIPTOR.services_by_name["InvoiceService"]
+METHODS = list(SERVICE.methods)
+
+
+def _call(channel: grpc.aio.Channel, method: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
+    request = symbol_database.Default().GetSymbol(method.input_type.full_name)
+    response = symbol_database.Default().GetSymbol(method.output_type.full_name)
+    return channel.unary_unary(
+        f"/{SERVICE.full_name}/{method.name}",
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
+@pytest.fixture
+async def metered(store: Storage) -> AsyncIterator[tuple[GrpcServer, Metrics]]:
+    metrics = Metrics()
+    running = await start_grpc(store, [API_KEY], "127.0.0.1:0", metrics=metrics)
+    yield running, metrics
+    await running.server.stop(None)
+
+
+def test_the_service_has_no_streaming_method_the_edge_cannot_guard() -> None:
+    assert [m.name for m in METHODS if m.client_streaming or m.server_streaming] == []
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+async def test_every_method_refuses_a_call_without_a_valid_key_and_counts_it(
+    metered: tuple[GrpcServer, Metrics], method: Any, key: str | None
+) -> None:
+    running, metrics = metered
+    request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _call(channel, method)(request_type(), metadata=(("api-key", key),) if key else ())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    counted = metrics.registry.get_sample_value(
+        "invoice_rpc_calls_total", {"method": method.name, "code": "UNAUTHENTICATED"}
+    )
+    assert counted == 1
+
+
+class Partial(InvoiceServicer):
+    """A servicer that lacks a method: what a new RPC looks like before it is written."""
+
+
+async def test_a_method_the_servicer_lacks_is_unimplemented(store: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Partial, "VoidInvoice", pb_grpc.InvoiceServiceServicer.VoidInvoice)
+    monkeypatch.setattr("service.app.InvoiceServicer", Partial)
+    running = await start_grpc(store, [API_KEY], "127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _call(channel, SERVICE.methods_by_name["VoidInvoice"])(
+                    pb.VoidInvoiceRequest(id="in_x"), metadata=(("api-key", API_KEY),)
+                )
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.server.stop(None)
