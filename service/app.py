@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import embedded, payments, storage, webhooks
 from service.config import Settings
-from service.domain import InvalidArgument, StripeInvoice, Unavailable, Unrecordable
+from service.domain import InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.edge import Edge
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
 from service.invoices import InvoiceCreator, NoStripe, Timing
@@ -349,7 +349,7 @@ async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
 
 
 class ReconciledStore(Protocol):
-    async def apply_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> str: ...
+    async def apply_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Outcome: ...
 
 
 async def reconcile_from(listed: AsyncIterator[tuple[dict[str, Any], int]], store: ReconciledStore) -> Counter[str]:

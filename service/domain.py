@@ -11,8 +11,32 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
-STATUSES = ("draft", "open", "paid", "uncollectible", "void")
+
+class Status(StrEnum):
+    """Stripe's invoice statuses, the words REST callers see."""
+
+    DRAFT = "draft"
+    OPEN = "open"
+    PAID = "paid"
+    UNCOLLECTIBLE = "uncollectible"
+    VOID = "void"
+
+
+STATUSES = tuple(Status)
+
+
+class Outcome(StrEnum):
+    """What applying one Stripe invoice did to the record (a webhook's answer says it)."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    DUPLICATE = "duplicate"  # the event was applied before
+    STALE = "stale"  # older than what the record holds
+    DELETED = "deleted"
+    IGNORED_DELETED = "ignored-deleted"  # of an invoice Stripe deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,17 +245,17 @@ class StripeInvoice:
 # Stripe's invoice state machine: draft -> open -> paid | uncollectible | void, and
 # uncollectible -> paid | void. A step may be skipped (an event lost), never reversed.
 _LATER_STATES = {
-    "draft": frozenset({"open", "paid", "uncollectible", "void"}),
-    "open": frozenset({"paid", "uncollectible", "void"}),
-    "uncollectible": frozenset({"paid", "void"}),
-    "paid": frozenset(),
-    "void": frozenset(),
+    Status.DRAFT: frozenset({Status.OPEN, Status.PAID, Status.UNCOLLECTIBLE, Status.VOID}),
+    Status.OPEN: frozenset({Status.PAID, Status.UNCOLLECTIBLE, Status.VOID}),
+    Status.UNCOLLECTIBLE: frozenset({Status.PAID, Status.VOID}),
+    Status.PAID: frozenset(),
+    Status.VOID: frozenset(),
 }
 
 
 def supersedes(current: str, new: str) -> bool:
     """Whether an invoice in `current` may move to `new` (events arrive out of order)."""
-    return new in _LATER_STATES[current]
+    return new in _LATER_STATES[Status(current)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +269,7 @@ class StoredState:
     stripe_time: int
 
     def _progress(self) -> tuple[bool, int]:
-        return bool(self.invoice_pdf), self.amount if self.status == "draft" else 0
+        return bool(self.invoice_pdf), self.amount if self.status == Status.DRAFT else 0
 
     def overtaken_by(self, new: StripeInvoice, stripe_time: int) -> bool:
         """Whether `new`, true at `stripe_time`, is a later state of the invoice than the

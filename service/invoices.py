@@ -22,6 +22,7 @@ from service.domain import (
     NewInvoice,
     NewItem,
     NotFound,
+    Status,
     StripeFailed,
     StripeInvoice,
     Unavailable,
@@ -220,14 +221,14 @@ class InvoiceCreator:
             log.info("resumed an invoice found in Stripe", extra={"invoice": invoice["id"], "attempt": claim.attempt})
         progress.invoice_id = invoice_id = str(invoice["id"])
         await record("drafted")
-        if invoice.get("status") == "draft":
+        if invoice.get("status") == Status.DRAFT:
             batches = stripe.batches(new.items)
             for n in range(lines_done(invoice, batches), len(batches)):
                 invoice = await stripe.add_lines(invoice_id, batches[n], _stripe_key(key, generation, f"lines-{n}"))
                 await record("drafted" if n + 1 < len(batches) else "lined")
             invoice = await stripe.finalize(invoice_id, _stripe_key(key, generation, "finalize"))
             await record("finalized")
-        if invoice.get("status") == "open":
+        if invoice.get("status") == Status.OPEN:
             invoice = await stripe.pay(invoice_id, new.payment_method, _stripe_key(key, generation, "pay"))
         return invoice
 
@@ -236,9 +237,9 @@ class InvoiceCreator:
 
         async def act(current: dict[str, Any], stripe_key: str) -> dict[str, Any]:
             status = current.get("status")
-            if status == "paid":
+            if status == Status.PAID:
                 return current
-            if status not in ("open", "uncollectible"):
+            if status not in (Status.OPEN, Status.UNCOLLECTIBLE):
                 raise FailedPrecondition(f"invoice {current['id']} is {status}; only open or uncollectible can be paid")
             return await self._payments.pay(str(current["id"]), payment_method, stripe_key, declined_ok=False)
 
@@ -249,9 +250,9 @@ class InvoiceCreator:
 
         async def act(current: dict[str, Any], stripe_key: str) -> dict[str, Any]:
             status = current.get("status")
-            if status == "void":
+            if status == Status.VOID:
                 return current
-            if status not in ("open", "uncollectible"):
+            if status not in (Status.OPEN, Status.UNCOLLECTIBLE):
                 raise FailedPrecondition(
                     f"invoice {current['id']} is {status}; only open or uncollectible can be voided"
                 )

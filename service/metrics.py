@@ -13,17 +13,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.domain import Outcome
+
 # Calls here take from about a millisecond (a Get) to seconds (a Create through Stripe).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # A webhook delivery's outcome, from the store's answer (see Storage.apply_stripe_invoice).
 WEBHOOK_OUTCOMES = {
-    "created": "applied",
-    "updated": "applied",
-    "unchanged": "unchanged",
-    "duplicate": "duplicate",
-    "stale": "out_of_order",
-    "deleted": "applied",
-    "ignored-deleted": "out_of_order",
+    Outcome.CREATED: "applied",
+    Outcome.UPDATED: "applied",
+    Outcome.UNCHANGED: "unchanged",
+    Outcome.DUPLICATE: "duplicate",
+    Outcome.STALE: "out_of_order",
+    Outcome.DELETED: "applied",
+    Outcome.IGNORED_DELETED: "out_of_order",
 }
 
 

@@ -26,6 +26,7 @@ from service.domain import (
     NewInvoice,
     NewItem,
     ResourceExhausted,
+    Status,
     StripeFailed,
     StripeInvoice,
     Unavailable,
@@ -249,7 +250,7 @@ class StripePayments:
         found = []
         async for invoice in self._invoices(params):
             metadata = invoice.get("metadata") or {}
-            if CREATE_KEY in metadata or invoice.get("status") == "draft":
+            if CREATE_KEY in metadata or invoice.get("status") == Status.DRAFT:
                 continue
             if (invoice.get("currency"), invoice.get("subtotal"), metadata.get(USER_ID)) != (
                 new.currency,
@@ -330,7 +331,7 @@ class StripePayments:
                     return await self.retrieve(invoice_id)
             if isinstance(cause, stripe.InvalidRequestError):
                 current = await self.retrieve(invoice_id)
-                if current.get("status") == "paid":
+                if current.get("status") == Status.PAID:
                     return current
             raise
         return paid.to_dict(for_json=True)

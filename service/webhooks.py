@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import stripe
 from aiohttp import web
 
-from service.domain import DomainError, Internal, InvalidArgument, StripeInvoice, Unavailable, Unrecordable
+from service.domain import DomainError, Internal, InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.errors import status_of
 from service.logs import REQUEST_ID, request_id
 from service.metrics import METRICS, WEBHOOK_OUTCOMES, Metrics, add_routes
@@ -47,7 +47,7 @@ INVOICE_EVENTS = frozenset(
 class EventStore(Protocol):
     async def apply_stripe_invoice(
         self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
-    ) -> str: ...
+    ) -> Outcome: ...
 
     async def check_ready(self) -> None: ...
 

@@ -25,6 +25,7 @@ from service.domain import (
     Invoice,
     InvoicePage,
     NotFound,
+    Outcome,
     Page,
     StoredState,
     StripeInvoice,
@@ -372,7 +373,7 @@ class Storage:
 
     async def apply_stripe_invoice(
         self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
-    ) -> str:
+    ) -> Outcome:
         """Brings the record to what Stripe said at `stripe_time`, in one transaction with
         the event's record, so each event counts once. Returns the outcome: `created`,
         `updated`, `unchanged`, `duplicate` (event seen before), `stale` (older than the
@@ -385,7 +386,7 @@ class Storage:
                 if event_id is None:
                     await conn.execute(_LOCK_INVOICE, key)
                 elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
-                    return "duplicate"
+                    return Outcome.DUPLICATE
                 outcome = await self._apply(conn, invoice, stripe_time, deleted=event_type == "invoice.deleted")
                 if event_id is not None:
                     await conn.execute(_SET_EVENT_OUTCOME, event_id, outcome)
@@ -394,32 +395,32 @@ class Storage:
     @staticmethod
     async def _apply(
         conn: asyncpg.pool.PoolConnectionProxy, invoice: StripeInvoice, stripe_time: int, *, deleted: bool
-    ) -> str:
+    ) -> Outcome:
         key = invoice.stripe_invoice_id
         if deleted:
             await conn.execute(_MARK_DELETED, key)
             await conn.execute(_DELETE_INVOICE, key)
-            return "deleted"
+            return Outcome.DELETED
         if await conn.fetchval(_IS_DELETED, key):
-            return "ignored-deleted"
+            return Outcome.IGNORED_DELETED
         now = record_time()
         created = now if invoice.created is None else record_time(datetime.fromtimestamp(invoice.created, UTC))
         user = invoice.user
         values = (user.id, user.name, invoice.status, invoice.amount, invoice.currency, invoice.invoice_pdf, created)
         if await conn.fetchval(_INSERT_FROM_STRIPE, new_record_id(), key, *values, now, stripe_time) is not None:
-            return "created"
+            return Outcome.CREATED
         current = await conn.fetchrow(_LOCK_FROM_STRIPE, key)
         if current is None:  # deleted by a concurrent invoice.deleted
-            return "ignored-deleted"
+            return Outcome.IGNORED_DELETED
         stored = StoredState(current["status"], current["amount"], current["invoice_pdf"], current["stripe_updated"])
         if not stored.overtaken_by(invoice, stripe_time):
-            return "stale"
+            return Outcome.STALE
         if invoice.created is None:  # an object without Stripe's `created` keeps the record's
             values = (*values[:6], current["created_at"])
         if tuple(current)[:7] == values:
-            return "unchanged"
+            return Outcome.UNCHANGED
         await conn.execute(_UPDATE_FROM_STRIPE, key, *values, now, max(stripe_time, current["stripe_updated"]))
-        return "updated"
+        return Outcome.UPDATED
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
