@@ -266,12 +266,16 @@ async def serve(settings: Settings) -> None:
             await store.open_connections(settings.db_pool_min_size)
 
         readiness = asyncio.create_task(become_ready(prepare, running))
-        await _until_signalled()
-        readiness.cancel()
-        log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
-        await running.stop(settings.shutdown_grace_s, settings.shutdown_drain_s)
-        if creator is not None:  # attempts whose callers went away still record what they did
-            await creator.drain(settings.shutdown_grace_s)
+        try:
+            await _until_signalled()
+        finally:  # also when start-up fails or the task is cancelled: calls in flight finish
+            readiness.cancel()
+            log.info(
+                "shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s}
+            )
+            await running.stop(settings.shutdown_grace_s, settings.shutdown_drain_s)
+            if creator is not None:  # attempts whose callers went away still record what they did
+                await creator.drain(settings.shutdown_grace_s)
     finally:
         if metrics_site is not None:
             await metrics_site.cleanup()
