@@ -293,6 +293,10 @@ async def _until_signalled() -> None:
 def webhook_secrets(settings: Settings) -> list[str]:
     if not settings.stripe_webhook_secrets:
         raise SystemExit("STRIPE_WEBHOOK_SECRETS must be set for the webhook sidecar")
+    if settings.stripe_mode is None and settings.stripe_api_key is None:
+        # Guessing would be worse than stopping: a test-mode guess acknowledges and drops
+        # every live event, and Stripe does not retry a 200.
+        raise SystemExit("the webhook sidecar needs STRIPE_MODE (live or test) or STRIPE_API_KEY to know its mode")
     return [s.get_secret_value() for s in settings.stripe_webhook_secrets]
 
 

@@ -269,15 +269,16 @@ class StoredState:
     stripe_time: int
 
     def _progress(self) -> tuple[bool, int]:
-        return bool(self.invoice_pdf), self.amount if self.status == Status.DRAFT else 0
+        return bool(self.invoice_pdf), abs(self.amount) if self.status == Status.DRAFT else 0
 
     def overtaken_by(self, new: StripeInvoice, stripe_time: int) -> bool:
         """Whether `new`, true at `stripe_time`, is a later state of the invoice than the
         record: a later status; or the same status at a later Stripe second; or, within
         the same second (whose events arrive in any order), a state at least as far along:
-        a draft's total only grows while the service adds its lines, and the PDF link,
+        a draft's total only grows (in size) while its lines are added, and the PDF link,
         once Stripe sets it at finalization, stays. So a draft's `invoice.created` (total
-        0) never undoes the `invoice.updated` of the same second that carried its lines."""
+        0) never undoes the `invoice.updated` of the same second that carried its lines.
+        The size of the total counts, not its sign: a credit's lines are negative."""
         if new.status != self.status:
             return supersedes(self.status, new.status)
         if stripe_time != self.stripe_time:

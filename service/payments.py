@@ -51,6 +51,8 @@ def client(api_key: str, *, api_base: str | None, timeout_s: float, max_retries:
 
 # What a bigint column holds; Stripe's totals stay far inside (250 lines of 8 digits).
 _INT64 = 2**63
+# Where Python's datetime (and Postgres's timestamp range, for our purposes) ends.
+_YEAR_10000 = 253_402_300_800
 
 
 def _text(value: object) -> str:
@@ -69,12 +71,16 @@ def invoice_from_stripe(obj: Mapping[str, Any]) -> StripeInvoice:
         user_id, user_name = metadata.get(USER_ID), metadata.get(USER_NAME)
         if user_id:
             user = User(id=_text(user_id), name=_text(user_name or ""))
-        else:
+        elif isinstance(obj.get("customer"), str) and obj["customer"]:
             user = User(id=_text(obj["customer"]), name=_text(obj.get("customer_name") or ""))
+        else:
+            raise ValueError("no owner: neither metadata names a user nor is there a customer id")
         total, created = obj.get("total") or 0, obj.get("created")
         if isinstance(total, bool) or not isinstance(total, int) or not -_INT64 <= total < _INT64:
             raise ValueError(f"total {total!r} is not a 64-bit integer")
-        if created is not None and (isinstance(created, bool) or not isinstance(created, int) or created < 0):
+        if created is not None and (
+            isinstance(created, bool) or not isinstance(created, int) or not 0 <= created < _YEAR_10000
+        ):
             raise ValueError(f"created {created!r} is not a Unix time")
         currency = obj.get("currency")
         if currency is not None and not (isinstance(currency, str) and validation.CURRENCY.fullmatch(currency)):

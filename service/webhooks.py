@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ from service.payments import invoice_from_stripe
 log = logging.getLogger(__name__)
 
 PATH = "/webhooks/stripe"
+# Stripe's event ids; also what the stripe_events primary key can index.
+EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,255}")
 # The invoice events that change what the service records; others are answered 200.
 INVOICE_EVENTS = frozenset(
     {
@@ -95,10 +98,12 @@ def verified_event(payload: bytes, header: str | None, secrets: Sequence[str], t
         raise InvalidArgument("Stripe-Signature", "timestamp is in the future")
     try:
         event = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
         raise InvalidArgument("body", "not JSON") from exc
-    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
         raise InvalidArgument("body", "not a Stripe event (id, type)")
+    if not isinstance(event.get("id"), str) or not EVENT_ID.fullmatch(event["id"]):
+        raise InvalidArgument("id", "not a Stripe event id (evt_...)")
     return event
 
 

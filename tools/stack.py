@@ -95,6 +95,7 @@ def local_env(
     env |= {"ADMIN_API_KEYS": api_keys, "STRIPE_WEBHOOK_SECRETS": webhook_secrets}
     env |= {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "METRICS_PORT": "0"}
     env |= {"WEBHOOK_HOST": "127.0.0.1", "WEBHOOK_PORT": "0", "SHUTDOWN_DRAIN_S": "0"}
+    env.setdefault("STRIPE_MODE", "test")  # loopback runs are never live
     return env | extra
 
 

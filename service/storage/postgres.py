@@ -158,7 +158,7 @@ def _recordable() -> Iterator[None]:
     hold, a check) is the data's fault, not the database's: retrying cannot help."""
     try:
         yield
-    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError) as exc:
         log.error("Stripe's invoice cannot be recorded: %s", type(exc).__name__)
         raise Unrecordable(f"Postgres refused the invoice: {type(exc).__name__}") from exc
 
@@ -415,7 +415,10 @@ class Storage:
         stored = StoredState(current["status"], current["amount"], current["invoice_pdf"], current["stripe_updated"])
         if not stored.overtaken_by(invoice, stripe_time):
             return Outcome.STALE
-        if invoice.created is None:  # an object without Stripe's `created` keeps the record's
+        # What an object leaves out (an older API version, a partial payload) the record keeps.
+        if invoice.currency is None:
+            values = (*values[:4], current["currency"], *values[5:])
+        if invoice.created is None:
             values = (*values[:6], current["created_at"])
         if tuple(current)[:7] == values:
             return Outcome.UNCHANGED
