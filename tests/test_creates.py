@@ -67,7 +67,7 @@ class Payments(StripePayments):
 
 
 async def emulator(localstripe: str, method: str, path: str, body: object = None) -> Any:
-    """The emulator's test hooks (tools/localstripe_launcher.py, /_config/...)."""
+    """The emulator's test hooks (tools/localstripe/config.py, /_config/...)."""
     async with httpx.AsyncClient(base_url=localstripe, timeout=10) as http:
         reply = await http.request(method, path, json=body)
         reply.raise_for_status()

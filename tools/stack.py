@@ -158,11 +158,11 @@ def start_webhooks(env: dict[str, str], *, log: IO[str] = sys.stderr) -> tuple[P
 
 
 def start_localstripe(port: int, *, fresh: bool, log: IO[str] = sys.stderr, timeout: float = 30) -> Part:
-    """The Stripe emulator, with this project's extensions (tools/localstripe_launcher.py)."""
+    """The Stripe emulator, with this project's extensions (the tools/localstripe package)."""
     argv = [
         sys.executable,
         "-m",
-        "tools.localstripe_launcher",
+        "tools.localstripe",
         "--port",
         str(port),
         *(["--from-scratch"] if fresh else []),

@@ -1,14 +1,17 @@
-"""The Stripe emulator (tools/localstripe_launcher.py), driven with the stripe SDK the way
+"""The Stripe emulator (the tools/localstripe package), driven with the stripe SDK the way
 the service drives real Stripe: a draft invoice, its items attached by id, finalize, pay,
-every call with an idempotency key. Checks what the launcher adds to localstripe: exact
+every call with an idempotency key. Checks what the package adds to localstripe: exact
 lines, replays, Stripe-shaped declines, the new routes, and signed webhooks."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
+import tomllib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -16,7 +19,10 @@ import pytest
 import stripe
 from aiohttp import web
 
-from tools.localstripe_launcher import MAX_LINES_PER_ADD, MAX_LINES_PER_INVOICE, MINIMUM_CHARGE
+from tools.localstripe import app, version
+from tools.localstripe.invoice_items import MAX_LINES_PER_INVOICE
+from tools.localstripe.invoice_lifecycle import MINIMUM_CHARGE
+from tools.localstripe.invoices import MAX_LINES_PER_ADD
 from tools.stack import customer_with_card, free_port, start_localstripe
 
 API_KEY = "sk_test_launcher"
@@ -730,3 +736,32 @@ async def test_a_crash_is_stripes_500_and_saved_under_its_key(client: stripe.Str
     assert [a.status_code for a in answers] == [500, 500]
     assert answers[0].json()["error"]["type"] == "api_error"
     assert [a.headers.get("Idempotent-Replayed") for a in answers] == [None, "true"]
+
+
+def test_the_pinned_version_is_the_one_pyproject_installs() -> None:
+    with (Path(__file__).resolve().parents[1] / "pyproject.toml").open("rb") as file:
+        dev = tomllib.load(file)["project"]["optional-dependencies"]["dev"]
+    assert [d for d in dev if d.startswith("localstripe")] == [f"localstripe=={version.PINNED}"]
+    version.check()  # and it is the one installed
+
+
+@pytest.mark.parametrize("installed", ["1.15.11", "1.16.0", "2.0.0"])
+def test_the_guard_refuses_any_other_localstripe_naming_both_versions(
+    monkeypatch: pytest.MonkeyPatch, installed: str
+) -> None:
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed if name == "localstripe" else real(name))
+    for guarded in (version.check, app.install):
+        with pytest.raises(RuntimeError) as refused:
+            guarded()
+        assert f"localstripe {version.PINNED}" in str(refused.value)
+        assert f"localstripe {installed} is installed" in str(refused.value)
+
+
+def test_the_guard_refuses_a_missing_localstripe_naming_the_pinned_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(RuntimeError, match=rf"localstripe {version.PINNED}, which is not installed"):
+        version.check()

@@ -1,0 +1,35 @@
+"""python -m tools.localstripe --port 8420 [--from-scratch] [--host 127.0.0.1]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from aiohttp import web
+
+from tools.localstripe.app import build_app, listen, use_store
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.localstripe", description="localstripe with InvoiceService's Stripe calls."
+    )
+    parser.add_argument("--port", type=int, default=8420)
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="neither load nor save the state localstripe keeps in /tmp/localstripe.pickle",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (localstripe itself uses ::)")
+    args = parser.parse_args(argv)
+
+    app = build_app(public_base=f"http://127.0.0.1:{args.port}")
+    use_store(from_scratch=args.from_scratch)
+    access = logging.getLogger("aiohttp.access")  # localstripe logs webhook deliveries here too
+    access.setLevel(logging.DEBUG)
+    access.addHandler(logging.StreamHandler())
+    web.run_app(app, sock=listen(args.host, args.port), access_log=access)
+
+
+if __name__ == "__main__":
+    main()
