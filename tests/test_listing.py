@@ -20,6 +20,7 @@ from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
 from tests.conftest import AUTH, make_invoice
+from tests.helpers import save_invoice
 
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -29,7 +30,7 @@ async def _fill(store: Storage, n: int, start: int = 0) -> list[str]:
     ids = []
     for i in range(start, start + n):
         invoice = make_invoice(i, status=STATUSES[i % len(STATUSES)])
-        ids.append((await store.save_invoice(invoice)).id)
+        ids.append((await save_invoice(store, invoice)).id)
     return ids[::-1]
 
 
@@ -194,7 +195,7 @@ async def test_counters_stay_exact_under_concurrent_writers(pool: asyncpg.Pool, 
                     StripeInvoice(key, "draft", 0, "", User("u", "")), stripe_time=9, event_type="invoice.deleted"
                 )
             if rng.random() < 0.3:
-                await store.save_invoice(make_invoice(w * 1000 + n))
+                await save_invoice(store, make_invoice(w * 1000 + n))
 
     await asyncio.gather(*(writer(w) for w in range(16)))
     rows, kept = await _counts(pool)

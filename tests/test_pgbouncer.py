@@ -27,6 +27,7 @@ from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tests.conftest import AUTH, make_invoice, stack_env
+from tests.helpers import save_invoice
 from tools.stack import free_port, start_service
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
@@ -85,7 +86,7 @@ async def _seed(database: str, n: int) -> None:
     try:
         store = storage.Storage(pool)
         for i in range(n):
-            await store.save_invoice(make_invoice(i))
+            await save_invoice(store, make_invoice(i))
     finally:
         await pool.close()
 

@@ -17,6 +17,7 @@ from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
 from tests.conftest import ADDED_INVOICE_KEYS, AUTH, ROTATED_KEY, has_shape, json_shape, make_invoice
+from tests.helpers import save_invoice
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RFC3339_MILLIS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -24,7 +25,7 @@ RFC3339_MILLIS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 async def _fill(store: Storage, n: int) -> list[str]:
     """Saves n invoices; returns their ids newest first, the order lists use."""
-    ids = [(await store.save_invoice(make_invoice(i))).id for i in range(n)]
+    ids = [(await save_invoice(store, make_invoice(i))).id for i in range(n)]
     return ids[::-1]
 
 
@@ -86,7 +87,7 @@ async def test_bad_pages_are_invalid_arguments_naming_the_field(
 
 
 async def test_get_by_own_id_and_by_stripe_id(stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage) -> None:
-    saved = await store.save_invoice(make_invoice(7))
+    saved = await save_invoice(store, make_invoice(7))
     by_id = await stub.GetInvoice(pb.GetInvoiceRequest(id=saved.id), metadata=AUTH)
     by_stripe_id = await stub.GetInvoice(pb.GetInvoiceRequest(id=saved.stripe_invoice_id), metadata=AUTH)
     assert by_id == by_stripe_id
@@ -180,7 +181,7 @@ async def test_every_configured_key_is_accepted(stub: pb_grpc.InvoiceServiceAsyn
 async def test_invoice_json_has_the_referencejson_shape(stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage) -> None:
     """The proto3 JSON mapping of an Invoice, with the printer options Envoy uses, prints
     the keys, JSON types and formats of the original API's sample."""
-    saved = await store.save_invoice(make_invoice(3))
+    saved = await save_invoice(store, make_invoice(3))
     reply = await stub.GetInvoice(pb.GetInvoiceRequest(id=saved.id), metadata=AUTH)
     printed = json.loads(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
     sample = json.loads((FIXTURES / "get-invoice.response.json").read_text())

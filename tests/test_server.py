@@ -22,6 +22,7 @@ from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
 from tests.conftest import API_KEY, AUTH, make_invoice, stack_env
+from tests.helpers import save_invoice
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
@@ -45,7 +46,7 @@ def _grpcurl(port: int, *verb: str, flags: tuple[str, ...] = ()) -> subprocess.C
 
 
 async def test_grpcurl_lists_by_reflection_and_calls_get(server: GrpcServer, store: Storage) -> None:
-    saved = await store.save_invoice(make_invoice(5))
+    saved = await save_invoice(store, make_invoice(5))
     listed = await asyncio.to_thread(_grpcurl, server.port, "list")
     assert listed.returncode == 0, listed.stderr
     assert SERVICE_NAME in listed.stdout.split()

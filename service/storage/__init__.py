@@ -1,8 +1,6 @@
 """Everything that touches Postgres: the pool, the SQL and the migrations."""
 
-from service.storage.postgres import (
-    Storage,
-    connect,
+from service.storage.admin import (
     ensure_login_role,
     fresh_database,
     migrate_database,
@@ -10,6 +8,7 @@ from service.storage.postgres import (
     with_database,
     with_user,
 )
+from service.storage.postgres import Storage, connect
 
 __all__ = [
     "Storage",

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -70,14 +69,6 @@ _COUNT_ALL = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts"
 _COUNT_STATUS = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts WHERE status = $1"
 _GET_BY_ID = f"{_SELECT} FROM invoices WHERE id = $1"
 _GET_BY_STRIPE_ID = f"{_SELECT} FROM invoices WHERE stripe_invoice_id = $1"
-_UPSERT = f"""
-    INSERT INTO invoices ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-    ON CONFLICT (stripe_invoice_id) DO UPDATE SET
-        user_id = EXCLUDED.user_id, user_name = EXCLUDED.user_name, status = EXCLUDED.status,
-        amount = EXCLUDED.amount, currency = EXCLUDED.currency, invoice_pdf = EXCLUDED.invoice_pdf,
-        updated_at = EXCLUDED.updated_at
-    RETURNING {_COLUMNS}"""  # noqa: S608 - constants
-
 # A Create's idempotency key: a new key is claimed by its first attempt; a key whose
 # attempts did not finish is claimed again (attempt + 1) once no attempt holds its lease.
 # Read committed: ON CONFLICT then sees, and locks, the row a concurrent claim committed.
@@ -140,7 +131,7 @@ _MARK_DELETED = "INSERT INTO deleted_invoices (stripe_invoice_id) VALUES ($1) ON
 _DELETE_INVOICE = "DELETE FROM invoices WHERE stripe_invoice_id = $1"
 # What Stripe says of an invoice, in this order: user_id, user_name, status, amount,
 # currency, invoice_pdf, created_at (Stripe's `created`).
-_INSERT_FROM_STRIPE = f"""
+INSERT_RECORD = f"""
     INSERT INTO invoices ({_COLUMNS}, stripe_updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
     ON CONFLICT (stripe_invoice_id) DO NOTHING RETURNING id"""  # noqa: S608 - constants
 _LOCK_FROM_STRIPE = """
@@ -269,27 +260,6 @@ class Storage:
             raise NotFound(f"invoice {key} not found")
         return _invoice(row)
 
-    async def save_invoice(self, invoice: Invoice) -> Invoice:
-        """Inserts the invoice, or updates the one with the same Stripe id, keeping its
-        own id and creation time."""
-        async with self._connection() as conn:
-            row = await conn.fetchrow(
-                _UPSERT,
-                invoice.id,
-                invoice.stripe_invoice_id,
-                invoice.user.id,
-                invoice.user.name,
-                invoice.status,
-                invoice.amount,
-                invoice.currency,
-                invoice.invoice_pdf,
-                record_time(invoice.created_at),
-                record_time(invoice.updated_at),
-            )
-        if row is None:
-            raise RuntimeError("INSERT ... RETURNING returned no row")
-        return _invoice(row)
-
     async def claim_create(
         self, key: str, fingerprints: tuple[str, ...], lease_s: float
     ) -> dict[str, Any] | CreateClaim:
@@ -407,7 +377,7 @@ class Storage:
         created = now if invoice.created is None else record_time(datetime.fromtimestamp(invoice.created, UTC))
         user = invoice.user
         values = (user.id, user.name, invoice.status, invoice.amount, invoice.currency, invoice.invoice_pdf, created)
-        if await conn.fetchval(_INSERT_FROM_STRIPE, new_record_id(), key, *values, now, stripe_time) is not None:
+        if await conn.fetchval(INSERT_RECORD, new_record_id(), key, *values, now, stripe_time) is not None:
             return Outcome.CREATED
         current = await conn.fetchrow(_LOCK_FROM_STRIPE, key)
         if current is None:  # deleted by a concurrent invoice.deleted
@@ -431,67 +401,6 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     or session advisory locks; open transactions are still rolled back by asyncpg), so
     the default RESET ALL query, one more round trip on every release, buys nothing: the
     GetInvoice profile showed it at 7% of the server's time."""
-
-
-def with_database(dsn: str, name: str) -> str:
-    """The same server and credentials, another database."""
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
-def with_user(dsn: str, user: str) -> str:
-    """The same server and database, another role (no password: local trust auth only)."""
-    parts = urlsplit(dsn)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
-
-
-def user_of(dsn: str) -> str | None:
-    user = urlsplit(dsn).username
-    return unquote(user) if user else None
-
-
-async def ensure_login_role(admin_dsn: str, role: str) -> None:
-    """Creates `role` (login, no other attribute) if it does not exist: for the embedded
-    Postgres, where this process is the DBA. Elsewhere the DBA creates the role."""
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-            name = await admin.fetchval("SELECT quote_ident($1)", role)
-            await admin.execute(f"CREATE ROLE {name} LOGIN")
-    except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
-        pass  # another process created it meanwhile
-    finally:
-        await admin.close()
-
-
-async def migrate_database(dsn: str, *, grant_to: str | None = None, to: int | None = None) -> list[int]:
-    """Brings the schema up to date (or to version `to`) as the role of `dsn` (its owner)
-    and, when the service runs as another role, grants that role row privileges."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        role = grant_to if grant_to != user_of(dsn) else None
-        applied = await migrations.migrate(conn, to=to, grant_to=role)
-    finally:
-        await conn.close()
-    return applied
-
-
-async def fresh_database(admin_dsn: str, name: str, *, migrate: bool = True, grant_to: str | None = None) -> str:
-    """Drops and recreates database `name` (a plain identifier), migrates it unless told
-    not to, and returns its DSN: for the benchmark, the chaos runs and the tests, which
-    own their databases."""
-    if not name.isidentifier():
-        raise ValueError(f"not a database name: {name!r}")
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    dsn = with_database(admin_dsn, name)
-    if migrate:
-        await migrate_database(dsn, grant_to=grant_to)
-    return dsn
 
 
 async def connect(dsn: str, *, max_size: int, command_timeout: float, pooler: str = "none") -> asyncpg.Pool:
