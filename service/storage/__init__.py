@@ -8,7 +8,8 @@ from service.storage.admin import (
     with_database,
     with_user,
 )
-from service.storage.postgres import Storage, connect
+from service.storage.pool import connect
+from service.storage.postgres import Storage
 
 __all__ = [
     "Storage",

@@ -1,0 +1,130 @@
+"""The Create idempotency keys on Postgres: claiming a key for one attempt at a time (a
+lease fenced by the attempt number), recording each step's progress, the answer, and the
+keyless duplicate window. Every statement about create_requests lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from service.domain import CREATE_STEPS, AlreadyExists, CreateClaim, CreateInProgress
+from service.storage.pool import Pooled
+
+log = logging.getLogger(__name__)
+
+# A Create's idempotency key: a new key is claimed by its first attempt; a key whose
+# attempts did not finish is claimed again (attempt + 1) once no attempt holds its lease.
+# Read committed: ON CONFLICT then sees, and locks, the row a concurrent claim committed.
+_CLAIM_CREATE = """
+    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step)
+    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed')
+    ON CONFLICT (idempotency_key) DO UPDATE SET
+        attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, updated_at = now()
+    WHERE r.fingerprint = ANY($4::text[]) AND r.response IS NULL
+        AND (r.lease_until IS NULL OR r.lease_until < now())
+    RETURNING attempt, stripe_key_gen, stripe_invoice_id, step, created_at"""
+_GET_CREATE = """
+    SELECT fingerprint, response, coalesce(lease_until > now(), false) AS leased
+    FROM create_requests WHERE idempotency_key = $1"""
+# Progress is fenced by the attempt: one whose lease another attempt took over records nothing.
+# A step never goes back (a resumed attempt renews its lease with the step it found done).
+_RECORD_CREATE_STEP = """
+    UPDATE create_requests SET
+        step = CASE WHEN array_position($6::text[], $3) > array_position($6::text[], step) THEN $3 ELSE step END,
+        stripe_invoice_id = coalesce($4, stripe_invoice_id),
+        lease_until = now() + make_interval(secs => $5), updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
+_FINISH_CREATE = """
+    UPDATE create_requests SET stripe_invoice_id = $3, response = $4, step = 'done', completed_at = now(),
+        lease_until = NULL, updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
+_RELEASE_CREATE = """
+    UPDATE create_requests SET lease_until = NULL, updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
+_NEW_STRIPE_KEYS = """
+    UPDATE create_requests SET stripe_key_gen = stripe_key_gen + 1, updated_at = now()
+    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
+    RETURNING stripe_key_gen"""
+_RECORDED_INVOICES = "SELECT stripe_invoice_id FROM create_requests WHERE stripe_invoice_id = ANY($1::text[])"
+# The first of identical keyless requests within the window holds the fingerprint.
+# ... and keeps it past the window while that key's attempt still runs.
+_CLAIM_KEYLESS = """
+    INSERT INTO keyless_creates AS k (fingerprint, idempotency_key) VALUES ($1, $2)
+    ON CONFLICT (fingerprint) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key, claimed_at = now()
+    WHERE k.claimed_at < now() - make_interval(secs => $3)
+        AND NOT EXISTS (
+            SELECT 1 FROM create_requests r
+            WHERE r.idempotency_key = k.idempotency_key AND r.response IS NULL AND r.lease_until > now())
+    RETURNING idempotency_key"""
+_GET_KEYLESS = "SELECT idempotency_key FROM keyless_creates WHERE fingerprint = $1"
+
+
+class CreateRequests(Pooled):
+    async def claim_create(
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float
+    ) -> dict[str, Any] | CreateClaim:
+        """Claims `key` for an attempt of the request whose fingerprint is the first of
+        `fingerprints` (the others: the same request's older encodings). Answers the
+        finished request's stored answer, or the claim with what earlier attempts
+        recorded; refuses the key for another request, and while another attempt holds it."""
+        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints))
+            if row is not None:
+                return CreateClaim(
+                    row["attempt"], row["stripe_key_gen"], row["stripe_invoice_id"], row["step"], row["created_at"]
+                )
+            row = await conn.fetchrow(_GET_CREATE, key)
+        if row is None or row["fingerprint"] not in fingerprints:
+            raise AlreadyExists("this Idempotency-Key was already used for a different request")
+        if row["response"] is not None:
+            return dict(json.loads(row["response"]))
+        if row["leased"]:
+            raise CreateInProgress("a request with this Idempotency-Key is in progress; retry later")
+        raise CreateInProgress("this Idempotency-Key was just released; retry")
+
+    async def record_create_step(
+        self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
+    ) -> None:
+        """Records a step done and renews the attempt's lease; an attempt that lost the key
+        to another (its lease ran out) is stopped here, before its next Stripe call."""
+        async with self._connection() as conn:
+            status = await conn.execute(
+                _RECORD_CREATE_STEP, key, attempt, step, stripe_invoice_id, lease_s, list(CREATE_STEPS)
+            )
+        if status == "UPDATE 0":
+            raise CreateInProgress("another attempt took over this Idempotency-Key; retry later")
+
+    async def finish_create(self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any]) -> None:
+        async with self._connection() as conn:
+            status = await conn.execute(_FINISH_CREATE, key, attempt, stripe_invoice_id, json.dumps(response))
+        if status == "UPDATE 0":
+            log.warning("a finished attempt had lost its key", extra={"invoice": stripe_invoice_id})
+
+    async def release_create(self, key: str, attempt: int) -> None:
+        """Ends an attempt that failed, so that the caller's retry may claim the key now."""
+        async with self._connection() as conn:
+            await conn.execute(_RELEASE_CREATE, key, attempt)
+
+    async def new_stripe_keys(self, key: str, attempt: int) -> int:
+        """The next generation of the key's Stripe keys, for this attempt and those after."""
+        async with self._connection() as conn:
+            generation = await conn.fetchval(_NEW_STRIPE_KEYS, key, attempt)
+        if generation is None:
+            raise CreateInProgress("another attempt took over this Idempotency-Key; retry later")
+        return int(generation)
+
+    async def recorded_invoices(self, stripe_invoice_ids: list[str]) -> set[str]:
+        """Which of these Stripe invoices a Create's key already names."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_RECORDED_INVOICES, stripe_invoice_ids)
+        return {row["stripe_invoice_id"] for row in rows}
+
+    async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str:
+        """The key of the first identical keyless request within `window_s`, or `key` if
+        there is none (it is then the first)."""
+        async with self._connection() as conn:
+            claimed = await conn.fetchval(_CLAIM_KEYLESS, fingerprint, key, window_s)
+            if claimed is None:  # the other request committed first: read what it holds
+                claimed = await conn.fetchval(_GET_KEYLESS, fingerprint)
+        return str(claimed or key)
