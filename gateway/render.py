@@ -16,6 +16,7 @@ from pathlib import Path
 from string import Template
 
 from service.config import Settings
+from service.errors import STATUSES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -25,20 +26,19 @@ DESCRIPTOR = ROOT / ".build" / "invoice_service.binpb"
 
 # Envoy's own replies (no route, unknown query parameter, body too large, no healthy
 # upstream...) get the JSON shape of the transcoded gRPC errors, google.rpc.Status, with
-# the gRPC code that matches the HTTP status, so REST callers parse one error shape.
-LOCAL_REPLY_CODES = {
-    400: 3,  # INVALID_ARGUMENT
+# the gRPC code that matches the HTTP status, so REST callers parse one error shape. The
+# statuses a domain error also answers take its code from service/errors.py (the first
+# error of a status: 400 is INVALID_ARGUMENT); the others are Envoy's alone.
+ENVOY_ONLY_CODES = {
     401: 16,  # UNAUTHENTICATED
     403: 7,  # PERMISSION_DENIED
-    404: 5,  # NOT_FOUND
     405: 12,  # UNIMPLEMENTED
     408: 4,  # DEADLINE_EXCEEDED
     413: 3,  # INVALID_ARGUMENT: the body is over the limit
-    429: 8,  # RESOURCE_EXHAUSTED
     431: 3,  # INVALID_ARGUMENT: headers too large
-    503: 14,  # UNAVAILABLE
     504: 4,  # DEADLINE_EXCEEDED
 }
+LOCAL_REPLY_CODES = dict(sorted({**{h: c for c, h in reversed(STATUSES.values())}, **ENVOY_ONLY_CODES}.items()))
 UNKNOWN = 2
 
 

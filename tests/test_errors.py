@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.render import render
+from gateway.render import LOCAL_REPLY_CODES, render
 from service.app import start_grpc
 from service.config import Settings
 from service.domain import DomainError, Invoice, InvoicePage, Page
@@ -57,3 +57,11 @@ def test_a_subclass_takes_its_parents_row(cls: type[DomainError]) -> None:
     sub = type(f"Special{cls.__name__}", (cls,), {})
     error = sub("id", "x") if cls.__name__ == "InvalidArgument" else sub("x")
     assert status_of(error) == STATUSES[cls]
+
+
+def test_envoys_own_replies_use_the_tables_codes() -> None:
+    """An Envoy 503 (no healthy upstream) carries the code a domain Unavailable would."""
+    first: dict[int, int] = {}
+    for code, http in STATUSES.values():
+        first.setdefault(http, code)
+    assert {http: LOCAL_REPLY_CODES[http] for http in first} == first
