@@ -131,8 +131,6 @@ async def databases(settings: Settings) -> Databases:
 
 async def migrate(settings: Settings) -> list[int]:
     """`python -m service migrate`: the schema owner migrates and grants the service's role."""
-    if settings.migration_database_url is not None and settings.database_url is None:
-        raise SystemExit("MIGRATION_DATABASE_URL needs DATABASE_URL too: its role is the one granted")
     dbs = await databases(settings)
     role = storage.user_of(dbs.service)
     if role is None:
@@ -170,10 +168,9 @@ async def become_ready(prepare: Callable[[], Awaitable[None]], running: GrpcServ
 
 def admin_api_keys(settings: Settings) -> list[str]:
     """The configured keys; in a local run without any, a dev key kept under DATA_DIR."""
+    settings.require("serve")
     if settings.admin_api_keys:
         return [k.get_secret_value() for k in settings.admin_api_keys]
-    if settings.database_url is not None:
-        raise SystemExit("ADMIN_API_KEYS must be set when DATABASE_URL is set")
     path = Path(settings.data_dir) / "dev-admin-key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,12 +288,7 @@ async def _until_signalled() -> None:
 
 
 def webhook_secrets(settings: Settings) -> list[str]:
-    if not settings.stripe_webhook_secrets:
-        raise SystemExit("STRIPE_WEBHOOK_SECRETS must be set for the webhook sidecar")
-    if settings.stripe_mode is None and settings.stripe_api_key is None:
-        # Guessing would be worse than stopping: a test-mode guess acknowledges and drops
-        # every live event, and Stripe does not retry a 200.
-        raise SystemExit("the webhook sidecar needs STRIPE_MODE (live or test) or STRIPE_API_KEY to know its mode")
+    settings.require("webhooks")
     return [s.get_secret_value() for s in settings.stripe_webhook_secrets]
 
 
@@ -344,9 +336,10 @@ async def run_webhooks(settings: Settings) -> None:
 async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
     """Brings the store to Stripe's state for every invoice created since `since`: the
     fix for webhooks that never arrived. Idempotent: a second run changes nothing."""
+    settings.require("reconcile")
     stripe = stripe_payments(settings)
     if stripe is None:
-        raise SystemExit("STRIPE_API_KEY must be set to reconcile")
+        raise RuntimeError("Settings.require('reconcile') let a run without STRIPE_API_KEY through")
     pool = await open_pool(settings)
     try:
         outcomes = await reconcile_from(stripe.invoices_since(since), storage.Storage(pool))

@@ -9,6 +9,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.validation import DEFAULT_MAX_OFFSET
 
+# The commands of `python -m service`, each with its own required settings (Settings.require).
+Command = Literal["serve", "webhooks", "migrate", "reconcile"]
+
 
 class Settings(BaseSettings):
     """Environment variables of the same names (case-insensitive) set these fields."""
@@ -94,6 +97,29 @@ class Settings(BaseSettings):
                 f"DB_POOL_MIN_SIZE ({self.db_pool_min_size}) exceeds DB_POOL_MAX_SIZE ({self.db_pool_max_size})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _migration_needs_the_service_role(self) -> Settings:
+        if self.migration_database_url is not None and self.database_url is None:
+            raise ValueError("MIGRATION_DATABASE_URL needs DATABASE_URL too: its role is the one granted")
+        return self
+
+    def require(self, command: Command) -> None:
+        """What `command` cannot run without, all of it named at once (SystemExit): the one
+        place these rules are written."""
+        problems = []
+        if command == "serve" and self.database_url is not None and not self.admin_api_keys:
+            problems.append("ADMIN_API_KEYS must be set when DATABASE_URL is set")
+        if command == "webhooks" and not self.stripe_webhook_secrets:
+            problems.append("STRIPE_WEBHOOK_SECRETS must be set for the webhook sidecar")
+        if command == "webhooks" and self.stripe_mode is None and self.stripe_api_key is None:
+            # Guessing would be worse than stopping: a test-mode guess acknowledges and
+            # drops every live event, and Stripe does not retry a 200.
+            problems.append("the webhook sidecar needs STRIPE_MODE (live or test) or STRIPE_API_KEY to know its mode")
+        if command == "reconcile" and self.stripe_api_key is None:
+            problems.append("STRIPE_API_KEY must be set to reconcile")
+        if problems:
+            raise SystemExit("; ".join(problems))
 
     @model_validator(mode="after")
     def _one_stripe_mode(self) -> Settings:

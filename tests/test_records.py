@@ -335,3 +335,27 @@ async def test_a_webhook_between_stripes_list_answer_and_its_application_wins(st
 
     assert await reconcile_from(listing(), store) == {"stale": 1}
     assert (await store.get_invoice("in_between001")).amount == 4000
+
+
+@pytest.mark.parametrize(
+    ("command", "settings", "says"),
+    [
+        ("serve", {"database_url": SecretStr("postgresql://u@h/db")}, "ADMIN_API_KEYS"),
+        ("webhooks", {}, "STRIPE_WEBHOOK_SECRETS"),
+        ("reconcile", {}, "STRIPE_API_KEY"),
+    ],
+)
+def test_each_command_names_what_it_cannot_run_without(command: Any, settings: dict[str, Any], says: str) -> None:
+    with pytest.raises(SystemExit, match=says):
+        Settings(**settings).require(command)
+    Settings(
+        admin_api_keys=(SecretStr("k"),),
+        stripe_webhook_secrets=(SecretStr("whsec_x"),),
+        stripe_api_key=SecretStr("sk_test_x"),
+        **settings,
+    ).require(command)
+
+
+def test_a_migration_dsn_without_the_service_dsn_is_refused() -> None:
+    with pytest.raises(ValidationError, match="MIGRATION_DATABASE_URL"):
+        Settings(migration_database_url=SecretStr("postgresql://owner@h/db"))
