@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
+from service import announce
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 
@@ -51,6 +52,7 @@ async def serve() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"gRPC  ceiling  localhost:{port}", flush=True)
+    announce.listening("ceiling", grpc=port)
     await server.wait_for_termination()
 
 

@@ -230,7 +230,7 @@ def main() -> None:
     env = local_env(data["url"], work, api_keys=API_KEY, webhook_secrets=SECRET, LOG_LEVEL="WARNING")
     log = (work / "stack.log").open("w")
     results: list[dict[str, Any]] = []
-    ceiling, where = start_python("ceiling", ["-m", "bench.ceiling"], env, "gRPC  ceiling  localhost:", log=log)
+    ceiling, ceiling_ports = start_python("ceiling", ["-m", "bench.ceiling"], env, log=log)
     with _stopped_after(ceiling), backend(env, work, log=log, edit_config=_proxy_ceiling_route) as running:
         service, webhooks, envoy = running.parts
         base = f"http://127.0.0.1:{running.gateway_port}"
@@ -258,7 +258,7 @@ def main() -> None:
             (
                 CEILING,
                 "bench.load gRPC x2",
-                lambda: _grpc_load(f"127.0.0.1:{where}", "get", seconds, 2, ids=ids),
+                lambda: _grpc_load(f"127.0.0.1:{ceiling_ports['grpc']}", "get", seconds, 2, ids=ids),
                 ceiling.process.pid,
             ),
             (GET, "bench.load gRPC x2", lambda: _grpc_load(direct, "get", seconds, 2, ids=ids), pid),

@@ -31,7 +31,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from chaos import API_KEY, prepare, stack_env, stripe_proxy
+from chaos import API_KEY, prepare, stack_env
 from service import payments
 from tools.stack import (
     LOCALSTRIPE_KEY,
@@ -279,8 +279,8 @@ def main() -> None:
         direct = f"http://127.0.0.1:{stripe_port}"
         proxy_args = ["--upstream", direct, "--fault-rate", str(fault_rate), "--stall-s", str(STRIPE_TIMEOUT_S * 2)]
         argv = ["-m", "chaos.stripe_proxy", *proxy_args]
-        proxy, where = start_python("stripe-proxy", argv, dict(os.environ), stripe_proxy.READY_PREFIX, log=log)
-        proxy_port = int(where)
+        proxy, proxy_ports = start_python("stripe-proxy", argv, dict(os.environ), log=log)
+        proxy_port = proxy_ports["http"]
         env = stack_env(
             url,
             work,

@@ -4,7 +4,7 @@ faults strike before the call reaches Stripe, half after Stripe has done the wor
 is the case idempotency keys exist for: the caller cannot tell the two apart.
 
 `python -m chaos.stripe_proxy --upstream URL [--port 0] [--fault-rate 0.3] [--stall-s 2]`
-prints `Stripe proxy listening on PORT` and serves `GET /_proxy/stats` (faults by kind)."""
+announces its port (service/announce.py) and serves `GET /_proxy/stats` (faults by kind)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-READY_PREFIX = "Stripe proxy listening on "
+from service import announce
+
 # drop: the connection closes with no answer; error: a Stripe-shaped 500; stall: the
 # answer comes after the caller's timeout. `_after` means Stripe did the work first.
 FAULTS = ("drop_before", "drop_after", "error_before", "error_after", "stall_before", "stall_after")
@@ -124,7 +125,8 @@ async def _serve(args: argparse.Namespace) -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     await site.start()
-    print(f"{READY_PREFIX}{runner.addresses[0][1]}", flush=True)
+    print(f"Stripe proxy listening on {runner.addresses[0][1]}", flush=True)
+    announce.listening("stripe-proxy", http=runner.addresses[0][1])
     print(json.dumps({"faults": list(FAULTS), "fault_rate": args.fault_rate, "stall_s": args.stall_s}), flush=True)
     try:
         await asyncio.Event().wait()

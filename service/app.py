@@ -22,7 +22,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import embedded, payments, storage, webhooks
+from service import announce, embedded, payments, storage, webhooks
 from service.config import Settings
 from service.domain import InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.edge import Edge
@@ -255,6 +255,7 @@ async def serve(settings: Settings) -> None:
         )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})
         print(f"gRPC  InvoiceService  localhost:{running.port}", flush=True)
+        announce.listening("server", grpc=running.port, metrics=metrics_site.addresses[0][1])
 
         async def prepare() -> None:
             if settings.migrate_on_start:
@@ -325,6 +326,7 @@ async def run_webhooks(settings: Settings) -> None:
         port = runner.addresses[0][1]
         log.info("webhook sidecar listening", extra={"port": port, "path": webhooks.PATH})
         print(f"HTTP  webhook sidecar  localhost:{port}{webhooks.PATH}", flush=True)
+        announce.listening("webhooks", http=port)
         await _until_signalled()
         log.info("shutting down", extra={"drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s})
         webhooks.drain(app)

@@ -26,14 +26,13 @@ from typing import IO, Any
 import stripe
 
 from gateway.render import render
+from service import announce
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY = Path(sys.executable).parent / "envoy"
 # Several Envoys may run at once (tests, a second stack): each picks its own shared-memory id.
 ENVOY_FLAGS = ("--use-dynamic-base-id", "--log-level", "warn")
-READY_PREFIX = "gRPC  InvoiceService  localhost:"
-WEBHOOKS_READY_PREFIX = "HTTP  webhook sidecar  localhost:"
 # localstripe accepts any key of this form; it is not a secret.
 LOCALSTRIPE_KEY = "sk_test_localstripe"
 LOCAL_WEBHOOK_SECRET = "whsec_local_development_only"  # noqa: S105 - local emulator only
@@ -124,21 +123,21 @@ def start_python(
     name: str,
     argv: list[str],
     env: dict[str, str],
-    ready_prefix: str,
     *,
     log: IO[str] = sys.stderr,
     timeout: float = 60,
-) -> tuple[Part, str]:
-    """Starts `python argv...`; returns it once it prints a line starting with
-    `ready_prefix`, with the rest of that line (where it listens)."""
+) -> tuple[Part, dict[str, int]]:
+    """Starts `python argv...`; returns it once it announces that it listens (a JSON line
+    of service/announce.py naming `name`), with the ports it announced."""
     proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     for line in proc.stdout:
         print(line, end="", file=sys.stdout, flush=True)
-        if line.startswith(ready_prefix):
+        ports = announce.ports_of(line, name)
+        if ports is not None:
             threading.Thread(target=_relay, args=(proc.stdout, sys.stdout), daemon=True).start()
-            return Part(name, proc), line[len(ready_prefix) :].strip()
+            return Part(name, proc), ports
         if time.monotonic() > deadline:
             break
     proc.kill()
@@ -147,14 +146,14 @@ def start_python(
 
 def start_service(env: dict[str, str], *, log: IO[str] = sys.stderr) -> tuple[Part, int]:
     """The gRPC server; returns it with its port."""
-    part, where = start_python("service", ["-m", "service", "serve"], env, READY_PREFIX, log=log)
-    return part, int(where)
+    part, ports = start_python("server", ["-m", "service", "serve"], env, log=log)
+    return part, ports["grpc"]
 
 
 def start_webhooks(env: dict[str, str], *, log: IO[str] = sys.stderr) -> tuple[Part, int]:
     """The webhook sidecar; returns it with its port."""
-    part, where = start_python("webhooks", ["-m", "service", "webhooks"], env, WEBHOOKS_READY_PREFIX, log=log)
-    return part, int(where.split("/", 1)[0])
+    part, ports = start_python("webhooks", ["-m", "service", "webhooks"], env, log=log)
+    return part, ports["http"]
 
 
 def start_localstripe(port: int, *, fresh: bool, log: IO[str] = sys.stderr, timeout: float = 30) -> Part:
