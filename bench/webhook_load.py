@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import random
 import time
@@ -17,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from bench.load import run_processes, summary
+from tools.signing import sign
 
 Step = tuple[str, str, int]
 SHORT: list[list[Step]] = [
@@ -80,11 +79,6 @@ def events(invoices: int, duplicates: float, seed: int, kind: str = "short") -> 
     sent = unique + rng.sample(unique, int(len(unique) * duplicates / (1 - duplicates)))
     rng.shuffle(sent)
     return sent
-
-
-def sign(payload: str, secret: str) -> str:
-    at = int(time.time())
-    return f"t={at},v1={hmac.new(secret.encode(), f'{at}.{payload}'.encode(), hashlib.sha256).hexdigest()}"
 
 
 async def _send(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:

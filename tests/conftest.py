@@ -9,9 +9,6 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import grpc
@@ -21,21 +18,18 @@ import stripe
 
 from service import embedded, payments, storage
 from service.app import SERVICE_ROLE, GrpcServer, start_grpc
-from service.domain import Invoice, User, new_record_id
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import with_database
+from tests.helpers import API_KEY, ROTATED_KEY, WEBHOOK_SECRET, Stack, stack_env
 from tools.stack import (
     LOCALSTRIPE_KEY,
     backend,
     free_port,
-    local_env,
     register_webhook,
     start_localstripe,
     wait_until_routed,
 )
 
-API_KEY = "test-admin-key-current"
-ROTATED_KEY = "test-admin-key-next"
 TEMPLATE = "invoices_template"
 
 
@@ -92,53 +86,6 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.InvoiceServiceAsyncStub:
     return pb_grpc.InvoiceServiceStub(channel)
 
 
-AUTH = (("api-key", API_KEY),)
-
-
-def json_shape(value: object) -> object:
-    """Keys and JSON types, recursively (ints and floats apart); values dropped: what a
-    REST caller's parser depends on."""
-    if isinstance(value, dict):
-        return {k: json_shape(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_shape(v) for v in value[:1]]
-    return type(value).__name__
-
-
-# Keys the service adds to the original API's invoice (adding keys is allowed; renaming or
-# retyping one is not).
-ADDED_INVOICE_KEYS = {"amountInt32", "currency"}
-
-
-def has_shape(value: object, reference: object) -> bool:
-    """Whether `value` has every key of `reference` with the same JSON type, recursively
-    (lists by their first element); extra keys are allowed."""
-    if isinstance(reference, dict):
-        return isinstance(value, dict) and all(k in value and has_shape(value[k], v) for k, v in reference.items())
-    if isinstance(reference, list):
-        return isinstance(value, list) and (not reference or not value or has_shape(value[0], reference[0]))
-    return type(value) is type(reference)
-
-
-def make_invoice(n: int, *, base: datetime | None = None, status: str = "paid") -> Invoice:
-    """The n-th of a series of invoices, each a second newer than the one before."""
-    created = (base or datetime(2026, 11, 1, tzinfo=UTC)) + timedelta(seconds=n, milliseconds=250)
-    return Invoice(
-        id=new_record_id(),
-        stripe_invoice_id=f"in_test{n:06d}",
-        user=User(id=f"{n:024x}", name=f"User {n}"),
-        status=status,
-        amount=100 * (n + 1),
-        invoice_pdf=f"https://pay.stripe.com/invoice/acct_test/in_test{n:06d}/pdf",
-        created_at=created,
-        updated_at=created + timedelta(seconds=5),
-    )
-
-
-WEBHOOK_SECRET = "whsec_test_current"
-OLD_WEBHOOK_SECRET = "whsec_test_previous"
-
-
 @pytest.fixture(scope="session")
 def localstripe() -> Iterator[str]:
     """The Stripe emulator (with this project's extensions), fresh for the session."""
@@ -152,38 +99,6 @@ def localstripe() -> Iterator[str]:
 def stripe_client(localstripe: str) -> stripe.StripeClient:
     """Per test: the SDK's async HTTP client belongs to one event loop."""
     return payments.client(LOCALSTRIPE_KEY, api_base=localstripe, timeout_s=10, max_retries=0)
-
-
-@dataclass
-class Stack:
-    """The real server and webhook sidecar processes behind the real Envoy, with the
-    Stripe emulator, on ports they picked themselves."""
-
-    database: str
-    grpc_port: int
-    gateway_port: int
-    admin_port: int
-    localstripe: str
-    metrics_port: int
-    webhook_port: int
-    log: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}"
-
-
-def stack_env(database: str, tmp: Path, localstripe: str = "", metrics_port: int = 0) -> dict[str, str]:
-    return local_env(
-        # The row-privileged role a deployment uses, not the owner the tests inspect with.
-        storage.with_user(database, SERVICE_ROLE),
-        tmp,
-        api_keys=f"{API_KEY},{ROTATED_KEY}",
-        webhook_secrets=f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
-        STRIPE_API_KEY=LOCALSTRIPE_KEY,
-        STRIPE_API_BASE=localstripe,
-        METRICS_PORT=str(metrics_port),
-    )
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,166 @@
-"""Helpers the tests share (not fixtures: those are in conftest.py)."""
+"""What the tests share besides fixtures (those are in conftest.py): the keys and secrets
+the stack runs with, records and Stripe events to feed it, signing, delivering, waiting,
+and the JSON shape checks of the REST contract."""
 
 from __future__ import annotations
 
-from service.domain import Invoice
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from service import storage
+from service.app import SERVICE_ROLE
+from service.domain import Invoice, User, new_record_id
 from service.storage import Storage
 from service.storage.postgres import INSERT_RECORD, record_time
+from tools import signing
+from tools.stack import LOCALSTRIPE_KEY, local_env
+
+T = TypeVar("T")
+
+API_KEY = "test-admin-key-current"
+ROTATED_KEY = "test-admin-key-next"
+AUTH = (("api-key", API_KEY),)
+
+
+def json_shape(value: object) -> object:
+    """Keys and JSON types, recursively (ints and floats apart); values dropped: what a
+    REST caller's parser depends on."""
+    if isinstance(value, dict):
+        return {k: json_shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_shape(v) for v in value[:1]]
+    return type(value).__name__
+
+
+# Keys the service adds to the original API's invoice (adding keys is allowed; renaming or
+# retyping one is not).
+ADDED_INVOICE_KEYS = {"amountInt32", "currency"}
+
+
+def has_shape(value: object, reference: object) -> bool:
+    """Whether `value` has every key of `reference` with the same JSON type, recursively
+    (lists by their first element); extra keys are allowed."""
+    if isinstance(reference, dict):
+        return isinstance(value, dict) and all(k in value and has_shape(value[k], v) for k, v in reference.items())
+    if isinstance(reference, list):
+        return isinstance(value, list) and (not reference or not value or has_shape(value[0], reference[0]))
+    return type(value) is type(reference)
+
+
+def make_invoice(n: int, *, base: datetime | None = None, status: str = "paid") -> Invoice:
+    """The n-th of a series of invoices, each a second newer than the one before."""
+    created = (base or datetime(2026, 11, 1, tzinfo=UTC)) + timedelta(seconds=n, milliseconds=250)
+    return Invoice(
+        id=new_record_id(),
+        stripe_invoice_id=f"in_test{n:06d}",
+        user=User(id=f"{n:024x}", name=f"User {n}"),
+        status=status,
+        amount=100 * (n + 1),
+        invoice_pdf=f"https://pay.stripe.com/invoice/acct_test/in_test{n:06d}/pdf",
+        created_at=created,
+        updated_at=created + timedelta(seconds=5),
+    )
+
+
+WEBHOOK_SECRET = "whsec_test_current"
+OLD_WEBHOOK_SECRET = "whsec_test_previous"
+
+
+@dataclass
+class Stack:
+    """The real server and webhook sidecar processes behind the real Envoy, with the
+    Stripe emulator, on ports they picked themselves."""
+
+    database: str
+    grpc_port: int
+    gateway_port: int
+    admin_port: int
+    localstripe: str
+    metrics_port: int
+    webhook_port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+
+def stack_env(database: str, tmp: Path, localstripe: str = "", metrics_port: int = 0) -> dict[str, str]:
+    return local_env(
+        # The row-privileged role a deployment uses, not the owner the tests inspect with.
+        storage.with_user(database, SERVICE_ROLE),
+        tmp,
+        api_keys=f"{API_KEY},{ROTATED_KEY}",
+        webhook_secrets=f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
+        STRIPE_API_KEY=LOCALSTRIPE_KEY,
+        STRIPE_API_BASE=localstripe,
+        METRICS_PORT=str(metrics_port),
+    )
+
+
+async def poll_until(check: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 20) -> T:
+    """The first answer of `check` that is not None, asked every 0.2 s; an AssertionError
+    naming `what` if none comes within `timeout_s` (the emulator's webhooks arrive about a
+    second after the change)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = await check()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never saw {what} within {timeout_s} s")
+        await asyncio.sleep(0.2)
+
+
+REQUEST = {"items": [{"name": "All resources", "amount": 3300}, {"name": "Support", "amount": 700}]}
+
+
+async def wait_for_status(http: httpx.AsyncClient, invoice_id: str, status: str) -> dict[str, Any]:
+    """Polls the REST API until the webhook has brought the record to `status` (the
+    emulator delivers about a second after the change)."""
+    seen: dict[str, Any] = {}
+
+    async def reached() -> dict[str, Any] | None:
+        reply = await http.get(f"/admin/api/invoices/{invoice_id}")
+        if reply.status_code == 200:
+            seen.update(reply.json())
+            return seen if seen["status"] == status else None
+        return None
+
+    return await poll_until(reached, f"{invoice_id} reaching {status} (last seen {seen})")
+
+
+def sign(payload: str, secret: str = WEBHOOK_SECRET, at: int | None = None) -> str:
+    return signing.sign(payload, secret, at)
+
+
+def event(invoice_id: str, kind: str, status: str, created: int, total: int = 5000) -> str:
+    obj = {
+        "id": invoice_id,
+        "object": "invoice",
+        "customer": "cus_webhooktest",
+        "customer_name": "Grace",
+        "status": status,
+        "total": total,
+        "invoice_pdf": f"https://pay.stripe.com/invoice/{invoice_id}/pdf" if status != "draft" else None,
+        "metadata": {},
+    }
+    body = {"id": f"evt_{uuid.uuid4().hex[:16]}", "object": "event", "type": kind, "created": created}
+    return json.dumps({**body, "data": {"object": obj}})
+
+
+async def deliver(http: httpx.AsyncClient, payload: str, signature: str | None = None) -> httpx.Response:
+    headers = {"Stripe-Signature": signature or sign(payload), "content-type": "application/json"}
+    return await http.post("/webhooks/stripe", content=payload.encode(), headers={**headers, "Api-Key": ""})
 
 
 async def save_invoice(store: Storage, invoice: Invoice) -> Invoice:

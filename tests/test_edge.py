@@ -18,7 +18,7 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.metrics import Metrics
 from service.rpc import InvoiceServicer
 from service.storage import Storage
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InvoiceService"]
 METHODS = list(SERVICE.methods)

@@ -16,7 +16,7 @@ from service.app import start_grpc
 from service.config import Settings
 from service.domain import DomainError, Invoice, InvoicePage, Page
 from service.errors import STATUSES, status_of
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 from tools.stack import start_envoy
 
 # Every domain error, found by name from the invoice id of a GET (`in_<name>`).

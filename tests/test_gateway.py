@@ -20,8 +20,16 @@ from service.config import Settings
 from service.domain import Invoice, InvoicePage, NewInvoice, Page, ResourceExhausted, Unavailable
 from service.invoices import NoStripe
 from service.storage import Storage
-from tests.conftest import ADDED_INVOICE_KEYS, API_KEY, ROTATED_KEY, Stack, has_shape, json_shape, make_invoice
-from tests.helpers import save_invoice
+from tests.helpers import (
+    ADDED_INVOICE_KEYS,
+    API_KEY,
+    ROTATED_KEY,
+    Stack,
+    has_shape,
+    json_shape,
+    make_invoice,
+    save_invoice,
+)
 from tools.stack import ENVOY, free_port, start_envoy
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -19,8 +19,7 @@ from service.domain import STATUSES, Filters, StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
-from tests.conftest import AUTH, make_invoice
-from tests.helpers import save_invoice
+from tests.helpers import AUTH, make_invoice, save_invoice
 
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
 

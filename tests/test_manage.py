@@ -22,8 +22,7 @@ from gateway.render import render
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.conftest import AUTH, Stack
-from tests.test_stripe import REQUEST, wait_for_status
+from tests.helpers import AUTH, REQUEST, Stack, wait_for_status
 from tools.stack import customer_with_card
 
 FIXTURES = Path(__file__).parent / "fixtures"

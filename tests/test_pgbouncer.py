@@ -26,8 +26,7 @@ from service import storage
 from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.conftest import AUTH, make_invoice, stack_env
-from tests.helpers import save_invoice
+from tests.helpers import AUTH, make_invoice, save_invoice, stack_env
 from tools.stack import free_port, start_service
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"

@@ -26,8 +26,7 @@ from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
-from tests.conftest import AUTH, Stack
-from tests.test_stripe import deliver
+from tests.helpers import AUTH, Stack, deliver
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

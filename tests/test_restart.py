@@ -18,7 +18,7 @@ from gateway.render import render
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.conftest import API_KEY, stack_env
+from tests.helpers import API_KEY, stack_env
 from tools.stack import free_port, start_envoy, start_service, start_webhooks
 
 

@@ -25,7 +25,7 @@ from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import migrations
-from tests.conftest import AUTH, Stack, stack_env
+from tests.helpers import AUTH, Stack, stack_env
 from tools.stack import ROOT, start_service
 
 DENIED = asyncpg.InsufficientPrivilegeError

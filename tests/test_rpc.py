@@ -16,8 +16,7 @@ from service.domain import Page
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
-from tests.conftest import ADDED_INVOICE_KEYS, AUTH, ROTATED_KEY, has_shape, json_shape, make_invoice
-from tests.helpers import save_invoice
+from tests.helpers import ADDED_INVOICE_KEYS, AUTH, ROTATED_KEY, has_shape, json_shape, make_invoice, save_invoice
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RFC3339_MILLIS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

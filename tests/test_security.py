@@ -17,8 +17,7 @@ from gateway.render import render
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.conftest import stack_env
-from tests.test_stripe import event, sign
+from tests.helpers import event, sign, stack_env
 from tools.stack import free_port, start_envoy, start_service, start_webhooks
 
 ADMIN_KEY = "admin-key-0f6b2c9e41d7"

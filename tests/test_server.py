@@ -21,8 +21,7 @@ from service.domain import Invoice, InvoicePage, Page, Unavailable
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
-from tests.conftest import API_KEY, AUTH, make_invoice, stack_env
-from tests.helpers import save_invoice
+from tests.helpers import API_KEY, AUTH, make_invoice, save_invoice, stack_env
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 

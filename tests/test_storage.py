@@ -18,7 +18,7 @@ from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage.migrations import available, migrate
 from service.storage.postgres import record_time
-from tests.conftest import API_KEY, AUTH
+from tests.helpers import API_KEY, AUTH
 
 
 async def test_migrating_again_applies_nothing(database: str) -> None:

@@ -5,15 +5,12 @@ sidecar through Envoy, and every delivery is applied once, in the right order.""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import random
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -26,26 +23,10 @@ from service.app import reconcile
 from service.config import Settings
 from service.invoices import InvoiceCreator, Timing
 from service.storage import Storage
-from tests.conftest import OLD_WEBHOOK_SECRET, WEBHOOK_SECRET
+from tests.helpers import OLD_WEBHOOK_SECRET, REQUEST, deliver, event, sign, wait_for_status
 from tools.stack import LOCALSTRIPE_KEY, customer_with_card
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REQUEST = {"items": [{"name": "All resources", "amount": 3300}, {"name": "Support", "amount": 700}]}
-
-
-async def wait_for_status(http: httpx.AsyncClient, invoice_id: str, status: str) -> dict[str, Any]:
-    """Polls the REST API until the webhook has brought the record to `status` (the
-    emulator delivers about a second after the change)."""
-    deadline = time.monotonic() + 20
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        reply = await http.get(f"/admin/api/invoices/{invoice_id}")
-        if reply.status_code == 200:
-            body = reply.json()
-            if body["status"] == status:
-                return body
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{invoice_id} never reached {status}; last seen {body}")
 
 
 async def test_create_pay_and_record_through_rest(http: httpx.AsyncClient, stripe_client: stripe.StripeClient) -> None:
@@ -125,32 +106,6 @@ async def test_unknown_customer_is_invalid_argument(http: httpx.AsyncClient) -> 
     )
     assert reply.status_code == 400, reply.text
     assert reply.json()["code"] == 3
-
-
-def sign(payload: str, secret: str = WEBHOOK_SECRET, at: int | None = None) -> str:
-    at = int(time.time()) if at is None else at
-    digest = hmac.new(secret.encode(), f"{at}.{payload}".encode(), hashlib.sha256).hexdigest()
-    return f"t={at},v1={digest}"
-
-
-def event(invoice_id: str, kind: str, status: str, created: int, total: int = 5000) -> str:
-    obj = {
-        "id": invoice_id,
-        "object": "invoice",
-        "customer": "cus_webhooktest",
-        "customer_name": "Grace",
-        "status": status,
-        "total": total,
-        "invoice_pdf": f"https://pay.stripe.com/invoice/{invoice_id}/pdf" if status != "draft" else None,
-        "metadata": {},
-    }
-    body = {"id": f"evt_{uuid.uuid4().hex[:16]}", "object": "event", "type": kind, "created": created}
-    return json.dumps({**body, "data": {"object": obj}})
-
-
-async def deliver(http: httpx.AsyncClient, payload: str, signature: str | None = None) -> httpx.Response:
-    headers = {"Stripe-Signature": signature or sign(payload), "content-type": "application/json"}
-    return await http.post("/webhooks/stripe", content=payload.encode(), headers={**headers, "Api-Key": ""})
 
 
 async def test_the_same_event_twice_is_applied_once(http: httpx.AsyncClient, stack_store: Storage) -> None:

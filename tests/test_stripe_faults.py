@@ -18,8 +18,7 @@ from service.app import start_grpc
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.invoices import InvoiceCreator, Timing
-from tests.conftest import API_KEY, AUTH, WEBHOOK_SECRET
-from tests.test_stripe import event, sign
+from tests.helpers import API_KEY, AUTH, WEBHOOK_SECRET, event, sign
 from tools.stack import free_port
 
 CREATE = pb.CreateInvoiceRequest(

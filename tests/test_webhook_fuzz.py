@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from service import storage, webhooks
 from service.domain import STATUSES, Outcome
 from service.payments import USER_ID, USER_NAME, invoice_from_stripe
-from tests.conftest import WEBHOOK_SECRET
-from tests.test_stripe import sign
+from tests.helpers import WEBHOOK_SECRET, sign
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 IDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=40)
