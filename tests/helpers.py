@@ -124,6 +124,17 @@ async def poll_until(check: Callable[[], Awaitable[T | None]], what: str, timeou
 REQUEST = {"items": [{"name": "All resources", "amount": 3300}, {"name": "Support", "amount": 700}]}
 
 
+async def until_envoy_routes(http: httpx.AsyncClient, path: str) -> httpx.Response:
+    """The first answer to GET `path` once Envoy routes to its upstream: until its first
+    health check passes, Envoy itself answers "no healthy upstream"."""
+
+    async def routed() -> httpx.Response | None:
+        reply = await http.get(path)
+        return None if "no healthy upstream" in reply.text else reply
+
+    return await poll_until(routed, f"Envoy routing {path}")
+
+
 async def wait_for_status(http: httpx.AsyncClient, invoice_id: str, status: str) -> dict[str, Any]:
     """Polls the REST API until the webhook has brought the record to `status` (the
     emulator delivers about a second after the change)."""

@@ -16,7 +16,7 @@ from service.app import start_grpc
 from service.config import Settings
 from service.domain import DomainError, Invoice, InvoicePage, Page
 from service.errors import STATUSES, status_of
-from tests.helpers import API_KEY
+from tests.helpers import API_KEY, until_envoy_routes
 from tools.stack import start_envoy
 
 # Every domain error, found by name from the invoice id of a GET (`in_<name>`).
@@ -39,10 +39,7 @@ async def test_every_domain_error_reaches_rest_with_the_tables_status(tmp_path: 
     envoy, port, _ = await asyncio.to_thread(start_envoy, config, tmp_path)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Api-Key": API_KEY}) as http:
-            for _ in range(100):  # Envoy says "no healthy upstream" until its first health check passes
-                if "no healthy upstream" not in (await http.get("/admin/api/invoices")).text:
-                    break
-                await asyncio.sleep(0.1)
+            await until_envoy_routes(http, "/admin/api/invoices")
             for name, cls in ERRORS.items():
                 reply = await http.get(f"/admin/api/invoices/in_{name}")
                 error = cls("id", "x") if name == "InvalidArgument" else cls("x")

@@ -29,6 +29,7 @@ from tests.helpers import (
     json_shape,
     make_invoice,
     save_invoice,
+    until_envoy_routes,
 )
 from tools.stack import ENVOY, free_port, start_envoy
 
@@ -254,11 +255,7 @@ async def test_timeouts_rate_limits_and_unavailable_dependencies_are_json(tmp_pa
     envoy, port, _ = await asyncio.to_thread(start_envoy, config, tmp_path)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Api-Key": API_KEY}) as http:
-            for _ in range(100):  # Envoy says "no healthy upstream" until its first health check passes
-                reply = await http.get("/admin/api/invoices/in_x")
-                if "no healthy upstream" not in reply.text:
-                    break
-                await asyncio.sleep(0.1)
+            reply = await until_envoy_routes(http, "/admin/api/invoices/in_x")
             _assert_error(reply, 503, 14, "invoice store is unavailable")
             _assert_error(await http.get("/admin/api/invoices"), 504, 4)
             body = {"items": [{"name": "x", "amount": 1}], "customer": "cus_1", "paymentMethod": "pm_1"}

@@ -4,9 +4,7 @@ seed's own Create payload, and the Envoy routes that must never retry a POST."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from gateway.render import render
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.helpers import AUTH, REQUEST, Stack, wait_for_status
+from tests.helpers import AUTH, REQUEST, Stack, poll_until, wait_for_status
 from tools.stack import customer_with_card
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -40,17 +38,15 @@ async def event_outcome(stack: Stack, invoice_id: str, event_type: str) -> str:
     """The outcome the sidecar recorded for the emulator's event, once it has arrived."""
     conn = await asyncpg.connect(stack.database)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            outcome = await conn.fetchval(
-                "SELECT outcome FROM stripe_events WHERE stripe_invoice_id = $1 AND type = $2", invoice_id, event_type
-            )
-            if outcome is not None:
-                return str(outcome)
-            await asyncio.sleep(0.2)
+        query = "SELECT outcome FROM stripe_events WHERE stripe_invoice_id = $1 AND type = $2"
+
+        async def arrived() -> str | None:
+            outcome = await conn.fetchval(query, invoice_id, event_type)
+            return None if outcome is None else str(outcome)
+
+        return await poll_until(arrived, f"{event_type} of {invoice_id}")
     finally:
         await conn.close()
-    raise AssertionError(f"no {event_type} of {invoice_id} arrived")
 
 
 async def good_card(client: stripe.StripeClient, customer: str) -> str:
