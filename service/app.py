@@ -10,6 +10,7 @@ import secrets
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -300,19 +301,21 @@ async def run_webhooks(settings: Settings) -> None:
     retried by Stripe)."""
     secrets = webhook_secrets(settings)
     metrics = Metrics()
-    pool = await open_pool(settings)
-    metrics.watch_pool(pool)
 
-    async def close_pool(_: web.Application) -> AsyncIterator[None]:
-        yield
-        await pool.close()
+    @asynccontextmanager
+    async def sidecar_store() -> AsyncIterator[storage.Storage]:
+        pool = await open_pool(settings)
+        metrics.watch_pool(pool)
+        try:
+            yield storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
+        finally:
+            await pool.close()
 
     app = webhooks.init(
-        storage.Storage(pool, observe_wait=metrics.observe_pool_wait),
         secrets,
+        open_store=sidecar_store,
         tolerance_s=settings.stripe_webhook_tolerance_s,
         max_body_bytes=settings.webhook_max_body_bytes,
-        cleanup=close_pool,
         metrics=metrics,
         livemode=settings.stripe_livemode,
     )

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -219,21 +220,34 @@ def drain(app: web.Application) -> None:
 
 
 def init(
-    store: EventStore,
     secrets: Sequence[str],
     *,
+    store: EventStore | None = None,
+    open_store: Callable[[], AbstractAsyncContextManager[EventStore]] | None = None,
     tolerance_s: int = 300,
     max_body_bytes: int = 1_048_576,
-    cleanup: Callable[[web.Application], AsyncIterator[None]] | None = None,
     metrics: Metrics | None = None,
     livemode: bool = False,
 ) -> web.Application:
-    """The sidecar's application, with /metrics and /livez; `cleanup` owns resources such
-    as the pool."""
+    """The sidecar's application, with /metrics and /livez, over `store`, or over the one
+    `open_store` opens when the app starts and closes when it stops (its pool is the app's
+    own, in its cleanup context)."""
     if not secrets:
         raise ValueError("at least one webhook secret is required")
     app = web.Application(client_max_size=max_body_bytes)
-    app[STORE] = store
+    if store is not None:
+        app[STORE] = store
+    elif open_store is not None:
+        opener = open_store
+
+        async def opened(app: web.Application) -> AsyncIterator[None]:
+            async with opener() as store:
+                app[STORE] = store
+                yield
+
+        app.cleanup_ctx.append(opened)
+    else:
+        raise ValueError("a store, or a way to open one, is required")
     app[SECRETS] = list(secrets)
     app[TOLERANCE] = tolerance_s
     app[DRAINING] = asyncio.Event()
@@ -241,6 +255,4 @@ def init(
     app.router.add_post(PATH, receive)
     app.router.add_get("/healthz", ready)
     add_routes(app, metrics or Metrics())
-    if cleanup is not None:
-        app.cleanup_ctx.append(cleanup)
     return app

@@ -98,7 +98,7 @@ async def test_a_webhook_while_postgres_is_down_is_503_then_lands(tmp_path: Path
     store = storage.Storage(pool)
     payload = event("in_pgdown0001", "invoice.paid", "paid", int(time.time()))
     try:
-        async for base in _serve(webhooks.init(store, [WEBHOOK_SECRET])):
+        async for base in _serve(webhooks.init([WEBHOOK_SECRET], store=store)):
             async with httpx.AsyncClient(base_url=base) as http:
                 embedded.stop(data)
                 down = await http.post(webhooks.PATH, content=payload, headers={"Stripe-Signature": sign(payload)})

@@ -129,7 +129,7 @@ def test_the_webhook_answers_2xx_or_4xx_json_never_5xx(
     loop_and_store: tuple[asyncio.AbstractEventLoop, storage.Storage],
 ) -> None:
     loop, store = loop_and_store
-    client = TestClient(TestServer(webhooks.init(store, [WEBHOOK_SECRET])), loop=loop)
+    client = TestClient(TestServer(webhooks.init([WEBHOOK_SECRET], store=store)), loop=loop)
     loop.run_until_complete(client.start_server())
 
     async def post(body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
