@@ -29,6 +29,7 @@ import psutil
 from bench.ceiling import CONSTANT
 from service import embedded, pagetoken, storage
 from service.domain import Cursor, Filters, new_record_id
+from service.storage.postgres import RECORD_COLUMNS
 from service.validation import DEFAULT_MAX_OFFSET
 from tools.stack import ROOT, Part, backend, local_env, start_python, wait_until_routed
 
@@ -72,8 +73,7 @@ async def load(dsn: str, n: int) -> dict[str, Any]:
     url = await storage.fresh_database(dsn, "bench")
     pool = await storage.connect(url, max_size=1, command_timeout=600)
     started = time.monotonic()
-    columns = ["id", "stripe_invoice_id", "user_id", "user_name", "status", "amount", "currency", "invoice_pdf"]
-    columns += ["created_at", "updated_at"]
+    columns = list(RECORD_COLUMNS)  # the order rows() yields them in
     async with pool.acquire() as conn:
         await conn.copy_records_to_table("invoices", records=rows(n), columns=columns)
         await conn.execute("ANALYZE invoices")
@@ -91,7 +91,7 @@ async def load(dsn: str, n: int) -> dict[str, Any]:
 
 
 def _explained(deep: Any, user: str) -> dict[str, tuple[str, list[Any]]]:
-    cols = "SELECT id, stripe_invoice_id, user_id, user_name, status, amount, invoice_pdf, created_at, updated_at"
+    cols = "SELECT " + ", ".join(RECORD_COLUMNS)
     order = "ORDER BY created_at DESC, id DESC LIMIT 21"
     after = [deep["created_at"], deep["id"]] if deep else [datetime.now(UTC), ""]
     return {

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import announce, embedded, payments, storage, webhooks
-from service.config import Settings
+from service.config import Settings, default
 from service.domain import InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.edge import Edge
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
@@ -79,7 +79,7 @@ async def start_grpc(
     address: str,
     *,
     creator: Creator | None = None,
-    default_currency: str = "eur",
+    default_currency: str = default("stripe_default_currency"),
     ready: bool = True,
     metrics: Metrics | None = None,
     max_offset: int = DEFAULT_MAX_OFFSET,

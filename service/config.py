@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.validation import DEFAULT_MAX_OFFSET
+
+
+def default(name: str) -> Any:
+    """A setting's default, for a signature that takes the setting (tests call it bare):
+    the default is written once, on the field."""
+    return Settings.model_fields[name].default
+
 
 # The commands of `python -m service`, each with its own required settings (Settings.require).
 Command = Literal["serve", "webhooks", "migrate", "reconcile"]

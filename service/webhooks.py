@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import stripe
 from aiohttp import web
 
+from service.config import default
 from service.domain import DomainError, Internal, InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.errors import status_of
 from service.logs import REQUEST_ID, request_id
@@ -224,8 +225,8 @@ def init(
     *,
     store: EventStore | None = None,
     open_store: Callable[[], AbstractAsyncContextManager[EventStore]] | None = None,
-    tolerance_s: int = 300,
-    max_body_bytes: int = 1_048_576,
+    tolerance_s: int = default("stripe_webhook_tolerance_s"),
+    max_body_bytes: int = default("webhook_max_body_bytes"),
     metrics: Metrics | None = None,
     livemode: bool = False,
 ) -> web.Application:

@@ -33,7 +33,19 @@ from service.storage.creates import CreateRequests
 log = logging.getLogger(__name__)
 
 # The record's columns, written once: the order of _invoice's reads and of the VALUES below.
-_COLUMNS = "id, stripe_invoice_id, user_id, user_name, status, amount, currency, invoice_pdf, created_at, updated_at"
+RECORD_COLUMNS = (
+    "id",
+    "stripe_invoice_id",
+    "user_id",
+    "user_name",
+    "status",
+    "amount",
+    "currency",
+    "invoice_pdf",
+    "created_at",
+    "updated_at",
+)
+_COLUMNS = ", ".join(RECORD_COLUMNS)
 _SELECT = f"SELECT {_COLUMNS}"
 _ORDER = "ORDER BY created_at DESC, id DESC"
 _FILTERS = {
