@@ -1,5 +1,4 @@
-"""Pure rules, without I/O: the invoice state machine, reading Stripe's invoice object,
-and request validation."""
+"""Pure rules, without I/O: the invoice state machine and request validation."""
 
 from __future__ import annotations
 
@@ -7,7 +6,6 @@ import pytest
 
 from service import validation
 from service.domain import STATUSES, InvalidArgument, User, supersedes
-from service.payments import USER_ID, USER_NAME, invoice_from_stripe
 
 
 @pytest.mark.parametrize(
@@ -33,29 +31,6 @@ def test_the_state_machine_never_moves_back(current: str, new: str, expected: bo
 
 def test_no_state_supersedes_itself() -> None:
     assert not any(supersedes(s, s) for s in STATUSES)
-
-
-def test_the_owner_is_the_named_user_or_else_the_customer() -> None:
-    base = {"id": "in_1", "status": "paid", "total": 3300, "customer": "cus_1", "customer_name": "John Doe"}
-    named = invoice_from_stripe({**base, "metadata": {USER_ID: "u1", USER_NAME: "Ada"}})
-    assert named.user == User("u1", "Ada")
-    assert invoice_from_stripe({**base, "metadata": {}}).user == User("cus_1", "John Doe")
-    assert invoice_from_stripe({**base, "customer_name": None}).user == User("cus_1", "")
-    assert invoice_from_stripe(base).invoice_pdf == ""
-
-
-@pytest.mark.parametrize(
-    "broken",
-    [
-        {},
-        {"id": "in_1"},
-        {"id": "ch_1", "status": "paid", "customer": "c"},
-        {"id": "in_1", "status": "x", "customer": "c"},
-    ],
-)
-def test_a_malformed_invoice_object_is_invalid(broken: dict[str, object]) -> None:
-    with pytest.raises(InvalidArgument):
-        invoice_from_stripe(broken)
 
 
 def test_create_validation_defaults_and_normalises() -> None:
