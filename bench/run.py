@@ -27,8 +27,10 @@ import asyncpg
 import psutil
 
 from bench.ceiling import CONSTANT
+from bench.webhook_load import lifecycle
+from chaos.storm import doubling, event_applications
 from service import embedded, pagetoken, storage
-from service.domain import Cursor, Filters, new_record_id
+from service.domain import Cursor, Filters, Outcome, new_record_id
 from service.storage.postgres import RECORD_COLUMNS
 from service.validation import DEFAULT_MAX_OFFSET
 from tools.stack import ROOT, Part, backend, local_env, start_python, wait_until_routed
@@ -308,26 +310,40 @@ def main() -> None:
             return dict(json.loads(out.strip().splitlines()[-1]))
 
         case("webhooks via Envoy (30% dup)", "bench.webhook_load x2", webhooks_case, webhooks.process.pid)
-        results[-1] |= asyncio.run(_webhook_rows(data["url"], hooks))
+        results[-1] |= asyncio.run(_webhook_rows(data["url"], hooks, running.webhook_port))
     log.close()
     report(results, data, machine, n, out_dir)
 
 
-async def _webhook_rows(url: str, invoices: int) -> dict[str, Any]:
+async def _webhook_rows(url: str, invoices: int, webhook_port: int) -> dict[str, Any]:
+    """Nothing lost: every event recorded, every invoice paid for its amount. Nothing
+    doubled, in effects (a row per event id is the primary key's, so cannot double): no
+    event acted on twice by the sidecar's own count, each invoice created by one event."""
+    applications = event_applications(webhook_port)
     conn = await asyncpg.connect(url)
     try:
         events = await conn.fetchval("SELECT count(*) FROM stripe_events WHERE id LIKE 'evt_bench%'")
         paid = await conn.fetchval(
             "SELECT count(*) FROM invoices WHERE stripe_invoice_id LIKE 'in_bench%' AND status = 'paid'"
+            " AND amount = $1",
+            lifecycle("short", 0)[-1][2],
         )
         rows = await conn.fetchval("SELECT count(*) FROM invoices WHERE stripe_invoice_id LIKE 'in_bench%'")
+        created_once = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM stripe_events WHERE id LIKE 'evt_bench%'"
+            " GROUP BY stripe_invoice_id HAVING count(*) FILTER (WHERE outcome = $1) = 1) AS once",
+            Outcome.CREATED.value,
+        )
     finally:
         await conn.close()
     return {
         "events_recorded": events,
         "invoices_recorded": rows,
         "invoices_paid": paid,
-        "nothing_lost_or_doubled": events == invoices * 3 and rows == invoices == paid,
+        **doubling(applications, events),
+        "invoices_created_once": created_once,
+        # No fault here, so every event acted on was answered, and counted: exactly once each.
+        "nothing_lost_or_doubled": events == invoices * 3 == applications and rows == invoices == paid == created_once,
     }
 
 

@@ -2,8 +2,15 @@
 30% of them delivered twice, shuffled, sent concurrently through Envoy by a sender that
 retries every non-2xx with backoff as Stripe does. Halfway through, Postgres is stopped
 for CHAOS_PG_DOWN_S seconds and started again. Afterwards every invoice must be in the
-state of its newest event and every event recorded exactly once. Prints the figures as
-JSON; exits 1 if anything is lost, doubled or wrong."""
+state (and amount) of its newest event, every event recorded, and every event's effect
+applied exactly once. Prints the figures as JSON; exits 1 if anything is lost, doubled
+or wrong.
+
+Doubling is measured in effects, not rows: `stripe_events.id` is the primary key, so a
+count of rows per event id can never exceed one (that is structural, not a result). What
+could double is an event's effect, a redelivery applied again: the sidecar's own count of
+deliveries that acted on an event (its webhook metrics) must not exceed the events
+recorded, and each invoice's row must have been created by exactly one of its events."""
 
 from __future__ import annotations
 
@@ -13,13 +20,17 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Any
 
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.webhook_load import lifecycle
 from chaos import API_KEY, prepare, stack_env
 from service import embedded
+from service.domain import Outcome
+from service.metrics import WEBHOOK_OUTCOMES
 from tools.stack import ROOT, backend, wait_until_routed
 
 SECRET = "whsec_chaos"  # noqa: S105 - a local test's own secret
@@ -33,29 +44,78 @@ async def _recorded(url: str) -> int:
         await conn.close()
 
 
-async def _verify(url: str, invoices: int) -> dict[str, Any]:
+# The outcomes of a delivery that acted on its event (recorded it and applied it to the
+# invoice); a `duplicate` found the event recorded before and changed nothing.
+ACTED = frozenset(WEBHOOK_OUTCOMES.values()) - {WEBHOOK_OUTCOMES[Outcome.DUPLICATE]}
+
+
+def event_applications(webhook_port: int) -> int:
+    """How many deliveries the sidecar answered with an effect (its metrics, by outcome)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{webhook_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "invoice_webhook_events"
+            for sample in family.samples
+            if sample.name == "invoice_webhook_events_total" and sample.labels.get("outcome") in ACTED
+        )
+    )
+
+
+def doubling(applications: int, recorded: int) -> dict[str, int]:
+    """Deliveries that acted on an event already acted on, from the sidecar's count. Fewer
+    applications than events is no doubling: an event committed whose answer was lost
+    (Postgres stopped under it) was answered `duplicate` on its retry."""
+    return {
+        "event_applications": applications,
+        "events_doubled": max(0, applications - recorded),
+        "events_applied_unanswered": max(0, recorded - applications),
+    }
+
+
+async def _verify(url: str, invoices: int, applications: int) -> dict[str, Any]:
     conn = await asyncpg.connect(url)
     try:
-        events = await conn.fetch("SELECT id, count(*) OVER (PARTITION BY id) AS copies FROM stripe_events")
+        recorded = int(await conn.fetchval("SELECT count(*) FROM stripe_events"))
+        created = {
+            r["stripe_invoice_id"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT stripe_invoice_id, count(*) FILTER (WHERE outcome = $1) AS n FROM stripe_events"
+                " GROUP BY stripe_invoice_id",
+                Outcome.CREATED.value,
+            )
+        }
         rows = {
-            r["stripe_invoice_id"]: r["status"]
-            for r in await conn.fetch("SELECT stripe_invoice_id, status FROM invoices")
+            r["stripe_invoice_id"]: (r["status"], r["amount"])
+            for r in await conn.fetch("SELECT stripe_invoice_id, status, amount FROM invoices")
         }
         counted = await conn.fetchval("SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts")
     finally:
         await conn.close()
-    expected = {f"in_bench01{n:07d}": lifecycle("long", n)[-1][1] for n in range(invoices)}
+    expected = {f"in_bench01{n:07d}": lifecycle("long", n)[-1][1:] for n in range(invoices)}
     wrong = {k: (rows.get(k), v) for k, v in expected.items() if rows.get(k) != v}
+    not_created_once = [k for k in expected if created.get(k, 0) != 1]
     unique = sum(len(lifecycle("long", n)) for n in range(invoices))
-    return {
-        "events_recorded": len(events),
+    figures = {
+        "events_recorded": recorded,
         "events_expected": unique,
-        "events_doubled": sum(1 for e in events if e["copies"] > 1),
+        **doubling(applications, recorded),
+        "invoices_not_created_once": len(not_created_once),
         "invoice_rows": len(rows),
         "invoices_in_wrong_state": len(wrong),
         "count_matches_rows": counted == len(rows),
-        "ok": len(events) == unique and not wrong and len(rows) == invoices and counted == len(rows),
     }
+    figures["ok"] = (
+        recorded == unique
+        and figures["events_doubled"] == 0
+        and not not_created_once
+        and not wrong
+        and len(rows) == invoices
+        and counted == len(rows)
+    )
+    return figures
 
 
 def main() -> None:
@@ -84,7 +144,7 @@ def main() -> None:
         out, _ = sender.communicate(timeout=600)
         figures = json.loads(out.strip().splitlines()[-1])
         figures |= {"postgres_stopped_at_events": halfway, "postgres_down_s": down_s}
-        figures |= asyncio.run(_verify(url, invoices))
+        figures |= asyncio.run(_verify(url, invoices, event_applications(running.webhook_port)))
     print(json.dumps(figures))
     if not figures["ok"]:
         sys.exit(1)
