@@ -3,14 +3,22 @@ emulator) and, on a share of them, misbehaves the ways networks and Stripe do. H
 faults strike before the call reaches Stripe, half after Stripe has done the work, which
 is the case idempotency keys exist for: the caller cannot tell the two apart.
 
-`python -m chaos.stripe_proxy --upstream URL [--port 0] [--fault-rate 0.3] [--stall-s 2]`
-announces its port (service/announce.py) and serves `GET /_proxy/stats` (faults by kind)."""
+`python -m chaos.stripe_proxy --upstream URL [--port 0] [--fault-rate 0.3] [--stall-s 2]
+[--faults drop_before,...]` announces its port (service/announce.py) and serves
+`GET /_proxy/stats`: the faults that struck a call, by kind. A drop or an error always
+strikes; a stall only if the caller gave up (timed out and closed the connection) while
+it lasted, otherwise it counts as `<kind>_waited_out` (the call was merely slow). Also
+`stalled_calls_retried`: calls a stall struck that the caller then sent again (the same
+Idempotency-Key, or the same request), the caller's visible answer to its timeout.
+--faults (default: CHAOS_STRIPE_FAULTS, else all) limits the faults chosen from."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -33,6 +41,9 @@ STATS = web.AppKey("stats", Counter[str])
 RATE = web.AppKey("rate", float)
 STALL_S = web.AppKey("stall_s", float)
 RANDOM = web.AppKey("random", random.Random)
+CHOSEN_FROM = web.AppKey("chosen_from", tuple[str, ...])
+# What identifies a call again when its caller retries it, for the calls a stall struck.
+STALLED = web.AppKey("stalled", set[str])
 
 
 class Dropped(Exception):
@@ -60,28 +71,78 @@ async def _forward(request: web.Request) -> web.Response:
         return web.Response(status=upstream.status, body=payload, headers=kept)
 
 
-async def _strike(request: web.Request, fault: str | None, when: str) -> web.Response | None:
+def _call_id(request: web.Request, body: bytes) -> str:
+    """The call as its caller would send it again: Stripe's SDK retries with the same
+    Idempotency-Key; a call without one is known by its method, path and body."""
+    key = request.headers.get("Idempotency-Key")
+    if key:
+        return f"key {key}"
+    return f"{request.method} {request.rel_url.path_qs} {hashlib.sha256(body).hexdigest()}"
+
+
+# How often a stall looks whether its caller is still there.
+_STALL_POLL_S = 0.02
+
+
+async def _stall(request: web.Request, fault: str, call: str) -> None:
+    """Holds the call for STALL_S. It struck once the caller went away meanwhile (timed
+    out): counted then, so that the caller's retry, which may come while the stall still
+    lasts, is known for one."""
+    app = request.app
+    struck = False
+
+    def strike() -> None:
+        nonlocal struck
+        if not struck:
+            struck = True
+            app[STATS][fault] += 1
+            app[STALLED].add(call)
+
+    end = asyncio.get_running_loop().time() + app[STALL_S]
+    try:
+        while (left := end - asyncio.get_running_loop().time()) > 0:
+            if request.transport is None or request.transport.is_closing():
+                strike()
+            await asyncio.sleep(min(left, _STALL_POLL_S))
+    except asyncio.CancelledError:  # a server that cancels the handlers of callers gone
+        strike()
+        raise
+    if request.transport is None or request.transport.is_closing():
+        strike()
+    if not struck:
+        app[STATS][f"{fault}_waited_out"] += 1
+
+
+async def _strike(request: web.Request, fault: str | None, when: str, call: str) -> web.Response | None:
     """Carries out `fault` if it strikes at `when` (before or after forwarding): drops the
-    connection, returns the 500 to answer instead, or stalls and lets the call go on."""
+    connection, returns the 500 to answer instead, or stalls and lets the call go on.
+    Counts the fault once it struck."""
     if fault is None or not fault.endswith(f"_{when}"):
         return None
     kind = fault.removesuffix(f"_{when}")
+    if kind == "stall":
+        await _stall(request, fault, call)
+        return None
+    request.app[STATS][fault] += 1
     if kind == "drop":
         _drop(request)
-    if kind == "error":
-        return _error()
-    await asyncio.sleep(request.app[STALL_S])
-    return None
+    return _error()
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
-    fault = app[RANDOM].choice(FAULTS) if app[RANDOM].random() < app[RATE] else None
-    app[STATS][fault or "forwarded_clean"] += 1
-    if (early := await _strike(request, fault, "before")) is not None:
+    faults: tuple[str, ...] = app[CHOSEN_FROM]
+    fault = app[RANDOM].choice(faults) if app[RANDOM].random() < app[RATE] else None
+    call = _call_id(request, await request.read())
+    if call in app[STALLED]:
+        app[STALLED].discard(call)
+        app[STATS]["stalled_calls_retried"] += 1
+    if fault is None:
+        app[STATS]["forwarded_clean"] += 1
+    if (early := await _strike(request, fault, "before", call)) is not None:
         return early
     response = await _forward(request)
-    late = await _strike(request, fault, "after")
+    late = await _strike(request, fault, "after", call)
     return response if late is None else late
 
 
@@ -106,13 +167,19 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def init(upstream: str, *, fault_rate: float, stall_s: float, seed: int | None = None) -> web.Application:
+def init(
+    upstream: str, *, fault_rate: float, stall_s: float, seed: int | None = None, faults: tuple[str, ...] = FAULTS
+) -> web.Application:
+    if not faults or set(faults) - set(FAULTS):
+        raise ValueError(f"faults must be some of {', '.join(FAULTS)}")
     app = web.Application(middlewares=[swallow_drops], client_max_size=16 * 1024 * 1024)
     app[UPSTREAM] = upstream.rstrip("/")
     app[STATS] = Counter()
     app[RATE] = fault_rate
     app[STALL_S] = stall_s
     app[RANDOM] = random.Random(seed)  # noqa: S311 - fault choice, not security
+    app[CHOSEN_FROM] = faults
+    app[STALLED] = set()
     app.cleanup_ctx.append(_session)
     app.router.add_get("/_proxy/stats", stats)
     app.router.add_route("*", "/{tail:.*}", proxy)
@@ -120,14 +187,15 @@ def init(upstream: str, *, fault_rate: float, stall_s: float, seed: int | None =
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    app = init(args.upstream, fault_rate=args.fault_rate, stall_s=args.stall_s, seed=args.seed)
+    faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
+    app = init(args.upstream, fault_rate=args.fault_rate, stall_s=args.stall_s, seed=args.seed, faults=faults)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     await site.start()
     print(f"Stripe proxy listening on {runner.addresses[0][1]}", flush=True)
     announce.listening("stripe-proxy", http=runner.addresses[0][1])
-    print(json.dumps({"faults": list(FAULTS), "fault_rate": args.fault_rate, "stall_s": args.stall_s}), flush=True)
+    print(json.dumps({"faults": list(faults), "fault_rate": args.fault_rate, "stall_s": args.stall_s}), flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -141,6 +209,7 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.3)
     parser.add_argument("--stall-s", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--faults", default=os.environ.get("CHAOS_STRIPE_FAULTS") or ",".join(FAULTS))
     asyncio.run(_serve(parser.parse_args()))
 
 

@@ -4,11 +4,14 @@ deliveries; 1,000 Creates) is `make chaos`; restart under load is tests/test_res
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import subprocess
 import sys
+import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
@@ -39,7 +42,14 @@ def test_a_webhook_storm_through_a_postgres_restart_loses_and_doubles_nothing() 
     figures = _scenario("storm", CHAOS_INVOICES="100", CHAOS_PG_DOWN_S="2")
     assert figures["deliveries"] == 1000
     assert figures["events_recorded"] == figures["events_expected"] == 700
+    # Doubling in effects (a row per event id is the primary key's, so cannot double): no
+    # event acted on twice by the sidecar's own count, each invoice created by one event.
     assert figures["events_doubled"] == 0
+    # ...and the count is real: every event acted on was counted but those whose answer got
+    # lost with Postgres (a failed delivery, retried and then found `duplicate`).
+    failed_answers = sum(n for status, n in figures["answers"].items() if status != "200")
+    assert figures["events_applied_unanswered"] <= failed_answers
+    assert figures["invoices_not_created_once"] == 0
     assert figures["invoices_in_wrong_state"] == 0
     assert figures["count_matches_rows"] is True
     # Postgres really was away while deliveries arrived: some were answered 503 and retried.
@@ -60,25 +70,98 @@ def test_creates_under_stripe_faults_make_exactly_one_invoice_per_key() -> None:
     assert figures["answers_naming_another_invoice"] == figures["create_records_naming_another_invoice"] == 0
     assert figures["rows_disagreeing_with_stripe"] == 0
     assert figures["replays_naming_another_invoice"] == 0
-    # The faults really happened, before and after Stripe did the work, and some reached callers.
+    # The faults really struck calls (the proxy counts a fault once it struck, a stall only
+    # if its caller timed out meanwhile), before and after Stripe did the work, and some
+    # reached callers.
     faults = figures["stripe_calls_by_fault"]
-    assert faults.get("drop_after", 0) + faults.get("error_after", 0) + faults.get("stall_after", 0) > 0
-    assert faults.get("drop_before", 0) + faults.get("error_before", 0) + faults.get("stall_before", 0) > 0
+    assert all(faults.get(fault, 0) > 0 for fault in stripe_proxy.FAULTS), faults
     assert figures["answers"].get("503", 0) > 0
+    # The stalls had an effect: the service timed out and sent those calls again.
+    assert faults["stalled_calls_retried"] > 0
 
 
-class _Always(random.Random):
-    """The proxy's random source, rigged: every call gets `fault`."""
+def test_creates_under_stripe_stalls_alone_time_out_and_still_make_one_invoice_per_key() -> None:
+    """Stalls only, so what callers see is theirs: the service's Stripe calls time out
+    (the SDK's one retry too, often), Creates fail and are retried, and the result is
+    still the one without faults."""
+    figures = _scenario(
+        "creates",
+        CHAOS_CREATES="10",
+        CHAOS_KEYLESS="1",
+        CHAOS_FAULT_RATE="0.5",
+        CHAOS_STRIPE_FAULTS="stall_before,stall_after",
+    )
+    faults = figures["stripe_calls_by_fault"]
+    assert set(faults) <= {"stall_before", "stall_after", "forwarded_clean", "stalled_calls_retried"}, faults
+    assert faults.get("stall_before", 0) > 0
+    assert faults.get("stall_after", 0) > 0
+    assert faults["stalled_calls_retried"] > 0
+    # Observable at the callers: Creates answered 503 and needed more than one attempt.
+    assert figures["answers"].get("503", 0) > 0
+    assert sum(n for attempts, n in figures["attempts_per_create"].items() if int(attempts) > 1) > 0
+    # ...and the result is the no-fault one.
+    assert figures["stripe_invoices"] == figures["orders"] == figures["rows"] == 11
+    assert figures["keys_with_one_invoice"] == 10
+    assert figures["keyless_orders_with_one_invoice"] == 1
+    assert figures["orders_charged_twice"] == figures["rows_disagreeing_with_stripe"] == 0
 
-    def __init__(self, fault: str) -> None:
+
+class _Rigged(random.Random):
+    """The proxy's random source, rigged: the first `calls` calls get `fault`, later ones none."""
+
+    def __init__(self, fault: str, calls: int = 1_000_000) -> None:
         super().__init__()
         self.fault = fault
+        self.calls = calls
 
     def random(self) -> float:
-        return 0.0
+        self.calls -= 1
+        return 0.0 if self.calls >= 0 else 1.0
 
     def choice(self, seq: SupportsLenAndGetItem[T]) -> T:
-        return seq[stripe_proxy.FAULTS.index(self.fault)]
+        return next(seq[i] for i in range(len(seq)) if seq[i] == self.fault)
+
+
+STALL_S = 0.5
+
+
+async def _through_proxy(
+    fault: str, *, calls: int = 1, faulty: int = 1_000_000, timeout_s: float = STALL_S / 5
+) -> tuple[list[int | None], list[int], list[float], Counter[str]]:
+    """`calls` identical calls (one Idempotency-Key) through a proxy whose first `faulty`
+    calls get `fault`, each given up after `timeout_s`: each call's status (None: no
+    answer), how many calls Stripe had seen when each ended, how long each took, and the
+    proxy's stats once its handlers finished."""
+    hits: list[str] = []
+    got: list[int | None] = []
+    seen: list[int] = []
+    took: list[float] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"id": "in_1"})
+
+    stripe_app = web.Application()
+    stripe_app.router.add_post("/v1/invoices", upstream)
+    async with TestServer(stripe_app) as stripe_server:
+        proxy = stripe_proxy.init(str(stripe_server.make_url("")), fault_rate=1.0, stall_s=STALL_S)
+        proxy[stripe_proxy.RANDOM] = _Rigged(fault, faulty)
+        async with TestServer(proxy) as server:
+            for _ in range(calls):
+                started = time.monotonic()
+                timeout = aiohttp.ClientTimeout(total=timeout_s)
+                async with aiohttp.ClientSession(timeout=timeout) as http:
+                    try:
+                        headers = {"Idempotency-Key": "k-1"}
+                        async with http.post(server.make_url("/v1/invoices"), data=b"{}", headers=headers) as reply:
+                            got.append(reply.status)
+                    except (aiohttp.ClientError, TimeoutError):
+                        got.append(None)
+                seen.append(len(hits))
+                took.append(time.monotonic() - started)
+            # A stalled handler goes on after its caller left; it counts when it is done.
+            await asyncio.sleep(STALL_S + 0.2)
+    return got, seen, took, proxy[stripe_proxy.STATS]
 
 
 @pytest.mark.parametrize(
@@ -88,27 +171,29 @@ class _Always(random.Random):
         ("drop_after", None, 1),
         ("error_before", 500, 0),
         ("error_after", 500, 1),
-        ("stall_before", 200, 1),
-        ("stall_after", 200, 1),
+        ("stall_before", None, 0),
+        ("stall_after", None, 1),
     ],
 )
 async def test_each_proxy_fault_strikes_at_its_moment(fault: str, status: int | None, forwarded: int) -> None:
-    """A fault `_before` never reaches Stripe; one `_after` does, and its caller cannot tell."""
-    hits: list[str] = []
+    """A fault `_before` strikes before the call reaches Stripe; one `_after` once it has,
+    and its caller cannot tell. A stall strikes a caller whose timeout is shorter: it gets
+    no answer. The proxy counts the fault as having struck."""
+    got, seen, _, stats = await _through_proxy(fault)
+    assert (got, seen) == ([status], [forwarded])
+    assert stats == {fault: 1}
 
-    async def upstream(request: web.Request) -> web.Response:
-        hits.append(request.path)
-        return web.json_response({"id": "in_1"})
 
-    stripe_app = web.Application()
-    stripe_app.router.add_post("/v1/invoices", upstream)
-    async with TestServer(stripe_app) as stripe_server:
-        proxy = stripe_proxy.init(str(stripe_server.make_url("")), fault_rate=1.0, stall_s=0.05)
-        proxy[stripe_proxy.RANDOM] = _Always(fault)
-        async with TestServer(proxy) as server, aiohttp.ClientSession() as http:
-            try:
-                async with http.post(server.make_url("/v1/invoices"), data=b"{}") as reply:
-                    got: int | None = reply.status
-            except aiohttp.ClientError:
-                got = None
-    assert (got, len(hits)) == (status, forwarded)
+@pytest.mark.parametrize("fault", ["stall_before", "stall_after"])
+async def test_a_stall_a_patient_caller_waits_out_is_slow_but_did_not_strike(fault: str) -> None:
+    got, seen, took, stats = await _through_proxy(fault, timeout_s=STALL_S * 4)
+    assert (got, seen) == ([200], [1])
+    assert took[0] >= STALL_S
+    assert stats == {f"{fault}_waited_out": 1}
+
+
+@pytest.mark.parametrize("fault", ["stall_before", "stall_after"])
+async def test_a_call_sent_again_after_a_stall_struck_it_is_counted(fault: str) -> None:
+    got, _, _, stats = await _through_proxy(fault, calls=2, faulty=1)
+    assert got == [None, 200]
+    assert stats == {fault: 1, "stalled_calls_retried": 1, "forwarded_clean": 1}
