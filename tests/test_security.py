@@ -8,6 +8,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import httpx
@@ -18,12 +19,14 @@ from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tests.helpers import event, sign, stack_env
-from tools.stack import free_port, start_envoy, start_service, start_webhooks
+from tools.stack import backend, free_port, start_envoy, wait_until_routed
 
 ADMIN_KEY = "admin-key-0f6b2c9e41d7"
 STRIPE_KEY = "sk_test_secret_8d1c55aa90e2"
 WEBHOOK_SECRET = "whsec_secret_41b7e02c93fd"
 CALLER_GUESS = "guessed-key-7a2e91c0"
+DB_PASSWORD = "dbpass3c81f0a2d5e7"
+OWNER_PASSWORD = "ownerpass9e04b6c1a2f8"
 
 
 def test_envoy_admin_listens_on_loopback_only(tmp_path: Path) -> None:
@@ -58,23 +61,48 @@ async def _exercise(grpc_port: int, webhook_port: int) -> None:
         await http.post("/webhooks/stripe", content=payload, headers={"Stripe-Signature": sign(payload, "whsec_other")})
 
 
+def _with_password(dsn: str, password: str) -> str:
+    """`dsn` with `password` for its user. The embedded Postgres trusts its unix socket, so
+    the password is never asked for; it must not be logged all the same."""
+    parts = urlsplit(dsn)
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:{password}@{host}"))
+
+
+async def _exercise_gateway(gateway_port: int) -> None:
+    """The same through Envoy: REST with the admin key and a guessed one, a Create that
+    fails at Stripe, and Stripe deliveries signed with the secret and without."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}", timeout=10) as http:
+        await http.get("/admin/api/invoices", headers={"Api-Key": ADMIN_KEY})
+        body = {"items": [{"name": "x", "amount": 1}], "customer": "cus_1", "paymentMethod": "pm_1"}
+        for key in (CALLER_GUESS, ADMIN_KEY):
+            await http.post("/admin/api/invoices", json=body, headers={"Api-Key": key, "Idempotency-Key": "k-2"})
+        payload = event("in_secrets0002", "invoice.paid", "paid", int(time.time()))
+        for secret in (WEBHOOK_SECRET, "whsec_other"):
+            await http.post("/webhooks/stripe", content=payload, headers={"Stripe-Signature": sign(payload, secret)})
+
+
 def test_no_secret_reaches_the_logs(database: str, tmp_path: Path) -> None:
+    """The server's, the sidecar's and Envoy's logs of a stack run at DEBUG, with every
+    secret configured and used: none of them appears, the database passwords included."""
     env = stack_env(database, tmp_path, f"http://127.0.0.1:{free_port()}")
     env |= {"ADMIN_API_KEYS": f"{ADMIN_KEY},second-{ADMIN_KEY}", "STRIPE_API_KEY": STRIPE_KEY}
     env |= {"STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET, "LOG_LEVEL": "DEBUG", "STRIPE_MAX_RETRIES": "0"}
+    env |= {
+        "DATABASE_URL": _with_password(env["DATABASE_URL"], DB_PASSWORD),
+        "MIGRATION_DATABASE_URL": _with_password(database, OWNER_PASSWORD),
+    }
     log_path = tmp_path / "all.log"
-    with log_path.open("w") as log:
-        service, grpc_port = start_service(env, log=log)
-        webhooks, webhook_port = start_webhooks(env, log=log)
-        try:
-            asyncio.run(_exercise(grpc_port, webhook_port))
-        finally:
-            webhooks.stop()
-            service.stop()
+    with log_path.open("w") as log, backend(env, tmp_path, log=log) as running:
+        wait_until_routed(f"http://127.0.0.1:{running.gateway_port}", ADMIN_KEY)
+        asyncio.run(_exercise(running.grpc_port, running.webhook_port))
+        asyncio.run(_exercise_gateway(running.gateway_port))
     text = log_path.read_text()
     did = ('"message": "webhook"', '"outcome": "applied"', "stripe call failed", '"message": "rpc"')
     assert all(part in text for part in did), "the run logged what it did"
-    for secret in (ADMIN_KEY, STRIPE_KEY, WEBHOOK_SECRET, CALLER_GUESS):
+    assert "ready: schema current, Postgres reachable" in text, "the service used the DSNs"
+    assert "ENVOY_SIGTERM" in text, "Envoy's own log is part of what is read"
+    for secret in (ADMIN_KEY, STRIPE_KEY, WEBHOOK_SECRET, CALLER_GUESS, DB_PASSWORD, OWNER_PASSWORD):
         assert secret not in text
     for line in text.splitlines():
         if line.startswith("{"):

@@ -154,10 +154,17 @@ async def test_other_event_types_are_acknowledged_and_ignored(http: httpx.AsyncC
 
 
 async def test_a_rotated_secret_still_verifies(http: httpx.AsyncClient) -> None:
-    payload = event("in_rotated001", "invoice.paid", "paid", int(time.time()))
+    """Signed only by the previous secret (beside one the sidecar does not know): the event
+    is verified, applied (a new record, `created`) and readable through the API."""
+    invoice_id = f"in_rotated{uuid.uuid4().hex[:12]}"
+    payload = event(invoice_id, "invoice.paid", "paid", int(time.time()), total=4321)
     at = int(time.time())
     both = f"{sign(payload, 'whsec_unknown', at)},v1={sign(payload, OLD_WEBHOOK_SECRET, at).split('v1=')[1]}"
-    assert (await deliver(http, payload, both)).status_code == 200
+    reply = await deliver(http, payload, both)
+    assert (reply.status_code, reply.json()) == (200, {"received": True, "outcome": "created"})
+    record = await http.get(f"/admin/api/invoices/{invoice_id}")
+    assert record.status_code == 200, record.text
+    assert (record.json()["invoiceId"], record.json()["status"], record.json()["amount"]) == (invoice_id, "paid", 4321)
 
 
 @pytest.mark.parametrize(
