@@ -50,6 +50,8 @@ CUSTOMERS = 8
 # per call, so that a good share of the faults reaches the service and its callers.
 STRIPE_TIMEOUT_S = 1.0
 STRIPE_MAX_RETRIES = 1
+# How long the proxy's stalls hold a call: past the SDK's timeout, so the caller gives up.
+STALL_S = STRIPE_TIMEOUT_S * 2
 # Identical keyless requests sent at once for one order (a caller's retries racing).
 KEYLESS_BURST = 5
 
@@ -144,6 +146,9 @@ async def create_all(
     async with httpx.AsyncClient(base_url=base_url, headers={"Api-Key": API_KEY}, timeout=timeout) as http:
         await asyncio.gather(*(one(n, cut_off, attempts=1) for n in range(creates // 2)))
         tally.cut_off_then_resumed = len(cut_off.failed)
+        # A stalled call the proxy still holds would reach the emulator after it forgot its
+        # keys: a request held back for a day, which no network does. Let them land first.
+        await asyncio.sleep(STALL_S + 1)
         await asyncio.to_thread(forget_idempotency_keys, direct)
         await asyncio.gather(*(one(n) for n in range(creates)))
         await asyncio.gather(*(burst(n) for n in range(keyless)))
@@ -277,7 +282,7 @@ def main() -> None:
     with (work / "stack.log").open("w") as log:
         emulator = start_localstripe(stripe_port, fresh=True, log=log)
         direct = f"http://127.0.0.1:{stripe_port}"
-        proxy_args = ["--upstream", direct, "--fault-rate", str(fault_rate), "--stall-s", str(STRIPE_TIMEOUT_S * 2)]
+        proxy_args = ["--upstream", direct, "--fault-rate", str(fault_rate), "--stall-s", str(STALL_S)]
         argv = ["-m", "chaos.stripe_proxy", *proxy_args]
         proxy, proxy_ports = start_python("stripe-proxy", argv, dict(os.environ), log=log)
         proxy_port = proxy_ports["http"]
