@@ -39,13 +39,19 @@ API_KEY = "bench-admin-key"
 SECRET = "whsec_bench"  # noqa: S105 - a local benchmark's own secret
 STATUSES = (["paid"] * 80) + (["open"] * 10) + (["void"] * 4) + (["uncollectible"] * 3) + (["draft"] * 3)
 DEEP_PAGE = 20_000
+# Each case's label, written once: the report and the ratios find cases by these.
 CEILING = "framework ceiling (bare grpc.aio)"
 GET = "GetInvoice gRPC"
 REST_GET = "GET /invoices/{id} via Envoy"
 PAGE_1 = "ListInvoices page 1 + count"
+PROXY_CEILING = "proxy ceiling (Envoy direct)"
+GET_4_PROCS = "GetInvoice gRPC, 4 client procs"
+WEBHOOKS = "webhooks via Envoy (30% dup)"
 PAGE_SIZE = 20
 # Deeper numbered pages are refused (LIST_MAX_OFFSET): the deepest one served is measured.
 DEEPEST_NUMBERED = DEFAULT_MAX_OFFSET // PAGE_SIZE + 1
+DEEP_TOKEN = f"ListInvoices page {DEEP_PAGE:,} (token)"
+DEEPEST_NUMBERED_PAGE = f"ListInvoices page {DEEPEST_NUMBERED:,} (page/limit, the deepest LIST_MAX_OFFSET allows)"
 
 
 def _env(name: str, default: float) -> float:
@@ -273,25 +279,25 @@ def main() -> None:
             for name, tool, run, part in paired if round_ % 2 == 0 else paired[::-1]:
                 results.append(measure(name, tool, run, part) | {"round": round_ + 1})
         case(
-            "proxy ceiling (Envoy direct)",
+            PROXY_CEILING,
             "wrk -t2 -c32",
             lambda: _wrk(f"{base}/bench/fixed", seconds, 32),
             envoy.process.pid,
         )
         case(
-            "GetInvoice gRPC, 4 client procs",
+            GET_4_PROCS,
             "bench.load gRPC x4",
             lambda: _grpc_load(direct, "get", seconds, 4, ids=ids),
             pid,
         )
         case(
-            f"ListInvoices page {DEEP_PAGE:,} (token)",
+            DEEP_TOKEN,
             "bench.load gRPC x2",
             lambda: _grpc_load(direct, "list_token", seconds, 2, token=data["token"]),
             pid,
         )
         case(
-            f"ListInvoices page {DEEPEST_NUMBERED:,} (page/limit, the deepest LIST_MAX_OFFSET allows)",
+            DEEPEST_NUMBERED_PAGE,
             "bench.load gRPC x2",
             lambda: _grpc_load(
                 direct,
@@ -309,7 +315,7 @@ def main() -> None:
             out = subprocess.run(hook_args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
             return dict(json.loads(out.strip().splitlines()[-1]))
 
-        case("webhooks via Envoy (30% dup)", "bench.webhook_load x2", webhooks_case, webhooks.process.pid)
+        case(WEBHOOKS, "bench.webhook_load x2", webhooks_case, webhooks.process.pid)
         results[-1] |= asyncio.run(_webhook_rows(data["url"], hooks, running.webhook_port))
     log.close()
     report(results, data, machine, n, out_dir)
@@ -375,19 +381,20 @@ def report(results: list[dict[str, Any]], data: dict[str, Any], machine: dict[st
         "gRPC get / framework ceiling throughput (>= 0.7)": _paired(results, GET, CEILING, "rps"),
         "list page 1 p50 / get p50 (<= 2)": _paired(results, PAGE_1, GET, "p50_ms"),
     }
-    peak_rss = max(r["peak_rss_mb"] for r in results if r["case"].startswith(("Get", "GET", "List")))
+    service_cases = {GET, REST_GET, PAGE_1, GET_4_PROCS, DEEP_TOKEN, DEEPEST_NUMBERED_PAGE}
+    peak_rss = max(r["peak_rss_mb"] for r in results if r["case"] in service_cases)
     results = _collapse(results)
     by = {r["case"]: r for r in results}
     get, page1 = by[GET], by[PAGE_1]
-    deep = by[f"ListInvoices page {DEEP_PAGE:,} (token)"]
-    hooks = by["webhooks via Envoy (30% dup)"]
+    deep = by[DEEP_TOKEN]
+    hooks = by[WEBHOOKS]
     ratios: dict[str, float] = {key: round(statistics.median(values), 2) for key, values in paired.items()}
     ratios |= {
         "deep token page p50 / page 1 p50 (<= 1.5)": round(deep["p50_ms"] / page1["p50_ms"], 2),
         "webhook events/s (>= 500)": hooks["rps"],
         "server peak RSS MB (<= 200)": peak_rss,  # over every round
         "client check: 4 procs / 2 procs get rps (~1 = client not the bottleneck)": round(
-            by["GetInvoice gRPC, 4 client procs"]["rps"] / get["rps"], 2
+            by[GET_4_PROCS]["rps"] / get["rps"], 2
         ),
     }
     per_round = {key: [round(v, 2) for v in values] for key, values in paired.items()}

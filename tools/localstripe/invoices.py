@@ -10,13 +10,17 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from service.domain import STATUSES
 from tools.localstripe.customers import balance_of
 from tools.localstripe.errors import as_bool, bad_request, reject_unknown
 from tools.localstripe.invoice_items import MAX_LINES_PER_INVOICE, not_editable, too_many_lines
 from tools.localstripe.payment_methods import payment_method_of
 from tools.localstripe.stock import emit, resources
 
-INVOICE_STATUSES = ("draft", "open", "paid", "uncollectible", "void")
+# Stripe's five invoice statuses are the service's Status words; the emulator reads them
+# from there rather than typing them out again (the emulator may import the service; the
+# service never imports the emulator).
+INVOICE_STATUSES = STATUSES
 # Stripe documents no limit of its own for add_lines' `lines`
 # (https://docs.stripe.com/api/invoice-line-item/bulk): the invoice's 250 bounds one call too.
 MAX_LINES_PER_ADD = MAX_LINES_PER_INVOICE
