@@ -124,6 +124,18 @@ async def poll_until(check: Callable[[], Awaitable[T | None]], what: str, timeou
 REQUEST = {"items": [{"name": "All resources", "amount": 3300}, {"name": "Support", "amount": 700}]}
 
 
+def wait_until(check: Callable[[], T | None], what: str, timeout_s: float = 20, interval_s: float = 0.2) -> T:
+    """poll_until for code without an event loop (subprocesses, blocking clients)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never saw {what} within {timeout_s} s")
+        time.sleep(interval_s)
+
+
 async def until_envoy_routes(http: httpx.AsyncClient, path: str) -> httpx.Response:
     """The first answer to GET `path` once Envoy routes to its upstream: until its first
     health check passes, Envoy itself answers "no healthy upstream"."""

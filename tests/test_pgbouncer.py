@@ -35,7 +35,7 @@ from service import payments, storage
 from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.helpers import AUTH, event, make_invoice, save_invoice, sign, stack_env
+from tests.helpers import AUTH, event, make_invoice, save_invoice, sign, stack_env, wait_until
 from tools.stack import LOCALSTRIPE_KEY, customer_with_card, free_port, start_service, start_webhooks
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
@@ -79,14 +79,12 @@ def bouncer(database: str) -> Iterator[str]:
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    def listening() -> bool | None:
         assert process.poll() is None, process.stdout.read() if process.stdout else "pgbouncer exited"
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("pgbouncer did not listen")
+            return True if probe.connect_ex(("127.0.0.1", port)) == 0 else None
+
+    wait_until(listening, "pgbouncer listening", timeout_s=10, interval_s=0.05)
 
 
 async def _seed(database: str, n: int) -> None:
@@ -131,13 +129,15 @@ def _through(
         try:
             webhooks, webhook_port = start_webhooks(env, log=log)
             try:
-                deadline = time.monotonic() + 10
                 with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                     health = health_pb2_grpc.HealthStub(channel)
                     serving = health_pb2.HealthCheckResponse.SERVING
-                    while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != serving:
-                        assert time.monotonic() < deadline, "never ready through pgbouncer"
-                        time.sleep(0.1)
+
+                    def ready() -> bool | None:
+                        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                        return True if status == serving else None
+
+                    wait_until(ready, "the server ready through pgbouncer", timeout_s=10, interval_s=0.1)
                 yield port, webhook_port, log_path
             finally:
                 webhooks.stop()

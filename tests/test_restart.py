@@ -18,7 +18,7 @@ from gateway.render import render
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.helpers import API_KEY, stack_env
+from tests.helpers import API_KEY, stack_env, wait_until
 from tools.stack import free_port, start_envoy, start_service, start_webhooks
 
 
@@ -44,12 +44,10 @@ def _grpc_load(port: int, stop: threading.Event, seen: Counter[str]) -> None:
 
 
 def _wait_for_200(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(url, headers={"Api-Key": API_KEY}).status_code == 200:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the gateway never served")
+    def served() -> bool | None:
+        return True if httpx.get(url, headers={"Api-Key": API_KEY}).status_code == 200 else None
+
+    wait_until(served, "the gateway serving", timeout_s=timeout, interval_s=0.1)
 
 
 def test_sigterm_under_load_drains_then_the_restarted_server_serves(database: str, tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import migrations
-from tests.helpers import AUTH, Stack, stack_env
+from tests.helpers import AUTH, Stack, stack_env, wait_until
 from tools.stack import ROOT, start_service
 
 DENIED = asyncpg.InsufficientPrivilegeError
@@ -166,19 +165,18 @@ def test_not_serving_until_the_migration_job_ran(postgres: str, tmp_path: Path, 
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
             return info.value.details() or ""
 
-        deadline = time.monotonic() + 10
-        while (details := get_details()) == "not ready: starting; retry later":
-            assert time.monotonic() < deadline, "no readiness attempt failed in 10 s"
-            time.sleep(0.2)
+        def failed_attempt() -> str | None:
+            details = get_details()
+            return None if details == "not ready: starting; retry later" else details
+
+        details = wait_until(failed_attempt, "a readiness attempt failing", timeout_s=10)
         latest = migrations.latest()
         assert details == f"not ready: the schema is not migrated to version {latest} yet (it is at {at}); retry later"
         assert _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING
 
         assert _migrate(owner, service) == {"applied": list(range(at + 1, latest + 1))}
-        deadline = time.monotonic() + 10
-        while _health(port) != health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, "never became SERVING after the migration"
-            time.sleep(0.2)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        wait_until(lambda: True if _health(port) == serving else None, "SERVING after the migration", timeout_s=10)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.InvoiceServiceStub(channel)
             assert stub.ListInvoices(pb.ListInvoicesRequest(), metadata=AUTH, timeout=5).count == 0
