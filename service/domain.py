@@ -215,7 +215,13 @@ class FailedPrecondition(DomainError):
 
 
 class ResourceExhausted(DomainError):
-    """A rate limit (Stripe's) was hit; retry with backoff."""
+    """A limit was hit (Stripe's rate limit, the service's cap on watches, a watcher too
+    slow for its buffer); retry with backoff."""
+
+
+class OutOfRange(DomainError):
+    """A position the service no longer holds (a watch's resume token older than the
+    change feed's retention): start again from a fresh list."""
 
 
 class Internal(DomainError):
@@ -285,3 +291,50 @@ class StoredState:
             return stripe_time > self.stripe_time
         later = StoredState(new.status, new.amount, new.invoice_pdf, stripe_time)
         return later._progress() >= self._progress()
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FeedPosition:
+    """A position in the change feed: after the changes of transaction `xact` up to its
+    change `seq`. Positions order the feed; see storage/migrations/0006 for why a
+    sequence alone cannot."""
+
+    xact: int
+    seq: int
+
+
+class ChangeKind(StrEnum):
+    """What a change did to a record; BOOKMARK is no change, only a newer position."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+    BOOKMARK = "bookmark"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change feed: the record as the change left it (as it was, for a
+    deletion; None for a bookmark), at `position`, written at `changed_at`."""
+
+    position: FeedPosition
+    kind: ChangeKind
+    invoice: Invoice | None
+    changed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchFilter:
+    """What a watch is narrowed to; all None is every change. `invoice_id` is the
+    service's id or Stripe's, as for Get."""
+
+    invoice_id: str | None = None
+    user_id: str | None = None
+    status: str | None = None
+
+    def matches(self, invoice: Invoice) -> bool:
+        return (
+            (self.invoice_id is None or self.invoice_id in (invoice.id, invoice.stripe_invoice_id))
+            and (self.user_id is None or self.user_id == invoice.user.id)
+            and (self.status is None or self.status == invoice.status)
+        )

@@ -14,6 +14,7 @@ from service.domain import (
     Internal,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
     Unavailable,
 )
@@ -25,6 +26,7 @@ STATUSES: dict[type[DomainError], tuple[int, int]] = {
     NotFound: (code_pb2.NOT_FOUND, 404),
     AlreadyExists: (code_pb2.ALREADY_EXISTS, 409),
     ResourceExhausted: (code_pb2.RESOURCE_EXHAUSTED, 429),
+    OutOfRange: (code_pb2.OUT_OF_RANGE, 400),
     Unavailable: (code_pb2.UNAVAILABLE, 503),
     Internal: (code_pb2.INTERNAL, 500),
 }

@@ -24,15 +24,15 @@ from service.domain import (
     StripeInvoice,
     Unavailable,
     Unrecordable,
-    User,
     new_record_id,
 )
 from service.storage import migrations
+from service.storage.changes import ChangeFeed, invoice_of
 from service.storage.creates import CreateRequests
 
 log = logging.getLogger(__name__)
 
-# The record's columns, written once: the order of _invoice's reads and of the VALUES below.
+# The record's columns, written once: the order of invoice_of's reads and of the VALUES below.
 RECORD_COLUMNS = (
     "id",
     "stripe_invoice_id",
@@ -123,23 +123,9 @@ def _clause(where: list[str]) -> str:
     return f" WHERE {' AND '.join(where)}" if where else ""
 
 
-def _invoice(row: asyncpg.Record) -> Invoice:
-    return Invoice(
-        id=row["id"],
-        stripe_invoice_id=row["stripe_invoice_id"],
-        user=User(id=row["user_id"], name=row["user_name"]),
-        status=row["status"],
-        amount=row["amount"],
-        invoice_pdf=row["invoice_pdf"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        currency=row["currency"],
-    )
-
-
-class Storage(CreateRequests):
+class Storage(CreateRequests, ChangeFeed):
     """Invoice records and the Stripe events applied to them (and, inherited, the Create
-    idempotency keys), over one pool."""
+    idempotency keys and the change feed), over one pool."""
 
     async def check_ready(self) -> None:
         """Raises Unavailable unless Postgres answers and the schema is the one this code
@@ -168,7 +154,7 @@ class Storage(CreateRequests):
             rows = await conn.fetch(sql, *args)
         total = rows[0]["total"]
         rows = [r for r in rows if r["id"] is not None]
-        invoices = [_invoice(r) for r in rows[: page.limit]]
+        invoices = [invoice_of(r) for r in rows[: page.limit]]
         more = len(rows) > page.limit
         next_after = Cursor(invoices[-1].created_at, invoices[-1].id) if more else None
         return InvoicePage(invoices=invoices, total=total, next_after=next_after)
@@ -180,7 +166,7 @@ class Storage(CreateRequests):
             row = await conn.fetchrow(query, key)
         if row is None:
             raise NotFound(f"invoice {key} not found")
-        return _invoice(row)
+        return invoice_of(row)
 
     async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice:
         """Applies what Stripe answered to a call of the service's own (Pay, Void) and
@@ -193,7 +179,7 @@ class Storage(CreateRequests):
                 row = await conn.fetchrow(_GET_BY_STRIPE_ID, key)
         if row is None:
             raise NotFound(f"invoice {key} was deleted in Stripe")
-        return _invoice(row)
+        return invoice_of(row)
 
     async def apply_stripe_invoice(
         self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
