@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -44,6 +45,10 @@ class Constant(pb_grpc.InvoiceServiceServicer):
 
     async def VoidInvoice(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
+
+    async def WatchInvoices(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
+        yield  # an async generator, as a server-streaming method is
 
 
 async def serve() -> None:

@@ -40,6 +40,8 @@ ENVOY_ONLY_CODES = {
 }
 LOCAL_REPLY_CODES = dict(sorted({**{h: c for c, h in reversed(STATUSES.values())}, **ENVOY_ONLY_CODES}.items()))
 UNKNOWN = 2
+# Envoy ends a watch this long after the server should have (WATCH_MAX_STREAM_S).
+WATCH_CUTOFF_MARGIN_S = 30
 
 
 def _mapper(op: str, http: int, grpc: int) -> dict[str, object]:
@@ -80,6 +82,7 @@ def render(
         "max_connections": settings.gateway_max_connections,
         "max_request_bytes": settings.gateway_max_request_bytes,
         "route_timeout_s": settings.gateway_route_timeout_s,
+        "watch_cutoff_s": settings.watch_max_stream_s + WATCH_CUTOFF_MARGIN_S,
         "descriptor_path": json.dumps(str(descriptor)),
         "openapi_path": json.dumps(str(openapi)),
         # JSON is YAML: the generated part is inserted as one flow mapping.

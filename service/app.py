@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -32,7 +33,9 @@ from service.invoices import InvoiceCreator, NoStripe, Timing
 from service.metrics import Metrics, add_routes
 from service.payments import StripePayments
 from service.rpc import Creator, InvoiceServicer, InvoiceStore
+from service.storage import changes
 from service.validation import DEFAULT_MAX_OFFSET
+from service.watch import Watches, WatchLimits
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class GrpcServer:
     port: int
     health: health.aio.HealthServicer
     edge: Edge
+    watches: Watches | None = None
 
     async def set_serving(self, serving: bool = True) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -66,10 +70,13 @@ class GrpcServer:
 
     async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
         """Reports NOT_SERVING first and keeps serving for `drain_delay` seconds, so health
-        checking proxies stop sending before the port closes; then refuses new calls and
-        lets in-flight ones finish for up to `grace` seconds."""
+        checking proxies stop sending before the port closes; then ends the watches with
+        UNAVAILABLE (their callers resume on another replica), refuses new calls and lets
+        in-flight ones finish for up to `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain_delay)
+        if self.watches is not None:
+            await self.watches.close()
         await self.server.stop(grace)
 
 
@@ -83,30 +90,37 @@ async def start_grpc(
     ready: bool = True,
     metrics: Metrics | None = None,
     max_offset: int = DEFAULT_MAX_OFFSET,
+    watches: Watches | None = None,
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
-    health says SERVING now if `ready`, else NOT_SERVING until `set_serving`."""
+    health says SERVING now if `ready`, else NOT_SERVING until `set_serving`. It stops
+    `watches` when it stops."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ]
     )
-    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset)
+    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset, watches)
     edge = Edge(api_keys, metrics or Metrics(), ready=ready)
     methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name
-    streaming = [name for name, m in methods.items() if m.client_streaming or m.server_streaming]
-    if streaming:  # the edge wraps unary behaviours: a stream would skip it, or break, unnoticed
-        raise NotImplementedError(f"the gRPC edge cannot guard streaming methods yet: {', '.join(streaming)}")
+    streaming = [name for name, m in methods.items() if m.client_streaming]
+    if streaming:  # the edge wraps unary calls and server streams: one would skip it, or break, unnoticed
+        raise NotImplementedError(f"the gRPC edge cannot guard client-streaming methods yet: {', '.join(streaming)}")
     # The generated registration looks the methods up by name: it gets the wrapped ones.
-    guarded = SimpleNamespace(**{name: edge.wrap(name, getattr(servicer, name)) for name in methods})
+    guarded = SimpleNamespace(
+        **{
+            name: (edge.wrap_stream if m.server_streaming else edge.wrap)(name, getattr(servicer, name))
+            for name, m in methods.items()
+        }
+    )
     invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(address)
     await server.start()
-    running = GrpcServer(server, port, health_servicer, edge)
+    running = GrpcServer(server, port, health_servicer, edge, watches)
     await running.set_serving(ready)
     return running
 
@@ -212,6 +226,26 @@ def create_timing(settings: Settings) -> Timing:
     return Timing(lease_s=one_call + 5.0, duplicate_window_s=settings.create_duplicate_window_s)
 
 
+def watch_limits(settings: Settings) -> WatchLimits:
+    return WatchLimits(
+        max_streams=settings.watch_max_streams,
+        buffer=settings.watch_buffer,
+        bookmark_s=settings.watch_bookmark_s,
+        poll_s=settings.watch_poll_s,
+        max_stream_s=settings.watch_max_stream_s,
+        retention_s=settings.watch_retention_s,
+    )
+
+
+def start_watches(settings: Settings, store: storage.Storage, dsn: str, metrics: Metrics) -> Watches:
+    """The watches' reader, woken by LISTEN on a connection of its own, except behind
+    PgBouncer in transaction mode, which cannot hold one: there it polls alone."""
+    listen = None if settings.database_pooler == "pgbouncer" else partial(changes.listen, dsn)
+    watches = Watches(store, watch_limits(settings), listen=listen, observe_delay=metrics.observe_watch_delay)
+    watches.start()
+    return watches
+
+
 async def open_pool(settings: Settings, dbs: Databases | None = None) -> asyncpg.Pool:
     return await storage.connect(
         (dbs or await databases(settings)).service,
@@ -244,6 +278,7 @@ async def serve(settings: Settings) -> None:
         store = storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
         stripe = stripe_payments(settings, metrics)
         creator = InvoiceCreator(store, store, stripe, create_timing(settings)) if stripe else None
+        watches = start_watches(settings, store, dbs.service, metrics)
         running = await start_grpc(
             store,
             keys,
@@ -253,6 +288,7 @@ async def serve(settings: Settings) -> None:
             ready=False,
             metrics=metrics,
             max_offset=settings.list_max_offset,
+            watches=watches,
         )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})
         print(f"gRPC  InvoiceService  localhost:{running.port}", flush=True)

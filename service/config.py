@@ -47,6 +47,22 @@ class Settings(BaseSettings):
     # to page by token (an OFFSET scan reads every invoice it skips).
     list_max_offset: int = Field(default=DEFAULT_MAX_OFFSET, ge=0)
 
+    # WatchInvoices (service/watch.py). Changes are kept this long, so a watcher can resume
+    # after an outage this long; older tokens are OUT_OF_RANGE.
+    watch_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # Per server process; beyond it a new watch is RESOURCE_EXHAUSTED.
+    watch_max_streams: int = Field(default=2000, ge=1)
+    # Changes buffered per watch for a slow reader; one more ends the watch
+    # (RESOURCE_EXHAUSTED) and it resumes from its last token.
+    watch_buffer: int = Field(default=1000, ge=1)
+    # An idle watch gets a bookmark this often; below Envoy's 60 s stream idle timeout.
+    watch_bookmark_s: float = Field(default=30.0, gt=0, lt=60)
+    # How often the feed is read without a NOTIFY (the only way behind PgBouncer).
+    watch_poll_s: float = Field(default=0.5, gt=0)
+    # A watch ends (OK) after this long and the caller resumes: streams spread over
+    # replicas as they come and go. Envoy cuts a REST watch 30 s after it.
+    watch_max_stream_s: int = Field(default=1800, ge=1)
+
     grpc_host: str = "[::]"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     # Comma-separated; several keys at once allow rotation without downtime.

@@ -1,17 +1,21 @@
 """The gRPC edge's cross-cutting rules, applied to every InvoiceService method once, when
 the server is built: each call observed (a log line and metrics, under its request id),
-who may call (admin API keys), and how domain errors become gRPC statuses. The health and
+who may call (admin API keys), and how domain errors become gRPC statuses. Streams
+(WatchInvoices) get the same rules: the key and readiness checks before the first
+message, errors mapped whenever they come, and one log line when the stream ends, with
+the messages it sent. The health and
 reflection services are not wrapped: they stay open (and unlogged: Envoy checks health
 every second) so probes and grpcurl work without a key."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, NoReturn
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -26,6 +30,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Any]]
+StreamBehavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[Any]]
 
 
 def _status(error: DomainError) -> grpc.Status:
@@ -64,23 +69,20 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-async def _answer(
-    behavior: Behavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str, request_id: str
-) -> Any:
+async def _refuse(
+    context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str, request_id: str
+) -> NoReturn:
     """Domain errors become their status; anything unexpected INTERNAL with a generic
     message: callers never see UNKNOWN or a stack trace."""
-    try:
-        return await behavior(request, context)
-    except DomainError as error:
-        status = _status(error)
+    if isinstance(exc, DomainError):
+        status = _status(exc)
         # abort's trailers replace those set earlier: the request id goes with the details.
         trailers = (*status.trailing_metadata, ("x-request-id", request_id))
         await context.abort(status.code, status.details, trailers)
-    except NotImplementedError:  # the generated base's answer for a method the servicer lacks
+    if isinstance(exc, NotImplementedError):  # the generated base's answer for a method the servicer lacks
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
-    except Exception:
-        log.exception("unexpected error in %s", method)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    log.error("unexpected error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 class Edge:
@@ -101,11 +103,36 @@ class Edge:
         # serves the calls that still arrive.
         self.not_ready: str | None = None if ready else "starting"
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
-        keys, calls, seconds_by = self._keys, self._metrics.rpc_calls, self._metrics.rpc_seconds
-        rules = self
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], metadata: Any) -> None:
+        if not self._keys.allow(metadata):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid api-key metadata (REST: Api-Key header)"
+            )
+        if self.not_ready is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not ready: {self.not_ready}; retry later")
+
+    def _recorder(self, method: str) -> Callable[[str, float, dict[str, Any]], None]:
+        """Counts, times and logs one finished call of `method` by its final code."""
+        calls, seconds_by = self._metrics.rpc_calls, self._metrics.rpc_seconds
         # This method's series by final code, looked up once each (labels() takes a lock).
         series: dict[str, tuple[Any, Any]] = {}
+
+        def record(code: str, seconds: float, extra: dict[str, Any]) -> None:
+            counted = series.get(code)
+            if counted is None:
+                counted = series[code] = (calls.labels(method, code), seconds_by.labels(method, code))
+            counted[0].inc()
+            counted[1].observe(seconds)
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "rpc", extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 2), **extra}
+                )
+
+        return record
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        record, admit = self._recorder(method), self._admit
+        no_extra: dict[str, Any] = {}
 
         async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata() or ()
@@ -114,25 +141,50 @@ class Edge:
             started, code = time.perf_counter(), "OK"
             try:
                 context.set_trailing_metadata((("x-request-id", request_id),))
-                if not keys.allow(metadata):
-                    await context.abort(
-                        grpc.StatusCode.UNAUTHENTICATED, "missing or invalid api-key metadata (REST: Api-Key header)"
-                    )
-                if rules.not_ready is not None:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"not ready: {rules.not_ready}; retry later")
-                return await _answer(behavior, request, context, method, request_id)
+                await admit(context, metadata)
+                try:
+                    return await behavior(request, context)
+                except Exception as exc:
+                    await _refuse(context, exc, method, request_id)
             except BaseException as exc:
                 code = _final_code(context, exc)
                 raise
             finally:
-                seconds = time.perf_counter() - started
-                counted = series.get(code)
-                if counted is None:
-                    counted = series[code] = (calls.labels(method, code), seconds_by.labels(method, code))
-                counted[0].inc()
-                counted[1].observe(seconds)
-                if log.isEnabledFor(logging.INFO):
-                    log.info("rpc", extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 2)})
+                record(code, time.perf_counter() - started, no_extra)
                 REQUEST_ID.reset(token)
+
+        return edge
+
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        """As `wrap`, for a server stream: the streams open and the messages sent are
+        counted as they go, the call when it ends."""
+        record, admit = self._recorder(method), self._admit
+        streams, sent_total = self._metrics.streams_open.labels(method), self._metrics.stream_messages.labels(method)
+
+        async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            metadata = context.invocation_metadata() or ()
+            request_id = logs.request_id(next((str(v) for k, v in metadata if k == "x-request-id"), None))
+            token = REQUEST_ID.set(request_id)
+            started, code, sent = time.perf_counter(), "OK", 0
+            try:
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                await admit(context, metadata)
+                streams.inc()
+                try:
+                    async for message in behavior(request, context):
+                        yield message
+                        sent += 1
+                        sent_total.inc()
+                except Exception as exc:
+                    await _refuse(context, exc, method, request_id)
+                finally:
+                    streams.dec()
+            except BaseException as exc:
+                code = _final_code(context, exc)
+                raise
+            finally:
+                record(code, time.perf_counter() - started, {"messages": sent})
+                with contextlib.suppress(ValueError):  # a generator closed from another context
+                    REQUEST_ID.reset(token)
 
         return edge

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import asyncpg
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -38,6 +38,16 @@ class Metrics:
         )
         self.rpc_seconds = Histogram(
             "invoice_rpc_duration_seconds", "gRPC call latency", ["method", "code"], registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.streams_open = Gauge("invoice_rpc_streams_open", "server streams open now", ["method"], registry=r)
+        self.stream_messages = Counter(
+            "invoice_rpc_stream_messages", "messages sent on server streams", ["method"], registry=r
+        )
+        self.watch_delay_seconds = Histogram(
+            "invoice_watch_delay_seconds",
+            "from a change being recorded (just before its commit) to a watch taking it to send",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
         )
         self.webhook_events = Counter(
             "invoice_webhook_events",
@@ -73,6 +83,9 @@ class Metrics:
     def observe_stripe(self, operation: str, outcome: str, seconds: float) -> None:
         self.stripe_calls.labels(operation, outcome).inc()
         self.stripe_seconds.labels(operation).observe(seconds)
+
+    def observe_watch_delay(self, seconds: float) -> None:
+        self.watch_delay_seconds.observe(seconds)
 
     def observe_pool_wait(self, seconds: float) -> None:
         self.pool_wait_seconds.observe(seconds)

@@ -3,6 +3,7 @@ It knows no SQL and no status codes; domain errors are mapped at the edge (servi
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -10,7 +11,17 @@ import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
-from service.domain import InvalidArgument, Invoice, InvoicePage, NewInvoice, Page
+from service.domain import (
+    Change,
+    ChangeKind,
+    FeedPosition,
+    InvalidArgument,
+    Invoice,
+    InvoicePage,
+    NewInvoice,
+    Page,
+    WatchFilter,
+)
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 
@@ -18,6 +29,10 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 class InvoiceStore(Protocol):
     async def list_invoices(self, page: Page) -> InvoicePage: ...
     async def get_invoice(self, key: str) -> Invoice: ...
+
+
+class Watcher(Protocol):
+    def watch(self, after: FeedPosition | None, match: WatchFilter) -> AsyncIterator[Change]: ...
 
 
 class Creator(Protocol):
@@ -63,6 +78,23 @@ def fill_invoice(target: pb.Invoice, invoice: Invoice, default_currency: str) ->
     return target
 
 
+_KINDS = {
+    ChangeKind.CREATED: pb.InvoiceEvent.KIND_CREATED,
+    ChangeKind.UPDATED: pb.InvoiceEvent.KIND_UPDATED,
+    ChangeKind.DELETED: pb.InvoiceEvent.KIND_DELETED,
+    ChangeKind.BOOKMARK: pb.InvoiceEvent.KIND_BOOKMARK,
+}
+
+
+def invoice_event(change: Change, default_currency: str) -> pb.InvoiceEvent:
+    event = pb.InvoiceEvent(kind=_KINDS[change.kind], resume_token=pagetoken.encode_position(change.position))
+    if change.invoice is not None:
+        fill_invoice(event.invoice, change.invoice, default_currency)
+    if change.changed_at is not None:
+        _set_time(event.change_time, change.changed_at)
+    return event
+
+
 def new_invoice(request: pb.CreateInvoiceRequest, default_currency: str) -> NewInvoice:
     return validation.new_invoice(
         ((item.name, item.amount) for item in request.items),
@@ -85,9 +117,11 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         creator: Creator,
         default_currency: str,
         max_offset: int = validation.DEFAULT_MAX_OFFSET,
+        watches: Watcher | None = None,
     ) -> None:
         self._store = store
         self._creator = creator
+        self._watches = watches
         self._default_currency = default_currency
         self._max_offset = max_offset
 
@@ -148,3 +182,15 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         invoice_id = validation.invoice_id(request.id)
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
         return fill_invoice(pb.Invoice(), await self._creator.void(invoice_id, key), self._default_currency)
+
+    async def WatchInvoices(
+        self,
+        request: pb.WatchInvoicesRequest,
+        context: grpc.aio.ServicerContext[pb.WatchInvoicesRequest, pb.InvoiceEvent],
+    ) -> AsyncIterator[pb.InvoiceEvent]:
+        match = validation.watch_filter(request.invoice_id, request.user_id, request.status)
+        after = pagetoken.decode_position(request.resume_token) if request.resume_token else None
+        if self._watches is None:
+            raise NotImplementedError("this server was built without a change feed")
+        async for change in self._watches.watch(after, match):
+            yield invoice_event(change, self._default_currency)

@@ -8,7 +8,17 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from service import pagetoken
-from service.domain import RECORD_ID, STATUSES, Filters, InvalidArgument, NewInvoice, NewItem, Page, User
+from service.domain import (
+    RECORD_ID,
+    STATUSES,
+    Filters,
+    InvalidArgument,
+    NewInvoice,
+    NewItem,
+    Page,
+    User,
+    WatchFilter,
+)
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -79,11 +89,21 @@ def filters(status: str, user_id: str, created_after: datetime | None, created_b
     )
 
 
-def invoice_id(value: str) -> str:
+def invoice_id(value: str, field: str = "id") -> str:
     """An id is the service's own 24-hex-digit id or Stripe's `in_...` id."""
     if RECORD_ID.fullmatch(value) or STRIPE_ID["in"].fullmatch(value):
         return value
-    raise InvalidArgument("id", "must be 24 lowercase hex digits or a Stripe invoice id (in_...)")
+    raise InvalidArgument(field, "must be 24 lowercase hex digits or a Stripe invoice id (in_...)")
+
+
+def watch_filter(invoice: str, user_id: str, status: str) -> WatchFilter:
+    """A watch's filters, checked as a list's are; empty strings are no filter."""
+    narrowed = filters(status, user_id, None, None)
+    return WatchFilter(
+        invoice_id=invoice_id(invoice, "invoice_id") if invoice else None,
+        user_id=narrowed.user_id,
+        status=narrowed.status,
+    )
 
 
 def _stripe_id(field: str, prefix: str, value: str) -> str:

@@ -9,6 +9,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 
 import asyncpg
 import grpc
@@ -19,7 +20,8 @@ import stripe
 from service import embedded, payments, storage
 from service.app import SERVICE_ROLE, GrpcServer, start_grpc
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from service.storage import with_database
+from service.storage import changes, with_database
+from service.watch import Watches, WatchLimits
 from tests.helpers import API_KEY, ROTATED_KEY, WEBHOOK_SECRET, Stack, stack_env
 from tools.stack import (
     LOCALSTRIPE_KEY,
@@ -69,8 +71,17 @@ def store(pool: asyncpg.Pool) -> storage.Storage:
 
 
 @pytest.fixture
-async def server(store: storage.Storage) -> AsyncIterator[GrpcServer]:
-    running = await start_grpc(store, [API_KEY, ROTATED_KEY], "127.0.0.1:0")
+async def watches(store: storage.Storage, database: str) -> AsyncIterator[Watches]:
+    """The change feed's reader as the server runs it (LISTEN and polling), polling often."""
+    running = Watches(store, WatchLimits(poll_s=0.1), listen=partial(changes.listen, database))
+    running.start()
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+async def server(store: storage.Storage, watches: Watches) -> AsyncIterator[GrpcServer]:
+    running = await start_grpc(store, [API_KEY, ROTATED_KEY], "127.0.0.1:0", watches=watches)
     yield running
     await running.server.stop(None)
 

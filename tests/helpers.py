@@ -5,20 +5,25 @@ and the JSON shape checks of the REST contract."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import httpx
 
 from service import storage
 from service.app import SERVICE_ROLE
 from service.domain import Invoice, User, new_record_id
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
 from service.storage.postgres import INSERT_RECORD, record_time
 from tools import signing
@@ -189,19 +194,63 @@ async def deliver(http: httpx.AsyncClient, payload: str, signature: str | None =
 async def save_invoice(store: Storage, invoice: Invoice) -> Invoice:
     """Loads a record as the service writes it (the store's own INSERT, used by every
     webhook), with the record's own id and times, and answers it as the store reads it."""
-    async with store._connection() as conn:
-        await conn.execute(
-            INSERT_RECORD,
-            invoice.id,
-            invoice.stripe_invoice_id,
-            invoice.user.id,
-            invoice.user.name,
-            invoice.status,
-            invoice.amount,
-            invoice.currency,
-            invoice.invoice_pdf,
-            record_time(invoice.created_at),
-            record_time(invoice.updated_at),
-            0,
-        )
+    await save_invoices(store, [invoice])
     return await store.get_invoice(invoice.stripe_invoice_id)
+
+
+async def save_invoices(store: Storage, invoices: list[Invoice]) -> None:
+    """save_invoice for many, on one connection, each in its own transaction."""
+    async with store._connection() as conn:
+        for invoice in invoices:
+            await conn.execute(
+                INSERT_RECORD,
+                invoice.id,
+                invoice.stripe_invoice_id,
+                invoice.user.id,
+                invoice.user.name,
+                invoice.status,
+                invoice.amount,
+                invoice.currency,
+                invoice.invoice_pdf,
+                record_time(invoice.created_at),
+                record_time(invoice.updated_at),
+                0,
+            )
+
+
+class ResumingWatch:
+    """A WatchInvoices caller as the contract asks callers to be: whenever the stream ends
+    (a server shutting down, too slow, its maximum duration, no server up), it opens
+    another with the last resume_token it received. Runs in the background; `changes`
+    holds every change seen, `ends` how each stream ended."""
+
+    def __init__(self, target: str, **request: str) -> None:
+        self._target, self._request = target, request
+        self.changes: list[pb.InvoiceEvent] = []
+        self.ends: Counter[str] = Counter()
+        self.token = ""
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async with grpc.aio.insecure_channel(self._target) as channel:
+            stub = pb_grpc.InvoiceServiceStub(channel)
+            while True:
+                request = pb.WatchInvoicesRequest(resume_token=self.token, **self._request)
+                try:
+                    async for event in stub.WatchInvoices(request, metadata=AUTH):
+                        self.token = event.resume_token
+                        if event.kind != pb.InvoiceEvent.KIND_BOOKMARK:
+                            self.changes.append(event)
+                    self.ends["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    self.ends[exc.code().name] += 1
+                    await asyncio.sleep(0.1)
+
+    @property
+    def ids(self) -> list[tuple[str, str]]:
+        return [(e.invoice.invoice_id, e.invoice.status) for e in self.changes]
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -22,6 +22,7 @@ def test_paths_and_parameters_follow_the_http_annotations() -> None:
         "/admin/api/invoices/{id}",
         "/admin/api/invoices/{id}:pay",
         "/admin/api/invoices/{id}:void",
+        "/admin/api/invoices:watch",
     }
     listing = doc["paths"]["/admin/api/invoices"]["get"]
     assert [(p["name"], p["in"], p["required"]) for p in listing["parameters"]] == [
@@ -81,3 +82,11 @@ def test_schemas_use_json_names_and_json_types() -> None:
     assert request["additionalProperties"] is False
     assert schemas["google_rpc_Status"]["properties"]["details"]["items"]["required"] == ["@type"]
     assert schemas["billing_v1_ListInvoicesResponse"]["properties"]["count"]["type"] == "integer"
+
+
+def test_the_watch_is_documented_as_a_stream_of_events() -> None:
+    watch = _document()["paths"]["/admin/api/invoices:watch"]["get"]
+    assert [p["name"] for p in watch["parameters"]] == ["resumeToken", "invoiceId", "userId", "status"]
+    ok = watch["responses"]["200"]
+    assert "one JSON object per line" in ok["description"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/billing_v1_InvoiceEvent"}

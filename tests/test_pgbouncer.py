@@ -4,7 +4,7 @@ different server sessions. With DATABASE_POOLER=pgbouncer every call works (List
 a Create's claim, steps and finish against the Stripe emulator; the sidecar's webhook
 transactions); without it, asyncpg's cached prepared statements meet sessions that never
 prepared them, which is why the switch exists (PgBouncer 1.18 has no prepared statement
-support of its own)."""
+support of its own). Watches there follow the change feed by polling alone."""
 
 from __future__ import annotations
 
@@ -35,7 +35,17 @@ from service import payments, storage
 from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.helpers import AUTH, event, make_invoice, save_invoice, sign, stack_env, wait_until
+from tests.helpers import (
+    AUTH,
+    ResumingWatch,
+    event,
+    make_invoice,
+    poll_until,
+    save_invoice,
+    sign,
+    stack_env,
+    wait_until,
+)
 from tools.stack import LOCALSTRIPE_KEY, customer_with_card, free_port, start_service, start_webhooks
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
@@ -245,6 +255,47 @@ def test_the_service_works_through_pgbouncer_in_transaction_mode(
     assert list(replays.values()) == created
     assert rows["keys"] == {k: ("done", i, 1) for k, i in zip(replays, created, strict=True)}
     assert "prepared statement" not in log
+
+
+async def _watched_deliveries(port: int, webhook_port: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Two watchers open while the sidecar applies every event of six invoices in order:
+    what was written, and what each watcher saw."""
+    watchers = [ResumingWatch(f"127.0.0.1:{port}") for _ in range(2)]
+    await poll_until(lambda: _tokens(watchers), "the watchers open")
+    written: list[tuple[str, str]] = []
+    now = int(time.time())
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{webhook_port}", timeout=30) as http:
+        for n in range(6):
+            for step, (kind, status) in enumerate(STEPS):
+                payload = event(f"in_watchbouncer{n}", kind, status, now + step)
+                reply = await http.post(
+                    "/webhooks/stripe", content=payload, headers={"Stripe-Signature": sign(payload)}
+                )
+                assert reply.status_code == 200, reply.text
+                written.append((f"in_watchbouncer{n}", status))
+
+    async def caught_up() -> bool | None:
+        return True if all(len(w.changes) >= len(written) for w in watchers) else None
+
+    await poll_until(caught_up, "the watchers seeing every change")
+    for watcher in watchers:
+        await watcher.stop()
+    return written, [c for w in watchers for c in w.ids]
+
+
+async def _tokens(watchers: list[ResumingWatch]) -> bool | None:
+    return True if all(w.token for w in watchers) else None
+
+
+def test_watches_follow_the_feed_through_pgbouncer_by_polling_alone(
+    bouncer: str, database: str, tmp_path: Path
+) -> None:
+    """LISTEN needs a session of its own, which transaction mode cannot give: with the
+    switch the server does not LISTEN, and polling by position alone delivers every change."""
+    with _through(bouncer, database, tmp_path, "pgbouncer") as (port, webhook_port, log_path):
+        written, seen = asyncio.run(_watched_deliveries(port, webhook_port))
+    assert seen == written * 2
+    assert "LISTEN" not in log_path.read_text()
 
 
 def test_without_the_switch_asyncpg_statement_cache_breaks_there(bouncer: str, database: str, tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """SIGTERM to the server while REST and gRPC calls keep coming: health turns NOT_SERVING
 first and calls are still served for the drain, in-flight calls finish, REST callers see nothing worse than
 a 503 while no server is up (Envoy retries reads that the restart cuts off), and the
-restarted server on the same port serves again. And the webhook sidecar's own drain."""
+restarted server on the same port serves again; watchers resume on it and miss nothing.
+And the webhook sidecar's own drain."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -16,9 +18,11 @@ import httpx
 
 from gateway.render import render
 from service.config import Settings
+from service.domain import StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.helpers import API_KEY, stack_env, wait_until
+from service.storage import Storage
+from tests.helpers import API_KEY, ResumingWatch, poll_until, stack_env, wait_until
 from tools.stack import free_port, start_envoy, start_service, start_webhooks
 
 
@@ -90,6 +94,56 @@ def test_sigterm_under_load_drains_then_the_restarted_server_serves(database: st
         envoy.stop()
         service.stop()
         log.close()
+
+
+async def test_watchers_resume_across_a_server_restart_and_miss_nothing(
+    database: str, store: Storage, tmp_path: Path
+) -> None:
+    """Changes keep coming before, during and after the restart (the server is not needed
+    to record them: the webhook sidecar does). Each watcher is ended with UNAVAILABLE by
+    the drain, finds no server for a while, and resumes from its token on the new one."""
+    port = free_port()
+    env = stack_env(database, tmp_path) | {"GRPC_PORT": str(port), "SHUTDOWN_DRAIN_S": "1", "SHUTDOWN_GRACE_S": "5"}
+    written: list[tuple[str, str]] = []
+    with (tmp_path / "server.log").open("w") as log:
+        service, _ = start_service(env, log=log)
+        try:
+            watchers = [ResumingWatch(f"127.0.0.1:{port}") for _ in range(5)]
+            await poll_until(lambda: _all_open(watchers), "every watcher holding a token")
+
+            async def write(n: int) -> None:
+                for status in ("draft", "open"):
+                    invoice = StripeInvoice(f"in_restart{n:04d}", status, 100, "", User("u", "U"), "eur", 1)
+                    await store.apply_stripe_invoice(invoice, stripe_time=1 if status == "draft" else 2)
+                    written.append((invoice.stripe_invoice_id, status))
+
+            for n in range(20):
+                await write(n)
+            service.process.send_signal(signal.SIGTERM)
+            for n in range(20, 40):  # while the server drains, and while none is up
+                await write(n)
+                await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(service.process.wait, 30) == 0
+            for n in range(40, 50):
+                await write(n)
+            service, _ = await asyncio.to_thread(start_service, env, log=log)
+            for n in range(50, 60):
+                await write(n)
+
+            async def caught_up() -> bool | None:
+                return True if all(len(w.changes) >= len(written) for w in watchers) else None
+
+            await poll_until(caught_up, "every watcher seeing every change")
+            for watcher in watchers:
+                await watcher.stop()
+                assert watcher.ids == written
+                assert watcher.ends["UNAVAILABLE"] >= 1, watcher.ends
+        finally:
+            service.stop()
+
+
+async def _all_open(watchers: list[ResumingWatch]) -> bool | None:
+    return True if all(w.token for w in watchers) else None
 
 
 def test_sigterm_to_the_sidecar_fails_readiness_first_and_still_answers_deliveries(

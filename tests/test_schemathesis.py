@@ -32,8 +32,11 @@ def test_api_conforms_to_its_document(stack: Stack, mode: GenerationMode) -> Non
         "POST /admin/api/invoices",
         "POST /admin/api/invoices/{id}:pay",
         "POST /admin/api/invoices/{id}:void",
+        "GET /admin/api/invoices:watch",
     }
-    for operation in operations:
+    # A watch answers 200 and streams until it ends, so a generated case would never return;
+    # its refusals (4xx JSON before the stream starts) are in tests/test_watch_gateway.py.
+    for operation in (op for op in operations if op.label != "GET /admin/api/invoices:watch"):
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -121,6 +121,11 @@ def _message_schema(index: _Index, name: str, refs: set[str], *, output: bool) -
     return schema
 
 
+# Envoy's transcoder (print_options.stream_newline_delimited) answers a server stream as one
+# JSON object per line, under the 200 it sends before the first.
+STREAMED = "OK: a stream of these objects, one JSON object per line (NDJSON), for as long as the stream lasts"
+
+
 def _operation(
     index: _Index, service: str, method: descriptor_pb2.MethodDescriptorProto, path: str, body: str
 ) -> tuple[dict[str, Any], set[str], set[str]]:
@@ -160,7 +165,10 @@ def _operation(
         "description": index.describe(service, method.name),
         "parameters": parameters,
         "responses": {
-            "200": {"description": "OK", "content": {"application/json": {"schema": response}}},
+            "200": {
+                "description": STREAMED if method.server_streaming else "OK",
+                "content": {"application/json": {"schema": response}},
+            },
             **{
                 code: {"description": text, "content": {"application/json": {"schema": error}}}
                 for code, text in ERROR_STATUSES.items()

@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -421,3 +422,119 @@ class VoidInvoiceRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VoidInvoiceRequest: _TypeAlias = VoidInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class WatchInvoicesRequest(_message.Message):
+    """WatchInvoicesRequest opens a watch; every filter is optional and they
+    combine. A filter applies to the record as each change left it: a watch of
+    `status` `paid` sees an invoice when it becomes paid.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """The `resume_token` of the last event received, to go on just after it;
+    empty to start now. A token works with any filters.
+    """
+    invoice_id: _builtins.str
+    """Only this invoice: the service's `_id` or Stripe's `in_...` id."""
+    user_id: _builtins.str
+    """Only invoices of this user (`user._id`)."""
+    status: _builtins.str
+    """Only records in this Stripe status (draft, open, paid, uncollectible, void)."""
+    def __init__(
+        self,
+        *,
+        resume_token: _builtins.str = ...,
+        invoice_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "resume_token", b"resume_token", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchInvoicesRequest: _TypeAlias = WatchInvoicesRequest  # noqa: Y015
+
+@_typing.final
+class InvoiceEvent(_message.Message):
+    """InvoiceEvent is one change to an invoice record, or a bookmark."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[InvoiceEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: InvoiceEvent._Kind.ValueType  # 0
+        """Never sent."""
+        KIND_CREATED: InvoiceEvent._Kind.ValueType  # 1
+        """The record was created."""
+        KIND_UPDATED: InvoiceEvent._Kind.ValueType  # 2
+        """The record changed (its state, amount, PDF link...)."""
+        KIND_DELETED: InvoiceEvent._Kind.ValueType  # 3
+        """The invoice was deleted in Stripe (only drafts can be); `invoice` is the
+        record as it was.
+        """
+        KIND_BOOKMARK: InvoiceEvent._Kind.ValueType  # 4
+        """No change: a newer `resume_token` only, without `invoice`."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What happened."""
+
+    KIND_UNSPECIFIED: InvoiceEvent.Kind.ValueType  # 0
+    """Never sent."""
+    KIND_CREATED: InvoiceEvent.Kind.ValueType  # 1
+    """The record was created."""
+    KIND_UPDATED: InvoiceEvent.Kind.ValueType  # 2
+    """The record changed (its state, amount, PDF link...)."""
+    KIND_DELETED: InvoiceEvent.Kind.ValueType  # 3
+    """The invoice was deleted in Stripe (only drafts can be); `invoice` is the
+    record as it was.
+    """
+    KIND_BOOKMARK: InvoiceEvent.Kind.ValueType  # 4
+    """No change: a newer `resume_token` only, without `invoice`."""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    INVOICE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___InvoiceEvent.Kind.ValueType
+    """What happened."""
+    resume_token: _builtins.str
+    """Pass it as `resume_token` to go on just after this event. Opaque."""
+    @_builtins.property
+    def invoice(self) -> Global___Invoice:
+        """The record as the change left it (as it was, for a deletion); absent on a
+        bookmark.
+        """
+
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was recorded (just before its commit); absent on a
+        bookmark.
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: Global___InvoiceEvent.Kind.ValueType = ...,
+        invoice: Global___Invoice | None = ...,
+        resume_token: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "invoice", b"invoice", "kind", b"kind", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoiceEvent: _TypeAlias = InvoiceEvent  # noqa: Y015

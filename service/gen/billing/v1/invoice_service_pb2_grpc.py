@@ -64,6 +64,11 @@ class InvoiceServiceStub:
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
                 _registered_method=True)
+        self.WatchInvoices = channel.unary_stream(
+                '/billing.v1.InvoiceService/WatchInvoices',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.WatchInvoicesRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.InvoiceEvent.FromString,
+                _registered_method=True)
 
 
 class InvoiceServiceServicer:
@@ -170,6 +175,35 @@ class InvoiceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchInvoices(self, request, context):
+        """WatchInvoices streams the changes to invoice records as they are recorded:
+        created, each change of state or amount, deleted, each with the record as
+        the change left it, in the order they were recorded.
+
+        The first event is a KIND_BOOKMARK naming where the stream starts: now,
+        or, with `resume_token`, just after that token, in which case every change
+        after it follows first, in order, then the live ones, with no gap and no
+        change twice. Every event carries its `resume_token`; a stream without
+        changes gets a bookmark every WATCH_BOOKMARK_S (default 30 s) carrying the
+        newest one, so a quiet watcher's token stays inside the retention.
+
+        A stream ends, to be resumed with the last token received (on any
+        replica: tokens are of the database, not of a server): after
+        WATCH_MAX_STREAM_S (default 1800 s) with OK; with UNAVAILABLE when the
+        server shuts down; with RESOURCE_EXHAUSTED when the caller reads too slowly
+        for the server's per-stream buffer (WATCH_BUFFER changes), or when the
+        server has WATCH_MAX_STREAMS watches open. A token older than the
+        retention (WATCH_RETENTION_S, default 7 days) fails with OUT_OF_RANGE: list
+        the invoices, then watch from now. A token this service did not issue
+        fails with INVALID_ARGUMENT.
+
+        REST: `GET /admin/api/invoices:watch` answers one JSON event per line.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InvoiceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +231,11 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
                     servicer.VoidInvoice,
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.FromString,
                     response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
+            ),
+            'WatchInvoices': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchInvoices,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.WatchInvoicesRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.InvoiceEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -338,6 +377,33 @@ class InvoiceService:
             '/billing.v1.InvoiceService/VoidInvoice',
             billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
             billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchInvoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/billing.v1.InvoiceService/WatchInvoices',
+            billing_dot_v1_dot_invoice__service__pb2.WatchInvoicesRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.InvoiceEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -118,6 +118,31 @@ class InvoiceServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    WatchInvoices: _grpc.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]
+    """WatchInvoices streams the changes to invoice records as they are recorded:
+    created, each change of state or amount, deleted, each with the record as
+    the change left it, in the order they were recorded.
+
+    The first event is a KIND_BOOKMARK naming where the stream starts: now,
+    or, with `resume_token`, just after that token, in which case every change
+    after it follows first, in order, then the live ones, with no gap and no
+    change twice. Every event carries its `resume_token`; a stream without
+    changes gets a bookmark every WATCH_BOOKMARK_S (default 30 s) carrying the
+    newest one, so a quiet watcher's token stays inside the retention.
+
+    A stream ends, to be resumed with the last token received (on any
+    replica: tokens are of the database, not of a server): after
+    WATCH_MAX_STREAM_S (default 1800 s) with OK; with UNAVAILABLE when the
+    server shuts down; with RESOURCE_EXHAUSTED when the caller reads too slowly
+    for the server's per-stream buffer (WATCH_BUFFER changes), or when the
+    server has WATCH_MAX_STREAMS watches open. A token older than the
+    retention (WATCH_RETENTION_S, default 7 days) fails with OUT_OF_RANGE: list
+    the invoices, then watch from now. A token this service did not issue
+    fails with INVALID_ARGUMENT.
+
+    REST: `GET /admin/api/invoices:watch` answers one JSON event per line.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class InvoiceServiceAsyncStub(InvoiceServiceStub):
@@ -203,6 +228,31 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     400); an unknown id with NOT_FOUND. `idempotency-key` as for
     CreateInvoice.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    WatchInvoices: _aio.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]  # type: ignore[assignment]
+    """WatchInvoices streams the changes to invoice records as they are recorded:
+    created, each change of state or amount, deleted, each with the record as
+    the change left it, in the order they were recorded.
+
+    The first event is a KIND_BOOKMARK naming where the stream starts: now,
+    or, with `resume_token`, just after that token, in which case every change
+    after it follows first, in order, then the live ones, with no gap and no
+    change twice. Every event carries its `resume_token`; a stream without
+    changes gets a bookmark every WATCH_BOOKMARK_S (default 30 s) carrying the
+    newest one, so a quiet watcher's token stays inside the retention.
+
+    A stream ends, to be resumed with the last token received (on any
+    replica: tokens are of the database, not of a server): after
+    WATCH_MAX_STREAM_S (default 1800 s) with OK; with UNAVAILABLE when the
+    server shuts down; with RESOURCE_EXHAUSTED when the caller reads too slowly
+    for the server's per-stream buffer (WATCH_BUFFER changes), or when the
+    server has WATCH_MAX_STREAMS watches open. A token older than the
+    retention (WATCH_RETENTION_S, default 7 days) fails with OUT_OF_RANGE: list
+    the invoices, then watch from now. A token this service did not issue
+    fails with INVALID_ARGUMENT.
+
+    REST: `GET /admin/api/invoices:watch` answers one JSON event per line.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
 
@@ -317,6 +367,37 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         400); an unknown id with NOT_FOUND. `idempotency-key` as for
         CreateInvoice.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def WatchInvoices(
+        self,
+        request: _invoice_service_pb2.WatchInvoicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_invoice_service_pb2.InvoiceEvent], _abc.AsyncIterator[_invoice_service_pb2.InvoiceEvent]]:
+        """WatchInvoices streams the changes to invoice records as they are recorded:
+        created, each change of state or amount, deleted, each with the record as
+        the change left it, in the order they were recorded.
+
+        The first event is a KIND_BOOKMARK naming where the stream starts: now,
+        or, with `resume_token`, just after that token, in which case every change
+        after it follows first, in order, then the live ones, with no gap and no
+        change twice. Every event carries its `resume_token`; a stream without
+        changes gets a bookmark every WATCH_BOOKMARK_S (default 30 s) carrying the
+        newest one, so a quiet watcher's token stays inside the retention.
+
+        A stream ends, to be resumed with the last token received (on any
+        replica: tokens are of the database, not of a server): after
+        WATCH_MAX_STREAM_S (default 1800 s) with OK; with UNAVAILABLE when the
+        server shuts down; with RESOURCE_EXHAUSTED when the caller reads too slowly
+        for the server's per-stream buffer (WATCH_BUFFER changes), or when the
+        server has WATCH_MAX_STREAMS watches open. A token older than the
+        retention (WATCH_RETENTION_S, default 7 days) fails with OUT_OF_RANGE: list
+        the invoices, then watch from now. A token this service did not issue
+        fails with INVALID_ARGUMENT.
+
+        REST: `GET /admin/api/invoices:watch` answers one JSON event per line.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 

@@ -1,0 +1,354 @@
+"""WatchInvoices against the real Postgres and the real gRPC server: what a watcher sees,
+in which order, how it resumes, what it is refused, and that a change committing after
+a later one is never skipped (the reason feed positions are not bare sequences)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import grpc
+import pytest
+
+from service.app import GrpcServer, start_grpc
+from service.domain import StripeInvoice, User
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.storage import Storage
+from service.watch import Watches, WatchLimits
+from tests.helpers import API_KEY, AUTH, make_invoice, save_invoices
+
+Event = pb.InvoiceEvent
+KIND = pb.InvoiceEvent.Kind.Name
+
+
+def _stripe(invoice_id: str, status: str, amount: int = 5000, user: str = "u1") -> StripeInvoice:
+    return StripeInvoice(invoice_id, status, amount, "", User(user, "Ada"), "eur", 1_700_000_000)
+
+
+async def _apply(store: Storage, invoice: StripeInvoice, at: int) -> None:
+    await store.apply_stripe_invoice(invoice, stripe_time=at)
+
+
+class Watcher:
+    """One open WatchInvoices stream, read in the background into a queue."""
+
+    def __init__(self, stub: pb_grpc.InvoiceServiceAsyncStub, request: pb.WatchInvoicesRequest) -> None:
+        self.call = stub.WatchInvoices(request, metadata=AUTH)
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.error: grpc.aio.AioRpcError | None = None
+        self.done = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.call:
+                await self.events.put(event)
+        except grpc.aio.AioRpcError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    async def next(self, timeout_s: float = 10) -> Event:
+        return await asyncio.wait_for(self.events.get(), timeout_s)
+
+    async def changes(self, n: int, timeout_s: float = 10) -> list[Event]:
+        """The next `n` events that are changes (bookmarks skipped)."""
+        found: list[Event] = []
+        while len(found) < n:
+            event = await self.next(timeout_s)
+            if event.kind != Event.KIND_BOOKMARK:
+                found.append(event)
+        return found
+
+    async def ended(self, timeout_s: float = 10) -> grpc.aio.AioRpcError | None:
+        await asyncio.wait_for(self.done.wait(), timeout_s)
+        return self.error
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+@pytest.fixture
+async def watch(stub: pb_grpc.InvoiceServiceAsyncStub) -> AsyncIterator[list[Watcher]]:
+    opened: list[Watcher] = []
+    yield opened
+    for watcher in opened:
+        watcher.close()
+
+
+async def _open(stub: pb_grpc.InvoiceServiceAsyncStub, opened: list[Watcher], **request: str) -> tuple[Watcher, Event]:
+    watcher = Watcher(stub, pb.WatchInvoicesRequest(**request))
+    opened.append(watcher)
+    first = await watcher.next()
+    return watcher, first
+
+
+async def test_a_watcher_sees_each_change_with_the_record_it_left(
+    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
+) -> None:
+    watcher, first = await _open(stub, watch)
+    assert first.kind == Event.KIND_BOOKMARK and first.resume_token and not first.HasField("invoice")
+
+    await _apply(store, _stripe("in_watch1", "draft", 0), 1)
+    await _apply(store, _stripe("in_watch1", "open"), 2)
+    await _apply(store, _stripe("in_watch1", "paid"), 3)
+    await store.apply_stripe_invoice(_stripe("in_watch2", "draft"), stripe_time=1)
+    await store.apply_stripe_invoice(
+        _stripe("in_watch2", "draft"), stripe_time=2, event_id="evt_del1", event_type="invoice.deleted"
+    )
+
+    seen = await watcher.changes(5)
+    assert [(KIND(e.kind), e.invoice.invoice_id, e.invoice.status) for e in seen] == [
+        ("KIND_CREATED", "in_watch1", "draft"),
+        ("KIND_UPDATED", "in_watch1", "open"),
+        ("KIND_UPDATED", "in_watch1", "paid"),
+        ("KIND_CREATED", "in_watch2", "draft"),
+        ("KIND_DELETED", "in_watch2", "draft"),
+    ]
+    paid = seen[2]
+    record = await stub.GetInvoice(pb.GetInvoiceRequest(id="in_watch1"), metadata=AUTH)
+    assert paid.invoice == record  # the same Invoice message as Get
+    assert paid.change_time.ToDatetime(UTC) > datetime.now(UTC) - timedelta(minutes=1)
+    assert len({e.resume_token for e in seen}) == 5
+
+
+async def test_a_resumed_watch_gets_exactly_what_came_after_its_token(
+    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
+) -> None:
+    watcher, _ = await _open(stub, watch)
+    for n in range(3):
+        await _apply(store, _stripe(f"in_resume{n}", "open"), 1)
+    third = (await watcher.changes(3))[2]
+    watcher.close()
+
+    for n in range(3, 8):
+        await _apply(store, _stripe(f"in_resume{n}", "open"), 1)
+    await _apply(store, _stripe("in_resume0", "paid"), 2)
+
+    resumed, _ = await _open(stub, watch, resume_token=third.resume_token)
+    later = await resumed.changes(6)
+    assert [(e.invoice.invoice_id, e.invoice.status) for e in later] == [
+        *((f"in_resume{n}", "open") for n in range(3, 8)),
+        ("in_resume0", "paid"),
+    ]
+    # Then live, with nothing replayed twice.
+    await _apply(store, _stripe("in_resume9", "open"), 1)
+    (live,) = await resumed.changes(1)
+    assert live.invoice.invoice_id == "in_resume9"
+    assert resumed.events.empty()
+
+
+async def test_a_change_that_commits_after_a_later_one_is_not_skipped(
+    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, database: str, watch: list[Watcher]
+) -> None:
+    """Transaction A writes its change first (the lower sequence number) and commits last.
+    A reader that took positions as bare sequence numbers would hand out B's change,
+    move past A's number, and never see A's."""
+    watcher, _ = await _open(stub, watch)
+    one, two = make_invoice(1), make_invoice(2)
+    await save_invoices(store, [one, two])
+    await watcher.changes(2)
+
+    a, b = await asyncpg.connect(database), await asyncpg.connect(database)
+    try:
+        ta, tb = a.transaction(), b.transaction()
+        await ta.start()
+        await a.execute("UPDATE invoices SET status = 'void' WHERE id = $1", one.id)
+        await tb.start()
+        await b.execute("UPDATE invoices SET status = 'open' WHERE id = $1", two.id)
+        await tb.commit()
+        await asyncio.sleep(0.5)  # several polls: B is committed and readable meanwhile
+        await ta.commit()
+    finally:
+        await a.close()
+        await b.close()
+
+    seen = await watcher.changes(2)
+    assert sorted((e.invoice.id, e.invoice.status) for e in seen) == sorted([(one.id, "void"), (two.id, "open")])
+    # And a watch resumed from the first of them still gets the second.
+    resumed, _ = await _open(stub, watch, resume_token=seen[0].resume_token)
+    (again,) = await resumed.changes(1)
+    assert again.invoice.id == seen[1].invoice.id
+
+
+async def test_filters_narrow_a_watch(
+    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
+) -> None:
+    by_invoice, _ = await _open(stub, watch, invoice_id="in_filter1")
+    by_user, _ = await _open(stub, watch, user_id="u2")
+    paid, _ = await _open(stub, watch, status="paid")
+    await _apply(store, _stripe("in_filter1", "open", user="u1"), 1)
+    await _apply(store, _stripe("in_filter2", "open", user="u2"), 1)
+    await _apply(store, _stripe("in_filter2", "paid", user="u2"), 2)
+    await _apply(store, _stripe("in_filter1", "paid", user="u1"), 2)
+
+    assert [(e.invoice.invoice_id, e.invoice.status) for e in await by_invoice.changes(2)] == [
+        ("in_filter1", "open"),
+        ("in_filter1", "paid"),
+    ]
+    assert [(e.invoice.invoice_id, e.invoice.status) for e in await by_user.changes(2)] == [
+        ("in_filter2", "open"),
+        ("in_filter2", "paid"),
+    ]
+    assert [e.invoice.invoice_id for e in await paid.changes(2)] == ["in_filter2", "in_filter1"]
+    # The record's own id filters as Stripe's does.
+    record = await stub.GetInvoice(pb.GetInvoiceRequest(id="in_filter1"), metadata=AUTH)
+    by_id, _ = await _open(stub, watch, invoice_id=record.id)
+    await _apply(store, _stripe("in_filter1", "paid", amount=6000, user="u1"), 3)
+    assert (await by_id.changes(1))[0].invoice.amount == 6000
+    assert by_user.events.empty()
+
+
+async def test_200_watchers_all_see_the_same_changes(
+    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
+) -> None:
+    watchers = [(await _open(stub, watch))[0] for _ in range(200)]
+    for n in range(20):
+        await _apply(store, _stripe(f"in_many{n}", "open"), 1)
+    expected = [f"in_many{n}" for n in range(20)]
+    for watcher in watchers:
+        assert [e.invoice.invoice_id for e in await watcher.changes(20)] == expected
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not-a-token",
+        base64.urlsafe_b64encode(b'{"x": -1, "s": 0}').decode(),
+        base64.urlsafe_b64encode(b'{"x": 1.5, "s": 0}').decode(),
+        base64.urlsafe_b64encode(b'{"x": true, "s": 0}').decode(),
+        base64.urlsafe_b64encode(b'{"x": 99999999999999999999, "s": 0}').decode(),
+        base64.urlsafe_b64encode(b"[1, 2]").decode(),
+        "x" * 600,
+    ],
+)
+async def test_a_forged_token_is_invalid_argument(stub: pb_grpc.InvoiceServiceAsyncStub, token: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in stub.WatchInvoices(pb.WatchInvoicesRequest(resume_token=token), metadata=AUTH):
+            pass
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resume_token" in (refused.value.details() or "")
+
+
+async def test_a_token_beyond_the_retention_or_the_feed_is_out_of_range(
+    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
+) -> None:
+    watcher, _ = await _open(stub, watch)
+    await _apply(store, _stripe("in_old1", "open"), 1)
+    old = (await watcher.changes(1))[0].resume_token
+    await _apply(store, _stripe("in_old2", "open"), 1)
+    recent = (await watcher.changes(1))[0].resume_token
+    # Both changes pruned: the first's token has lost what followed it, the second's has not.
+    assert await store.prune_changes(datetime.now(UTC) + timedelta(days=1), 10) == 2
+
+    for token in (old, base64.urlsafe_b64encode(b'{"x":9000000000000,"s":1}').decode().rstrip("=")):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.WatchInvoices(pb.WatchInvoicesRequest(resume_token=token), metadata=AUTH):
+                pass
+        assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert "list, then watch again" in (refused.value.details() or "")
+    _, first = await _open(stub, watch, resume_token=recent)
+    assert first.kind == Event.KIND_BOOKMARK
+
+
+async def test_without_a_key_a_watch_is_unauthenticated(stub: pb_grpc.InvoiceServiceAsyncStub) -> None:
+    for metadata in ((), (("api-key", "wrong"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.WatchInvoices(pb.WatchInvoicesRequest(), metadata=metadata):
+                pass
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_bad_filters_are_invalid_argument(stub: pb_grpc.InvoiceServiceAsyncStub) -> None:
+    for request, field in (
+        (pb.WatchInvoicesRequest(status="settled"), "status"),
+        (pb.WatchInvoicesRequest(invoice_id="nope"), "invoice_id"),
+        (pb.WatchInvoicesRequest(user_id="x\x00"), "user_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.WatchInvoices(request, metadata=AUTH):
+                pass
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith(field)
+
+
+async def _server(store: Storage, limits: WatchLimits) -> tuple[GrpcServer, Watches]:
+    watches = Watches(store, limits)
+    watches.start()
+    return await start_grpc(store, [API_KEY], "127.0.0.1:0", watches=watches), watches
+
+
+async def test_beyond_the_cap_a_watch_is_resource_exhausted(store: Storage) -> None:
+    running, _ = await _server(store, WatchLimits(max_streams=3, poll_s=0.1))
+    opened: list[Watcher] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InvoiceServiceStub(channel)
+            for _ in range(3):
+                await _open(stub, opened)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in stub.WatchInvoices(pb.WatchInvoicesRequest(), metadata=AUTH):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            opened.pop().close()
+            await asyncio.sleep(0.2)
+            await _open(stub, opened)  # a slot freed is a slot again
+            for watcher in opened:
+                watcher.close()
+    finally:
+        await running.stop(0)
+
+
+async def test_a_slow_watcher_is_ended_and_resumes_without_loss(store: Storage) -> None:
+    running, _ = await _server(store, WatchLimits(buffer=20, poll_s=0.05))
+    opened: list[Watcher] = []
+    # No window growth: the server's sends block once 64 KiB are unread.
+    options = [("grpc.http2.bdp_probe", 0)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=options) as channel:
+            stub = pb_grpc.InvoiceServiceStub(channel)
+            call = stub.WatchInvoices(pb.WatchInvoicesRequest(), metadata=AUTH)
+            first = await call.read()
+            assert isinstance(first, pb.InvoiceEvent)
+            invoices = [make_invoice(n) for n in range(1500)]
+            await save_invoices(store, invoices)
+            await asyncio.sleep(1)  # the reader hands them out; this watcher reads none
+            received: list[pb.InvoiceEvent] = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while (event := await call.read()) is not grpc.aio.EOF:
+                    assert isinstance(event, pb.InvoiceEvent)
+                    if event.kind != Event.KIND_BOOKMARK:
+                        received.append(event)
+            assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "resume" in (ended.value.details() or "")
+            assert 0 < len(received) < len(invoices)
+            watcher, _ = await _open(stub, opened, resume_token=received[-1].resume_token)
+            rest = await watcher.changes(len(invoices) - len(received))
+            ids = [e.invoice.id for e in received + rest]
+            assert ids == [invoice.id for invoice in invoices]
+            watcher.close()
+    finally:
+        await running.stop(0)
+
+
+async def test_shutdown_ends_watches_unavailable_after_the_drain(store: Storage) -> None:
+    running, watches = await _server(store, WatchLimits(poll_s=0.05))
+    opened: list[Watcher] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.InvoiceServiceStub(channel)
+        watcher, _ = await _open(stub, opened)
+        stopping = asyncio.create_task(running.stop(5, drain_delay=1))
+        await asyncio.sleep(0.3)
+        # Still served during the drain: a change made now reaches the watcher.
+        await _apply(store, _stripe("in_drain1", "open"), 1)
+        (during,) = await watcher.changes(1)
+        assert during.invoice.invoice_id == "in_drain1"
+        error = await watcher.ended()
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "resume" in (error.details() or "")
+        await stopping
+    assert watches.open_streams == 0

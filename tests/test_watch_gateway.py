@@ -1,0 +1,129 @@
+"""WatchInvoices through the whole stack: the server process's own reader (LISTEN and
+polling), Envoy's transcoder streaming NDJSON, the emulator's webhooks moving a Create
+from draft to paid, and the REST edge rules (the key, errors as JSON)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import httpx
+import stripe
+
+from service.domain import StripeInvoice, User
+from service.gen.billing.v1 import invoice_service_pb2 as pb
+from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.storage import Storage
+from tests.helpers import AUTH, REQUEST, Stack
+from tools.stack import customer_with_card
+
+WATCH = "/admin/api/invoices:watch"
+
+
+@asynccontextmanager
+async def ndjson(http: httpx.AsyncClient, **params: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+    """A REST watch read line by line, in the background, into a queue of JSON events."""
+    lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    opened = asyncio.Event()
+
+    async def read() -> None:
+        async with http.stream("GET", WATCH, params=params, timeout=httpx.Timeout(10, read=None)) as reply:
+            assert reply.status_code == 200, await reply.aread()
+            assert reply.headers["content-type"].startswith("application/json")
+            opened.set()
+            async for line in reply.aiter_lines():
+                if line.strip():
+                    await lines.put(json.loads(line))
+
+    task = asyncio.create_task(read())
+    try:
+        await asyncio.wait_for(opened.wait(), 10)
+        yield lines
+    finally:
+        task.cancel()
+
+
+async def _until(lines: asyncio.Queue[dict[str, Any]], done: Any, timeout_s: float = 20) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    while not seen or not done(seen[-1]):
+        seen.append(await asyncio.wait_for(lines.get(), timeout_s))
+    return seen
+
+
+async def test_a_rest_watcher_sees_a_create_reach_paid_one_json_line_per_event(
+    http: httpx.AsyncClient, stack_store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    async with ndjson(http) as lines:
+        first = await asyncio.wait_for(lines.get(), 10)
+        assert first["kind"] == "KIND_BOOKMARK" and first["resumeToken"] and "invoice" not in first
+        request = {**REQUEST, "customer": customer, "paymentMethod": method}
+        reply = await http.post("/admin/api/invoices", json=request, headers={"Idempotency-Key": uuid.uuid4().hex})
+        assert reply.status_code == 200, reply.text
+        stripe_id = reply.json()["id"]
+
+        seen = await _until(lines, lambda e: e.get("invoice", {}).get("status") == "paid")
+    changes = [e for e in seen if e["kind"] != "KIND_BOOKMARK"]
+    assert {e["invoice"]["invoiceId"] for e in changes} == {stripe_id}
+    assert changes[0]["kind"] == "KIND_CREATED"
+    # Draft, open, paid, each once and in order (the emulator's events may fold steps).
+    statuses = [e["invoice"]["status"] for e in changes]
+    order = ["draft", "open", "paid"]
+    assert statuses == sorted(statuses, key=order.index) and statuses[-1] == "paid"
+    final = changes[-1]["invoice"]
+    got = (await http.get(f"/admin/api/invoices/{stripe_id}")).json()
+    assert final == got  # the same JSON as a Get
+    assert all(e["changeTime"].endswith("Z") for e in changes)
+
+
+async def test_a_rest_watch_resumes_from_its_token(http: httpx.AsyncClient, stack_store: Storage) -> None:
+    async with ndjson(http, status="open") as lines:
+        start = (await asyncio.wait_for(lines.get(), 10))["resumeToken"]
+    await _deliver_open(stack_store, "in_restresume1")
+    await _deliver_open(stack_store, "in_restresume2")
+    async with ndjson(http, resumeToken=start, status="open") as lines:
+        seen = await _until(lines, lambda e: e.get("invoice", {}).get("invoiceId") == "in_restresume2")
+    assert [e["invoice"]["invoiceId"] for e in seen if "invoice" in e] == ["in_restresume1", "in_restresume2"]
+
+
+async def _deliver_open(store: Storage, stripe_id: str) -> None:
+    await store.apply_stripe_invoice(
+        StripeInvoice(stripe_id, "open", 100, "", User("u", "U"), "eur", 1_700_000_000), stripe_time=1
+    )
+
+
+async def test_rest_watch_errors_are_json_4xx(http: httpx.AsyncClient, stack: Stack) -> None:
+    for params, status, code in (
+        ({"resumeToken": "forged"}, 400, 3),
+        ({"resumeToken": "eyJ4Ijo5MDAwMDAwMDAwMDAwLCJzIjoxfQ"}, 400, 11),
+        ({"status": "settled"}, 400, 3),
+        ({"nope": "1"}, 400, 3),
+    ):
+        reply = await http.get(WATCH, params=params)
+        assert reply.status_code == status, (params, reply.text)
+        assert reply.json()["code"] == code, reply.text
+        assert reply.json()["message"]
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as anonymous:
+        for headers in ({}, {"Api-Key": "wrong"}):
+            reply = await anonymous.get(WATCH, headers=headers)
+            assert reply.status_code == 401, reply.text
+            assert reply.json()["code"] == 16
+
+
+async def test_a_grpc_watch_of_the_running_server(stack: Stack, stack_store: Storage) -> None:
+    """The deployed server (the process, not a test's) with its grpcurl-able stream."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = pb_grpc.InvoiceServiceStub(channel)
+        call = stub.WatchInvoices(pb.WatchInvoicesRequest(invoice_id="in_grpcstack1"), metadata=AUTH)
+        first = await call.read()
+        assert isinstance(first, pb.InvoiceEvent) and first.kind == pb.InvoiceEvent.KIND_BOOKMARK
+        await _deliver_open(stack_store, "in_grpcstack1")
+        event = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(event, pb.InvoiceEvent)
+        assert event.kind == pb.InvoiceEvent.KIND_CREATED and event.invoice.invoice_id == "in_grpcstack1"
+        call.cancel()
