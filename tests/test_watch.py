@@ -19,7 +19,7 @@ from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
 from service.watch import Watches, WatchLimits
-from tests.helpers import API_KEY, AUTH, make_invoice, save_invoices
+from tests.helpers import API_KEY, AUTH, make_invoice, poll_until, save_invoices
 
 Event = pb.InvoiceEvent
 KIND = pb.InvoiceEvent.Kind.Name
@@ -352,3 +352,32 @@ async def test_shutdown_ends_watches_unavailable_after_the_drain(store: Storage)
         assert "resume" in (error.details() or "")
         await stopping
     assert watches.open_streams == 0
+
+
+async def test_the_reader_prunes_what_is_older_than_the_retention(store: Storage) -> None:
+    running, _ = await _server(store, WatchLimits(poll_s=0.05, retention_s=0.5, prune_every_s=0.2))
+    opened: list[Watcher] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InvoiceServiceStub(channel)
+            watcher, _ = await _open(stub, opened)
+            await _apply(store, _stripe("in_pruned1", "open"), 1)
+            await _apply(store, _stripe("in_pruned2", "open"), 1)
+            first, _ = await watcher.changes(2)
+            watcher.close()
+
+            async def refused() -> grpc.StatusCode | None:
+                try:
+                    async for _ in stub.WatchInvoices(
+                        pb.WatchInvoicesRequest(resume_token=first.resume_token), metadata=AUTH
+                    ):
+                        return None
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return None
+
+            assert await poll_until(refused, "the first change pruned") == grpc.StatusCode.OUT_OF_RANGE
+            async with store._connection() as conn:
+                assert await conn.fetchval("SELECT count(*) FROM invoice_changes") == 0
+    finally:
+        await running.stop(0)
