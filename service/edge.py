@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
@@ -30,7 +30,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Any]]
-StreamBehavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[Any]]
+StreamBehavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], AsyncGenerator[Any, None]]
 
 
 def _status(error: DomainError) -> grpc.Status:
@@ -63,7 +63,8 @@ class ApiKeys:
 
 
 def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
-    if isinstance(exc, asyncio.CancelledError):
+    # A stream whose caller went away while its handler was suspended is closed (GeneratorExit).
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
@@ -161,7 +162,7 @@ class Edge:
         record, admit = self._recorder(method), self._admit
         streams, sent_total = self._metrics.streams_open.labels(method), self._metrics.stream_messages.labels(method)
 
-        async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
             metadata = context.invocation_metadata() or ()
             request_id = logs.request_id(next((str(v) for k, v in metadata if k == "x-request-id"), None))
             token = REQUEST_ID.set(request_id)
@@ -171,10 +172,13 @@ class Edge:
                 await admit(context, metadata)
                 streams.inc()
                 try:
-                    async for message in behavior(request, context):
-                        yield message
-                        sent += 1
-                        sent_total.inc()
+                    # Closed here, not whenever the collector gets to it: its cleanup (a watch
+                    # leaving the hand-out) runs when the stream ends.
+                    async with contextlib.aclosing(behavior(request, context)) as messages:
+                        async for message in messages:
+                            yield message
+                            sent += 1
+                            sent_total.inc()
                 except Exception as exc:
                     await _refuse(context, exc, method, request_id)
                 finally:

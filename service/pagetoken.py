@@ -78,7 +78,7 @@ def decode_position(token: str) -> FeedPosition:
     except ValueError as exc:
         raise InvalidArgument(RESUME_FIELD, "not a token this service issued") from exc
     xact, seq = _bigint(data.get("x")), _bigint(data.get("s"))
-    if xact is None or seq is None:
+    if xact is None or seq is None or set(data) != {"x", "s"}:
         raise InvalidArgument(RESUME_FIELD, "not a token this service issued")
     return FeedPosition(xact, seq)
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -23,6 +23,7 @@ from service.domain import (
     ChangeKind,
     DomainError,
     FeedPosition,
+    OutOfRange,
     ResourceExhausted,
     Unavailable,
     WatchFilter,
@@ -42,6 +43,11 @@ RETRY_S = 1.0
 # How long the reader waits for a watch to make room for the next read before ending it as
 # too slow: a burst of changes larger than a buffer must not end watchers that keep up.
 SLOW_GRACE_S = 1.0
+# The longest pause between two attempts to LISTEN while Postgres stays away.
+LISTEN_BACKOFF_MAX_S = 30.0
+# How long a watch ended as too slow may stay blocked writing to a caller that reads
+# nothing before its handler is cancelled (the caller then sees CANCELLED, if anything).
+STUCK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,16 @@ Listen = Callable[[Callable[[], None]], Awaitable[None]]
 TOO_SLOW = (
     "this watch fell {} changes behind and was ended; resume with the last resume_token (read faster, or narrow it)"
 )
+FEED_WENT_BACK = (
+    "the change feed went back (the database failed over to one behind it); list, then watch again from now"
+)
 SHUTTING_DOWN = "the server is shutting down; resume with the last resume_token (another replica serves it)"
 
 
 class _Watch:
     """One open watch in the live hand-out: its filter, its buffer, and why it ended."""
 
-    __slots__ = ("capacity", "ended", "match", "pending", "skip_through", "wake")
+    __slots__ = ("capacity", "ended", "match", "pending", "skip_through", "task", "wake")
 
     def __init__(self, match: WatchFilter, skip_through: FeedPosition, capacity: int) -> None:
         self.match = match
@@ -89,6 +98,8 @@ class _Watch:
         self.pending: deque[Change] = deque()
         self.ended: DomainError | None = None
         self.wake = asyncio.Event()
+        # The handler serving this watch, cancelled if it stays stuck after being ended.
+        self.task = asyncio.current_task()
 
     def offer(self, change: Change) -> bool:
         """Buffers the change if it is one for this watch; False if the buffer is full."""
@@ -118,6 +129,10 @@ class _Watch:
                 async with asyncio.timeout(timeout_s):
                     await self.wake.wait()
             except TimeoutError:
+                # The reader may have buffered a change in the same turn as the timeout:
+                # a bookmark now would name a position past it.
+                if self.pending or self.ended is not None:
+                    continue
                 return None
 
 
@@ -137,8 +152,13 @@ class Watches:
         self._listen = listen
         self._observe_delay = observe_delay
         self._live: set[_Watch] = set()
-        self._replaying = 0
+        # Every watch from its start to its generator's end, so a caller that stops
+        # reading (its watch ended as too slow, its handler blocked in a write) still
+        # counts against MAX_STREAMS.
+        self._open = 0
         self._position: FeedPosition | None = None
+        # Moves when the reader starts over (the feed went back): positions from before mean nothing.
+        self._epoch = 0
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
         self._closed = False
@@ -146,7 +166,7 @@ class Watches:
 
     @property
     def open_streams(self) -> int:
-        return len(self._live) + self._replaying
+        return self._open
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._read(), name="watch-reader"))
@@ -163,11 +183,15 @@ class Watches:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a task that died is logged, and the shutdown goes on
+                log.exception("watch task %s failed", task.get_name())
         self._tasks.clear()
 
-    async def watch(self, after: FeedPosition | None, match: WatchFilter) -> AsyncIterator[Change]:
+    async def watch(self, after: FeedPosition | None, match: WatchFilter) -> AsyncGenerator[Change, None]:
         """A bookmark of where the watch starts, then the changes after `after` (None: from
         now) that `match`, then live ones as they come, with a bookmark whenever
         BOOKMARK_S pass without a change. Ends after MAX_STREAM_S (the caller resumes);
@@ -179,32 +203,41 @@ class Watches:
             raise ResourceExhausted(
                 f"this server has {self._limits.max_streams} watches open, its limit; retry later or on another replica"
             )
-        self._replaying += 1
+        self._open += 1
+        epoch = self._epoch
         try:
             position = await self._current()
             if after is not None:
                 await self._store.check_resumable(after)
+            after = position if after is None else after
             # First, where the watch starts: the caller holds a token before any change.
-            yield Change(position if after is None else after, ChangeKind.BOOKMARK, None)
-            while after is not None and after < position:
+            yield Change(after, ChangeKind.BOOKMARK, None)
+            # Then what the reader handed out meanwhile (or before, for a token), from the
+            # store, until caught up with the reader. The last look at its position and the
+            # joining have no await between them: it hands out nothing in between.
+            while True:
+                if self._closed:
+                    raise Unavailable(SHUTTING_DOWN)
+                if self._epoch != epoch:
+                    raise OutOfRange(FEED_WENT_BACK)
+                position = self._reader_position()
+                if after >= position:
+                    break
                 changes = await self._store.replay_changes(after, position, match, REPLAY_BATCH)
                 for change in changes:
+                    if self._closed:
+                        raise Unavailable(SHUTTING_DOWN)
                     yield change
                 after = changes[-1].position if len(changes) == REPLAY_BATCH else position
-                position = await self._current()
-            # No await between the last look at the reader's position and joining: the
-            # reader hands out nothing in between.
-            if self._closed:
-                raise Unavailable(SHUTTING_DOWN)
-            watch = _Watch(match, position if after is None else max(after, position), self._limits.buffer)
+            watch = _Watch(match, after, self._limits.buffer)
             self._live.add(watch)
+            try:
+                async for change in self._follow(watch):
+                    yield change
+            finally:
+                self._live.discard(watch)
         finally:
-            self._replaying -= 1
-        try:
-            async for change in self._follow(watch):
-                yield change
-        finally:
-            self._live.discard(watch)
+            self._open -= 1
 
     async def _follow(self, watch: _Watch) -> AsyncIterator[Change]:
         deadline = time.monotonic() + self._limits.max_stream_s
@@ -224,8 +257,11 @@ class Watches:
                 await self._ready.wait()
         except TimeoutError:
             raise Unavailable("the change feed cannot be read now; retry later") from None
+        return self._reader_position()
+
+    def _reader_position(self) -> FeedPosition:
         if self._position is None:
-            raise RuntimeError("the reader set ready before its position")
+            raise Unavailable("the change feed cannot be read now; retry later")
         return self._position
 
     def _hand_out(self, changes: list[Change]) -> None:
@@ -237,6 +273,10 @@ class Watches:
     def _too_slow(self, watch: _Watch) -> None:
         watch.end(ResourceExhausted(TOO_SLOW.format(watch.capacity)))
         self._live.discard(watch)
+        # A caller that reads again gets its buffered changes and then RESOURCE_EXHAUSTED;
+        # one that never does would hold its handler in a write for ever.
+        if watch.task is not None:
+            asyncio.get_running_loop().call_later(STUCK_S, watch.task.cancel)
 
     async def _room(self, batch: int) -> None:
         """Until every watch has room for `batch` more changes: a watch that keeps up
@@ -263,6 +303,17 @@ class Watches:
                 self._wake.clear()
                 changes, reached = await self._store.read_changes(self._position, batch)
                 failures = 0
+            except OutOfRange as gone:
+                # The database is behind the reader (a failover to a standby that had not
+                # seen the newest commits): what the watches hold may not exist any more.
+                log.error("the change feed went back: %s; ending every watch", gone)
+                for watch in tuple(self._live):
+                    watch.end(OutOfRange(FEED_WENT_BACK))
+                    self._live.discard(watch)
+                self._position = None
+                self._epoch += 1
+                self._ready.clear()
+                continue
             except Exception as exc:  # the watches wait meanwhile; the reader must not die
                 if failures % 30 == 0:
                     log.warning("the change feed cannot be read now: %s; retrying", type(exc).__name__)
@@ -277,10 +328,16 @@ class Watches:
                         await self._wake.wait()
 
     async def _keep_listening(self, listen: Listen) -> None:
+        pause = RETRY_S
         while not self._closed:
+            started = time.monotonic()
             await listen(self._wake.set)
             self._wake.set()  # lost: look now, and again once it is back
-            await asyncio.sleep(RETRY_S)
+            # Polling carries the feed meanwhile: back off while Postgres stays away.
+            pause = (
+                RETRY_S if time.monotonic() - started > LISTEN_BACKOFF_MAX_S else min(pause * 2, LISTEN_BACKOFF_MAX_S)
+            )
+            await asyncio.sleep(pause)
 
     async def _prune(self) -> None:
         while not self._closed:

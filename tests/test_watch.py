@@ -223,6 +223,7 @@ async def test_200_watchers_all_see_the_same_changes(
         base64.urlsafe_b64encode(b'{"x": true, "s": 0}').decode(),
         base64.urlsafe_b64encode(b'{"x": 99999999999999999999, "s": 0}').decode(),
         base64.urlsafe_b64encode(b"[1, 2]").decode(),
+        base64.urlsafe_b64encode(b'{"x": 5, "s": 7, "extra": [1]}').decode(),
         "x" * 600,
     ],
 )
@@ -234,7 +235,7 @@ async def test_a_forged_token_is_invalid_argument(stub: pb_grpc.InvoiceServiceAs
     assert "resume_token" in (refused.value.details() or "")
 
 
-async def test_a_token_beyond_the_retention_or_the_feed_is_out_of_range(
+async def test_a_token_beyond_the_retention_is_out_of_range_and_one_beyond_the_feed_invalid(
     stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
 ) -> None:
     watcher, _ = await _open(stub, watch)
@@ -245,11 +246,12 @@ async def test_a_token_beyond_the_retention_or_the_feed_is_out_of_range(
     # Both changes pruned: the first's token has lost what followed it, the second's has not.
     assert await store.prune_changes(datetime.now(UTC) + timedelta(days=1), 10) == 2
 
-    for token in (old, base64.urlsafe_b64encode(b'{"x":9000000000000,"s":1}').decode().rstrip("=")):
+    ahead = base64.urlsafe_b64encode(b'{"x":9000000000000,"s":1}').decode().rstrip("=")
+    for token, code in ((old, grpc.StatusCode.OUT_OF_RANGE), (ahead, grpc.StatusCode.INVALID_ARGUMENT)):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             async for _ in stub.WatchInvoices(pb.WatchInvoicesRequest(resume_token=token), metadata=AUTH):
                 pass
-        assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert refused.value.code() == code
         assert "list, then watch again" in (refused.value.details() or "")
     _, first = await _open(stub, watch, resume_token=recent)
     assert first.kind == Event.KIND_BOOKMARK
@@ -381,3 +383,27 @@ async def test_the_reader_prunes_what_is_older_than_the_retention(store: Storage
                 assert await conn.fetchval("SELECT count(*) FROM invoice_changes") == 0
     finally:
         await running.stop(0)
+
+
+async def test_a_writer_that_would_feed_a_records_changes_out_of_order_is_refused(
+    store: Storage, database: str
+) -> None:
+    """Transaction A takes its id first (by any write), then changes the record after the
+    younger B did: in transaction-id order A's change would be fed first and watchers
+    would end on B's stale state. The trigger refuses A, to retry; the feed stays in order."""
+    invoice = make_invoice(1, status="open")
+    await save_invoices(store, [invoice])
+    a, b = await asyncpg.connect(database), await asyncpg.connect(database)
+    try:
+        ta = a.transaction()
+        await ta.start()
+        await a.execute("SELECT pg_current_xact_id()")  # A has its id now
+        await b.execute("UPDATE invoices SET status = 'paid' WHERE id = $1", invoice.id)
+        with pytest.raises(asyncpg.SerializationError):
+            await a.execute("UPDATE invoices SET status = 'void' WHERE id = $1", invoice.id)
+        await ta.rollback()
+        feed = await a.fetch("SELECT kind, status FROM invoice_changes WHERE id = $1 ORDER BY xact, seq", invoice.id)
+    finally:
+        await a.close()
+        await b.close()
+    assert [(r["kind"], r["status"]) for r in feed] == [("created", "open"), ("updated", "paid")]

@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -97,10 +98,14 @@ async def _deliver_open(store: Storage, stripe_id: str) -> None:
     )
 
 
-async def test_rest_watch_errors_are_json_4xx(http: httpx.AsyncClient, stack: Stack) -> None:
+async def test_rest_watch_errors_are_json_4xx(http: httpx.AsyncClient, stack: Stack, stack_store: Storage) -> None:
+    # Something pruned, so that the oldest possible position is past the retention.
+    await _deliver_open(stack_store, "in_restpruned1")
+    assert await stack_store.prune_changes(datetime.now(UTC) + timedelta(days=1), 10_000) > 0
     for params, status, code in (
+        ({"resumeToken": "eyJ4IjoxLCJzIjoxfQ"}, 400, 11),
         ({"resumeToken": "forged"}, 400, 3),
-        ({"resumeToken": "eyJ4Ijo5MDAwMDAwMDAwMDAwLCJzIjoxfQ"}, 400, 11),
+        ({"resumeToken": "eyJ4Ijo5MDAwMDAwMDAwMDAwLCJzIjoxfQ"}, 400, 3),
         ({"status": "settled"}, 400, 3),
         ({"nope": "1"}, 400, 3),
     ):

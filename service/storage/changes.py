@@ -13,7 +13,7 @@ from datetime import datetime
 
 import asyncpg
 
-from service.domain import Change, ChangeKind, FeedPosition, Invoice, OutOfRange, User, WatchFilter
+from service.domain import Change, ChangeKind, FeedPosition, InvalidArgument, Invoice, OutOfRange, User, WatchFilter
 from service.storage.pool import CONNECTION_ERRORS, Pooled
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ _CHANGE = (
 # Everything after `after` written by transactions older than this statement's snapshot's
 # xmin: all of those have finished, so nothing can still commit below the answer's end.
 _READ = f"""
-    SELECT s.xmin, c.* FROM (SELECT {_XMIN} AS xmin) AS s LEFT JOIN LATERAL (
+    SELECT s.xmin, s.xmax, c.* FROM (SELECT {_XMIN} AS xmin, {_XMAX} AS xmax) AS s LEFT JOIN LATERAL (
         SELECT {_CHANGE} FROM invoice_changes WHERE (xact, seq) > ($1, $2) AND xact < s.xmin
         ORDER BY xact, seq LIMIT $3) AS c ON true"""  # noqa: S608 - constants
 _FILTERS = {
@@ -81,17 +81,19 @@ class ChangeFeed(Pooled):
     async def read_changes(self, after: FeedPosition, limit: int) -> tuple[list[Change], FeedPosition]:
         """Up to `limit` changes after `after`, in order, and the position the answer
         reaches: the last change's when `limit` cut it short, else the snapshot's xmin,
-        below which nothing can appear any more."""
+        below which nothing can appear any more. OUT_OF_RANGE if `after` is past the
+        database's newest transaction (it failed over to one behind it)."""
         async with self._connection() as conn:
             rows = await conn.fetch(_READ, after.xact, after.seq, limit)
+        if after.xact > rows[0]["xmax"]:
+            raise OutOfRange(f"position {after} is past the database's next transaction {rows[0]['xmax']}")
         changes = [_change(r) for r in rows if r["seq"] is not None]
         reached = changes[-1].position if len(changes) == limit else FeedPosition(rows[0]["xmin"], 0)
         return changes, max(reached, after)
 
     async def check_resumable(self, after: FeedPosition) -> None:
-        """OUT_OF_RANGE unless every change after `after` is still kept and `after` is a
-        position of this feed (not past its newest transaction: a token of another
-        database, or of one restored from an older backup)."""
+        """OUT_OF_RANGE unless every change after `after` is still kept; INVALID_ARGUMENT
+        if `after` is past the feed's newest transaction (no token of this feed can be)."""
         async with self._connection() as conn:
             row = await conn.fetchrow(_BOUNDS)
         if row is None:
@@ -99,9 +101,10 @@ class ChangeFeed(Pooled):
         if after < FeedPosition(row["xact"], row["seq"]):
             raise OutOfRange(_GONE)
         if after.xact > row["xmax"]:
-            raise OutOfRange(
-                "resume_token: it is ahead of this feed (a token of another database, or of one restored from a"
-                " backup since); list, then watch again from now"
+            raise InvalidArgument(
+                "resume_token",
+                "not a token of this feed: it is ahead of its newest change (another database's, or from before"
+                " this one was restored from a backup); list, then watch again from now",
             )
 
     async def replay_changes(

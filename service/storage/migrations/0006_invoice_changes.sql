@@ -30,6 +30,8 @@ CREATE TABLE invoice_changes (
 );
 
 CREATE INDEX invoice_changes_position ON invoice_changes (xact, seq);
+-- The trigger's order check, and a watch of one invoice.
+CREATE INDEX invoice_changes_record ON invoice_changes (id, xact);
 -- Pruning finds the changes older than the retention by time.
 CREATE INDEX invoice_changes_changed_at ON invoice_changes (changed_at);
 
@@ -42,10 +44,17 @@ CREATE TABLE invoice_changes_horizon (
 );
 INSERT INTO invoice_changes_horizon (xact, seq) VALUES (0, 0);
 
--- Only what a caller can see: an UPDATE that leaves every column as it was (none does
--- today) is not a change. The NOTIFY is a wake-up for the readers that LISTEN; it carries
--- nothing, Postgres folds a transaction's identical notifications into one and delivers it
--- at commit, and a reader that cannot LISTEN (behind PgBouncer) polls instead.
+-- Only what a caller can see: an UPDATE that leaves every column as it was is not a change.
+-- The NOTIFY is a wake-up for the readers that LISTEN; it carries nothing, Postgres folds a
+-- transaction's identical notifications into one and delivers it at commit, and a reader
+-- that cannot LISTEN (behind PgBouncer) polls instead.
+--
+-- The feed is in transaction-id order, so two changes to one record reach watchers in the
+-- order they were made only if the later one's transaction has the higher id. The store's
+-- writers make sure of it (they take the invoice's advisory lock before their first write,
+-- so before they have an id); a writer that does not (an operator's SQL, a backfill) and
+-- would change a record after a younger transaction did is refused with a serialization
+-- failure, to retry, rather than leave watchers with a stale record.
 CREATE FUNCTION invoice_changes_record() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     r invoices%ROWTYPE;
@@ -54,6 +63,11 @@ BEGIN
         r := OLD;
     ELSE
         r := NEW;
+    END IF;
+    IF EXISTS (SELECT 1 FROM invoice_changes
+               WHERE id = r.id AND xact > pg_current_xact_id()::text::bigint) THEN
+        RAISE EXCEPTION 'invoice % was changed by a younger transaction; retry this one', r.id
+            USING ERRCODE = 'serialization_failure';
     END IF;
     INSERT INTO invoice_changes (kind, id, stripe_invoice_id, user_id, user_name, status, amount, currency,
                                  invoice_pdf, created_at, updated_at)
