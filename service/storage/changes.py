@@ -18,8 +18,9 @@ from service.storage.pool import CONNECTION_ERRORS, Pooled
 
 log = logging.getLogger(__name__)
 
-# The trigger's NOTIFY channel (migration 0006).
+# The trigger's NOTIFY channel, and the trigger that feeds new records (migration 0006).
 CHANNEL = "invoice_changes"
+INSERT_TRIGGER = "invoices_changes_insert"
 # How often the LISTEN connection is checked with a statement.
 LISTEN_CHECK_S = 30.0
 _LISTEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
