@@ -172,8 +172,8 @@ class Edge:
                 await admit(context, metadata)
                 streams.inc()
                 try:
-                    # Closed here, not whenever the collector gets to it: its cleanup (a watch
-                    # leaving the hand-out) runs when the stream ends.
+                    # Closed here, not whenever the collector gets to it: its cleanup runs
+                    # when the stream ends.
                     async with contextlib.aclosing(behavior(request, context)) as messages:
                         async for message in messages:
                             yield message

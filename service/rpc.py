@@ -3,7 +3,8 @@ It knows no SQL and no status codes; domain errors are mapped at the edge (servi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -32,7 +33,7 @@ class InvoiceStore(Protocol):
 
 
 class Watcher(Protocol):
-    def watch(self, after: FeedPosition | None, match: WatchFilter) -> AsyncIterator[Change]: ...
+    def watch(self, after: FeedPosition | None, match: WatchFilter) -> AsyncGenerator[Change, None]: ...
 
 
 class Creator(Protocol):
@@ -192,5 +193,7 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         after = pagetoken.decode_position(request.resume_token) if request.resume_token else None
         if self._watches is None:
             raise NotImplementedError("this server was built without a change feed")
-        async for change in self._watches.watch(after, match):
-            yield invoice_event(change, self._default_currency)
+        # Closed when this stream ends, so the watch leaves the hand-out at once.
+        async with contextlib.aclosing(self._watches.watch(after, match)) as changes:
+            async for change in changes:
+                yield invoice_event(change, self._default_currency)

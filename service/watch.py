@@ -45,9 +45,6 @@ RETRY_S = 1.0
 SLOW_GRACE_S = 1.0
 # The longest pause between two attempts to LISTEN while Postgres stays away.
 LISTEN_BACKOFF_MAX_S = 30.0
-# How long a watch ended as too slow may stay blocked writing to a caller that reads
-# nothing before its handler is cancelled (the caller then sees CANCELLED, if anything).
-STUCK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,7 @@ SHUTTING_DOWN = "the server is shutting down; resume with the last resume_token 
 class _Watch:
     """One open watch in the live hand-out: its filter, its buffer, and why it ended."""
 
-    __slots__ = ("capacity", "ended", "match", "pending", "skip_through", "task", "wake")
+    __slots__ = ("capacity", "ended", "match", "pending", "skip_through", "wake")
 
     def __init__(self, match: WatchFilter, skip_through: FeedPosition, capacity: int) -> None:
         self.match = match
@@ -98,8 +95,6 @@ class _Watch:
         self.pending: deque[Change] = deque()
         self.ended: DomainError | None = None
         self.wake = asyncio.Event()
-        # The handler serving this watch, cancelled if it stays stuck after being ended.
-        self.task = asyncio.current_task()
 
     def offer(self, change: Change) -> bool:
         """Buffers the change if it is one for this watch; False if the buffer is full."""
@@ -271,12 +266,11 @@ class Watches:
                     self._too_slow(watch)
 
     def _too_slow(self, watch: _Watch) -> None:
+        # A caller that reads again gets what its stream had buffered, then RESOURCE_EXHAUSTED.
+        # One that never reads again keeps its stream (and its place under MAX_STREAMS) until
+        # it goes away: cancelling the handler would leave it without any status at all.
         watch.end(ResourceExhausted(TOO_SLOW.format(watch.capacity)))
         self._live.discard(watch)
-        # A caller that reads again gets its buffered changes and then RESOURCE_EXHAUSTED;
-        # one that never does would hold its handler in a write for ever.
-        if watch.task is not None:
-            asyncio.get_running_loop().call_later(STUCK_S, watch.task.cancel)
 
     async def _room(self, batch: int) -> None:
         """Until every watch has room for `batch` more changes: a watch that keeps up

@@ -141,6 +141,13 @@ async def test_a_resumed_watch_gets_exactly_what_came_after_its_token(
     assert live.invoice.invoice_id == "in_resume9"
     assert resumed.events.empty()
 
+    # A replay narrowed to one invoice, named by either id.
+    record = await stub.GetInvoice(pb.GetInvoiceRequest(id="in_resume0"), metadata=AUTH)
+    for name in ("in_resume0", record.id):
+        narrowed, _ = await _open(stub, watch, resume_token=third.resume_token, invoice_id=name)
+        (only,) = await narrowed.changes(1)
+        assert (only.invoice.invoice_id, only.invoice.status) == ("in_resume0", "paid")
+
 
 async def test_a_change_that_commits_after_a_later_one_is_not_skipped(
     stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, database: str, watch: list[Watcher]

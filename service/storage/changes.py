@@ -36,11 +36,13 @@ _READ = f"""
     SELECT s.xmin, s.xmax, c.* FROM (SELECT {_XMIN} AS xmin, {_XMAX} AS xmax) AS s LEFT JOIN LATERAL (
         SELECT {_CHANGE} FROM invoice_changes WHERE (xact, seq) > ($1, $2) AND xact < s.xmin
         ORDER BY xact, seq LIMIT $3) AS c ON true"""  # noqa: S608 - constants
+# A watch of one invoice names it by the service's id or Stripe's (`in_...`): one column each.
 _FILTERS = {
-    "invoice_id": "(id = ${0} OR stripe_invoice_id = ${0})",
     "user_id": "user_id = ${0}",
     "status": "status = ${0}",
 }
+_BY_RECORD_ID = "id = ${0}"
+_BY_STRIPE_ID = "stripe_invoice_id = ${0}"
 _BOUNDS = f"SELECT h.xact, h.seq, {_XMAX} AS xmax FROM invoice_changes_horizon AS h"  # noqa: S608 - constants
 _PRUNE = """
     DELETE FROM invoice_changes WHERE seq IN (
@@ -115,7 +117,10 @@ class ChangeFeed(Pooled):
         if pruning has removed some after `after` (read in the same snapshot)."""
         args: list[object] = [after.xact, after.seq, upto.xact, upto.seq]
         where = ["(xact, seq) > ($1, $2)", "(xact, seq) <= ($3, $4)"]
-        for name, fragment in _FILTERS.items():
+        fragments = dict(_FILTERS)
+        if match.invoice_id is not None:
+            fragments["invoice_id"] = _BY_STRIPE_ID if match.invoice_id.startswith("in_") else _BY_RECORD_ID
+        for name, fragment in fragments.items():
             value = getattr(match, name)
             if value is not None:
                 args.append(value)
