@@ -34,7 +34,7 @@ from service.domain import Cursor, Filters, Outcome, new_record_id
 from service.storage import changes
 from service.storage.postgres import RECORD_COLUMNS
 from service.validation import DEFAULT_MAX_OFFSET
-from tools.stack import ROOT, Part, backend, local_env, start_python, wait_until_routed
+from tools.stack import ROOT, Part, backend, free_port, local_env, start_python, wait_until_routed
 
 API_KEY = "bench-admin-key"
 SECRET = "whsec_bench"  # noqa: S105 - a local benchmark's own secret
@@ -44,6 +44,7 @@ DEEP_PAGE = 20_000
 CEILING = "framework ceiling (bare grpc.aio)"
 GET = "GetInvoice gRPC"
 REST_GET = "GET /invoices/{id} via Envoy"
+PEER_GET = "GET /invoices/{id}, FastAPI peer"
 PAGE_1 = "ListInvoices page 1 + count"
 PROXY_CEILING = "proxy ceiling (Envoy direct)"
 GET_4_PROCS = "GetInvoice gRPC, 4 client procs"
@@ -240,11 +241,19 @@ def main() -> None:
     dsn = embedded.start(work / "pg", temporary=True)
     data = asyncio.run(load(dsn, n))
     print(f"loaded {n:,} invoices in {data['load_s']} s", flush=True)
-    env = local_env(data["url"], work, api_keys=API_KEY, webhook_secrets=SECRET, LOG_LEVEL="WARNING")
+    # The default configuration, as deployed: INFO logs (a line per RPC), metrics on.
+    env = local_env(data["url"], work, api_keys=API_KEY, webhook_secrets=SECRET)
     log = (work / "stack.log").open("w")
     results: list[dict[str, Any]] = []
     ceiling, ceiling_ports = start_python("ceiling", ["-m", "bench.ceiling"], env, log=log)
-    with _stopped_after(ceiling), backend(env, work, log=log, edit_config=_proxy_ceiling_route) as running:
+    peer_port = free_port()
+    peer_args = ["-m", "bench.peer", "--dsn", data["url"], "--port", str(peer_port), "--api-keys", API_KEY]
+    peer, _ = start_python("peer", peer_args, env, log=log)
+    with (
+        _stopped_after(ceiling),
+        _stopped_after(peer),
+        backend(env, work, log=log, edit_config=_proxy_ceiling_route) as running,
+    ):
         service, webhooks, envoy = running.parts
         base = f"http://127.0.0.1:{running.gateway_port}"
         wait_until_routed(base, API_KEY)
@@ -276,6 +285,12 @@ def main() -> None:
             ),
             (GET, "bench.load gRPC x2", lambda: _grpc_load(direct, "get", seconds, 2, ids=ids), pid),
             (REST_GET, "wrk -t2 -c32", lambda: _wrk(f"{base}/admin/api/invoices/{some_id}", seconds, 32), pid),
+            (
+                PEER_GET,
+                "wrk -t2 -c32",
+                lambda: _wrk(f"http://127.0.0.1:{peer_port}/admin/api/invoices/{some_id}", seconds, 32),
+                peer.process.pid,
+            ),
             (PAGE_1, "bench.load gRPC x2", lambda: _grpc_load(direct, "list", seconds, 2), pid),
         ]
         for round_ in range(rounds):
@@ -383,6 +398,7 @@ def _paired(results: list[dict[str, Any]], a: str, b: str, figure: str) -> list[
 def report(results: list[dict[str, Any]], data: dict[str, Any], machine: dict[str, Any], n: int, out_dir: Path) -> None:
     paired = {
         "REST get / gRPC get throughput (>= 0.8)": _paired(results, REST_GET, GET, "rps"),
+        "REST get via Envoy / FastAPI peer throughput (>= 1.0)": _paired(results, REST_GET, PEER_GET, "rps"),
         "gRPC get / framework ceiling throughput (>= 0.7)": _paired(results, GET, CEILING, "rps"),
         "list page 1 p50 / get p50 (<= 2)": _paired(results, PAGE_1, GET, "p50_ms"),
     }
