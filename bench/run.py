@@ -50,6 +50,9 @@ PROXY_CEILING = "proxy ceiling (Envoy direct)"
 GET_4_PROCS = "GetInvoice gRPC, 4 client procs"
 WEBHOOKS = "webhooks via Envoy (30% dup)"
 PAGE_SIZE = 20
+# Webhook deliveries per second while watchers are measured: a steady trickle, so each
+# delay is one change's, not a queue's.
+WATCH_RATE = 10.0
 # Deeper numbered pages are refused (LIST_MAX_OFFSET): the deepest one served is measured.
 DEEPEST_NUMBERED = DEFAULT_MAX_OFFSET // PAGE_SIZE + 1
 DEEP_TOKEN = f"ListInvoices page {DEEP_PAGE:,} (token)"
@@ -229,6 +232,8 @@ def main() -> None:
     seconds = _env("BENCH_SECONDS", 10)
     hooks = int(_env("BENCH_WEBHOOK_INVOICES", 2000))
     rounds = int(_env("BENCH_ROUNDS", 3))
+    watcher_counts = [int(w) for w in os.environ.get("BENCH_WATCHERS", "1,1000").split(",")]
+    watch_events = int(_env("BENCH_WATCH_EVENTS", 100))
     if rounds < 1:
         raise SystemExit("BENCH_ROUNDS must be at least 1")
     out_dir = Path(os.environ.get("BENCH_RESULTS", ROOT / "results"))
@@ -337,8 +342,19 @@ def main() -> None:
 
         case(WEBHOOKS, "bench.webhook_load x2", webhooks_case, webhooks.process.pid)
         results[-1] |= asyncio.run(_webhook_rows(data["url"], hooks, running.webhook_port))
+        watch_args = [sys.executable, "-m", "bench.watch_delay", "--grpc", direct, "--api-key", API_KEY]
+        watch_args += ["--webhook-url", f"{base}/webhooks/stripe", "--secret", SECRET]
+        watch_args += ["--events", str(watch_events), "--rate", str(WATCH_RATE)]
+        watches = []
+        for watchers in watcher_counts:
+            with PeakRss(pid) as rss:
+                argv = [*watch_args, "--watchers", str(watchers)]
+                out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+            figures = json.loads(out.strip().splitlines()[-1])
+            watches.append(figures | {"server_peak_rss_mb": round(rss.peak / 2**20, 1)})
+            print(f"  watch, {watchers} watchers: {watches[-1]}", flush=True)
     log.close()
-    report(results, data, machine, n, out_dir)
+    report(results, data, machine, n, out_dir, watches)
 
 
 async def _webhook_rows(url: str, invoices: int, webhook_port: int) -> dict[str, Any]:
@@ -395,7 +411,14 @@ def _paired(results: list[dict[str, Any]], a: str, b: str, figure: str) -> list[
     return [value[a, k] / value[b, k] for k in rounds]
 
 
-def report(results: list[dict[str, Any]], data: dict[str, Any], machine: dict[str, Any], n: int, out_dir: Path) -> None:
+def report(
+    results: list[dict[str, Any]],
+    data: dict[str, Any],
+    machine: dict[str, Any],
+    n: int,
+    out_dir: Path,
+    watches: list[dict[str, Any]],
+) -> None:
     paired = {
         "REST get / gRPC get throughput (>= 0.8)": _paired(results, REST_GET, GET, "rps"),
         "REST get via Envoy / FastAPI peer throughput (>= 1.0)": _paired(results, REST_GET, PEER_GET, "rps"),
@@ -409,7 +432,7 @@ def report(results: list[dict[str, Any]], data: dict[str, Any], machine: dict[st
     get, page1 = by[GET], by[PAGE_1]
     deep = by[DEEP_TOKEN]
     hooks = by[WEBHOOKS]
-    ratios: dict[str, float] = {key: round(statistics.median(values), 2) for key, values in paired.items()}
+    ratios: dict[str, float | str] = {key: round(statistics.median(values), 2) for key, values in paired.items()}
     ratios |= {
         "deep token page p50 / page 1 p50 (<= 1.5)": round(deep["p50_ms"] / page1["p50_ms"], 2),
         "webhook events/s (>= 500)": hooks["rps"],
@@ -418,6 +441,9 @@ def report(results: list[dict[str, Any]], data: dict[str, Any], machine: dict[st
             by[GET_4_PROCS]["rps"] / get["rps"], 2
         ),
     }
+    for w in watches:
+        ratios[f"watch delay p50 / p99 ms, {w['watchers']} watchers"] = f"{w['delay_p50_ms']} / {w['delay_p99_ms']}"
+        ratios[f"server peak RSS MB, {w['watchers']} watchers (<= 200)"] = w["server_peak_rss_mb"]
     per_round = {key: [round(v, 2) for v in values] for key, values in paired.items()}
     stamp = datetime.now(UTC)
     document = {
@@ -427,6 +453,7 @@ def report(results: list[dict[str, Any]], data: dict[str, Any], machine: dict[st
         "load_s": data["load_s"],
     }
     document |= {"results": results, "ratios": ratios, "ratios_per_round": per_round, "plans": data["plans"]}
+    document["watches"] = watches
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"bench-{stamp:%Y%m%d-%H%M%S}"
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=2, default=str))
