@@ -34,7 +34,17 @@ from service.domain import Cursor, Filters, Outcome, new_record_id
 from service.storage import changes
 from service.storage.postgres import RECORD_COLUMNS
 from service.validation import DEFAULT_MAX_OFFSET
-from tools.stack import ROOT, Part, backend, free_port, local_env, start_python, wait_until_routed
+from tools.stack import (
+    LOCALSTRIPE_KEY,
+    ROOT,
+    Part,
+    backend,
+    free_port,
+    local_env,
+    start_localstripe,
+    start_python,
+    wait_until_routed,
+)
 
 API_KEY = "bench-admin-key"
 SECRET = "whsec_bench"  # noqa: S105 - a local benchmark's own secret
@@ -234,6 +244,7 @@ def main() -> None:
     rounds = int(_env("BENCH_ROUNDS", 3))
     watcher_counts = [int(w) for w in os.environ.get("BENCH_WATCHERS", "1,1000").split(",")]
     watch_events = int(_env("BENCH_WATCH_EVENTS", 100))
+    creates = int(_env("BENCH_CREATES", 20))
     if rounds < 1:
         raise SystemExit("BENCH_ROUNDS must be at least 1")
     out_dir = Path(os.environ.get("BENCH_RESULTS", ROOT / "results"))
@@ -246,15 +257,27 @@ def main() -> None:
     dsn = embedded.start(work / "pg", temporary=True)
     data = asyncio.run(load(dsn, n))
     print(f"loaded {n:,} invoices in {data['load_s']} s", flush=True)
-    # The default configuration, as deployed: INFO logs (a line per RPC), metrics on.
-    env = local_env(data["url"], work, api_keys=API_KEY, webhook_secrets=SECRET)
     log = (work / "stack.log").open("w")
+    # Creates go to the Stripe emulator (the case that measures what a Create costs).
+    stripe_port = free_port()
+    emulator = start_localstripe(stripe_port, fresh=True, log=log)
+    stripe_url = f"http://127.0.0.1:{stripe_port}"
+    # The default configuration, as deployed: INFO logs (a line per RPC), metrics on.
+    env = local_env(
+        data["url"],
+        work,
+        api_keys=API_KEY,
+        webhook_secrets=SECRET,
+        STRIPE_API_KEY=LOCALSTRIPE_KEY,
+        STRIPE_API_BASE=stripe_url,
+    )
     results: list[dict[str, Any]] = []
     ceiling, ceiling_ports = start_python("ceiling", ["-m", "bench.ceiling"], env, log=log)
     peer_port = free_port()
     peer_args = ["-m", "bench.peer", "--dsn", data["url"], "--port", str(peer_port), "--api-keys", API_KEY]
     peer, _ = start_python("peer", peer_args, env, log=log)
     with (
+        _stopped_after(emulator),
         _stopped_after(ceiling),
         _stopped_after(peer),
         backend(env, work, log=log, edit_config=_proxy_ceiling_route) as running,
@@ -353,8 +376,13 @@ def main() -> None:
             figures = json.loads(out.strip().splitlines()[-1])
             watches.append(figures | {"server_peak_rss_mb": round(rss.peak / 2**20, 1)})
             print(f"  watch, {watchers} watchers: {watches[-1]}", flush=True)
+        cost_args = [sys.executable, "-m", "bench.create_cost", "--grpc", direct, "--api-key", API_KEY]
+        cost_args += ["--stripe", stripe_url, "--creates", str(creates)]
+        out = subprocess.run(cost_args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        create_costs = json.loads(out.strip().splitlines()[-1])
+        print(f"  creates: {create_costs}", flush=True)
     log.close()
-    report(results, data, machine, n, out_dir, watches)
+    report(results, data, machine, n, out_dir, watches, create_costs)
 
 
 async def _webhook_rows(url: str, invoices: int, webhook_port: int) -> dict[str, Any]:
@@ -418,6 +446,7 @@ def report(
     n: int,
     out_dir: Path,
     watches: list[dict[str, Any]],
+    creates: list[dict[str, Any]],
 ) -> None:
     paired = {
         "REST get / gRPC get throughput (>= 0.8)": _paired(results, REST_GET, GET, "rps"),
@@ -441,6 +470,9 @@ def report(
             by[GET_4_PROCS]["rps"] / get["rps"], 2
         ),
     }
+    for c in creates:
+        ratios[f"Stripe calls per Create, {c['items']} items (4)"] = c["stripe_calls_per_create"]
+        ratios[f"Create p50 / p99 ms, {c['items']} items"] = f"{c['p50_ms']} / {c['p99_ms']}"
     for w in watches:
         ratios[f"watch delay p50 / p99 ms, {w['watchers']} watchers"] = f"{w['delay_p50_ms']} / {w['delay_p99_ms']}"
         ratios[f"server peak RSS MB, {w['watchers']} watchers (<= 200)"] = w["server_peak_rss_mb"]
@@ -453,7 +485,7 @@ def report(
         "load_s": data["load_s"],
     }
     document |= {"results": results, "ratios": ratios, "ratios_per_round": per_round, "plans": data["plans"]}
-    document["watches"] = watches
+    document |= {"watches": watches, "creates": creates}
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"bench-{stamp:%Y%m%d-%H%M%S}"
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=2, default=str))

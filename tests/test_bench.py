@@ -20,7 +20,7 @@ from tools.stack import ROOT, free_port, start_python
 def test_the_benchmark_runs_every_case_and_writes_its_results(tmp_path: Path) -> None:
     env = {**os.environ, "BENCH_INVOICES": "2000", "BENCH_SECONDS": "1", "BENCH_WEBHOOK_INVOICES": "60"}
     env["BENCH_ROUNDS"] = "2"
-    env |= {"BENCH_WATCHERS": "1,20", "BENCH_WATCH_EVENTS": "10"}
+    env |= {"BENCH_WATCHERS": "1,20", "BENCH_WATCH_EVENTS": "10", "BENCH_CREATES": "2"}
     env["BENCH_RESULTS"] = str(tmp_path)
     run = subprocess.run([sys.executable, "-m", "bench.run"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -33,7 +33,8 @@ def test_the_benchmark_runs_every_case_and_writes_its_results(tmp_path: Path) ->
     assert webhooks["nothing_lost_or_doubled"] is True
     assert "Index" in document["plans"]["deep page_token"]
     assert "ratios (paired cases" in run.stdout
-    # Every watcher saw every change.
+    # A Create is 4 Stripe calls however many items it has (#11), and every watcher saw every change.
+    assert [(c["items"], c["stripe_calls_per_create"]) for c in document["creates"]] == [(1, 4), (10, 4), (100, 4)]
     assert [(w["watchers"], w["received"] == w["expected"]) for w in document["watches"]] == [(1, True), (20, True)]
     # The compared cases ran in both rounds, and each ratio is the median of its rounds'.
     assert [len(r.get("rounds", [])) for r in document["results"]].count(2) == 5
