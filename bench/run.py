@@ -30,9 +30,9 @@ from bench.ceiling import CONSTANT
 from bench.webhook_load import lifecycle
 from chaos.storm import doubling, event_applications
 from service import embedded, pagetoken, storage
-from service.domain import Cursor, Filters, Outcome, new_record_id
+from service.domain import Cursor, FeedPosition, Filters, Outcome, Page, new_record_id
 from service.storage import changes
-from service.storage.postgres import RECORD_COLUMNS
+from service.storage.postgres import GET_BY_ID, RECORD_COLUMNS, list_query
 from service.validation import DEFAULT_MAX_OFFSET
 from tools.stack import (
     LOCALSTRIPE_KEY,
@@ -111,27 +111,27 @@ async def load(dsn: str, n: int) -> dict[str, Any]:
             DEEP_PAGE * PAGE_SIZE - PAGE_SIZE - 1,
         )
         user = await conn.fetchval("SELECT user_id FROM invoices LIMIT 1")
-        plans = {name: await _plan(conn, sql, *args) for name, (sql, args) in _explained(deep, user).items()}
+        explained = _explained(deep, user, ids[0]).items()
+        plans = {name: await _plan(conn, sql, *args) for name, (sql, args) in explained}
     await pool.close()
     token = pagetoken.encode(Cursor(deep["created_at"], deep["id"]), Filters()) if deep else ""
     return {"url": url, "ids": ids, "token": token, "load_s": round(time.monotonic() - started, 1), "plans": plans}
 
 
-def _explained(deep: Any, user: str) -> dict[str, tuple[str, list[Any]]]:
-    cols = "SELECT " + ", ".join(RECORD_COLUMNS)
-    order = "ORDER BY created_at DESC, id DESC LIMIT 21"
-    after = [deep["created_at"], deep["id"]] if deep else [datetime.now(UTC), ""]
+def _explained(deep: Any, user: str, some_id: str) -> dict[str, tuple[str, list[Any]]]:
+    """The statements the store runs, taken from it, with the arguments of each case."""
+    after = Cursor(deep["created_at"], deep["id"]) if deep else Cursor(datetime.now(UTC), "0" * 24)
+    year_ago = datetime.now(UTC) - timedelta(days=365)
+    feed_head = FeedPosition(2**62, 0)  # past every change: the reader's idle read
     return {
-        "page 1": (f"{cols} FROM invoices {order}", []),
-        "count": ("SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts", []),
-        "deep page_token": (f"{cols} FROM invoices WHERE (created_at, id) < ($1, $2) {order}", after),
-        "deepest page/limit": (f"{cols} FROM invoices {order} OFFSET {(DEEPEST_NUMBERED - 1) * PAGE_SIZE}", []),
-        "status filter": (f"{cols} FROM invoices WHERE status = $1 {order}", ["uncollectible"]),
-        "user filter": (f"{cols} FROM invoices WHERE user_id = $1 {order}", [user]),
-        "created filter": (
-            f"{cols} FROM invoices WHERE created_at < $1 {order}",
-            [datetime.now(UTC) - timedelta(days=365)],
-        ),
+        "page 1": list_query(Page(1, PAGE_SIZE, keyset=True)),
+        "deep page_token": list_query(Page(1, PAGE_SIZE, after=after, keyset=True)),
+        "deepest page/limit": list_query(Page(DEEPEST_NUMBERED, PAGE_SIZE)),
+        "status filter": list_query(Page(1, PAGE_SIZE, Filters(status="uncollectible"), keyset=True)),
+        "user filter": list_query(Page(1, PAGE_SIZE, Filters(user_id=user), keyset=True)),
+        "created filter": list_query(Page(1, PAGE_SIZE, Filters(created_before=year_ago), keyset=True)),
+        "get by id": (GET_BY_ID, [some_id]),
+        "change feed read": (changes.READ_CHANGES, [feed_head.xact, feed_head.seq, 500]),
     }
 
 
@@ -464,7 +464,7 @@ def report(
     ratios: dict[str, float | str] = {key: round(statistics.median(values), 2) for key, values in paired.items()}
     ratios |= {
         "deep token page p50 / page 1 p50 (<= 1.5)": round(deep["p50_ms"] / page1["p50_ms"], 2),
-        "webhook events/s (>= 500)": hooks["rps"],
+        "webhook events/s (>= 1000)": hooks["rps"],
         "server peak RSS MB (<= 200)": peak_rss,  # over every round
         "client check: 4 procs / 2 procs get rps (~1 = client not the bottleneck)": round(
             by[GET_4_PROCS]["rps"] / get["rps"], 2

@@ -32,7 +32,7 @@ _CHANGE = (
 )
 # Everything after `after` written by transactions older than this statement's snapshot's
 # xmin: all of those have finished, so nothing can still commit below the answer's end.
-_READ = f"""
+READ_CHANGES = f"""
     SELECT s.xmin, s.xmax, c.* FROM (SELECT {_XMIN} AS xmin, {_XMAX} AS xmax) AS s LEFT JOIN LATERAL (
         SELECT {_CHANGE} FROM invoice_changes WHERE (xact, seq) > ($1, $2) AND xact < s.xmin
         ORDER BY xact, seq LIMIT $3) AS c ON true"""  # noqa: S608 - constants
@@ -87,7 +87,7 @@ class ChangeFeed(Pooled):
         below which nothing can appear any more. OUT_OF_RANGE if `after` is past the
         database's newest transaction (it failed over to one behind it)."""
         async with self._connection() as conn:
-            rows = await conn.fetch(_READ, after.xact, after.seq, limit)
+            rows = await conn.fetch(READ_CHANGES, after.xact, after.seq, limit)
         if after.xact > rows[0]["xmax"]:
             raise OutOfRange(f"position {after} is past the database's next transaction {rows[0]['xmax']}")
         changes = [_change(r) for r in rows if r["seq"] is not None]

@@ -57,8 +57,8 @@ _FILTERS = {
 _AFTER = "(created_at, id) < (${}, ${})"
 _COUNT_ALL = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts"
 _COUNT_STATUS = "SELECT coalesce(sum(n), 0)::bigint FROM invoice_counts WHERE status = $1"
-_GET_BY_ID = f"{_SELECT} FROM invoices WHERE id = $1"
-_GET_BY_STRIPE_ID = f"{_SELECT} FROM invoices WHERE stripe_invoice_id = $1"
+GET_BY_ID = f"{_SELECT} FROM invoices WHERE id = $1"
+GET_BY_STRIPE_ID = f"{_SELECT} FROM invoices WHERE stripe_invoice_id = $1"
 
 # Events of one invoice are applied one at a time, under a transaction-scoped advisory lock
 # on its Stripe id (two-key form, its own key space; a hash collision only serializes two
@@ -123,6 +123,22 @@ def _clause(where: list[str]) -> str:
     return f" WHERE {' AND '.join(where)}" if where else ""
 
 
+def list_query(page: Page) -> tuple[str, list[object]]:
+    """The one statement of a list page and its arguments (make bench explains it too)."""
+    where, args = _where(page.filters)
+    count_sql = f"SELECT count(*) FROM invoices{_clause(where)}"  # noqa: S608 - constant fragments
+    if page.filters.user_id is None and page.filters.created_after is None and page.filters.created_before is None:
+        count_sql = _COUNT_STATUS if page.filters.status else _COUNT_ALL
+    if page.after is not None:
+        args += [page.after.created_at, page.after.id]
+        where = [*where, _AFTER.format(len(args) - 1, len(args))]
+    args += [page.limit + 1, page.offset]
+    n = len(args)
+    rows_sql = f"{_SELECT} FROM invoices{_clause(where)} {_ORDER} LIMIT ${n - 1} OFFSET ${n}"
+    sql = f"SELECT t.total, r.* FROM ({count_sql}) AS t(total) LEFT JOIN LATERAL ({rows_sql}) AS r ON true"  # noqa: S608 - constant fragments, values are $n
+    return sql, args
+
+
 class Storage(CreateRequests, ChangeFeed):
     """Invoice records and the Stripe events applied to them (and, inherited, the Create
     idempotency keys and the change feed), over one pool."""
@@ -139,17 +155,7 @@ class Storage(CreateRequests, ChangeFeed):
         """One page and the matching total in one statement, so one snapshot (they agree)
         and one round trip. The total comes from the counters unless the filters need
         rows (user, time); the page's rows join it, so a page past the end still has it."""
-        where, args = _where(page.filters)
-        count_sql = f"SELECT count(*) FROM invoices{_clause(where)}"  # noqa: S608 - constant fragments
-        if page.filters.user_id is None and page.filters.created_after is None and page.filters.created_before is None:
-            count_sql = _COUNT_STATUS if page.filters.status else _COUNT_ALL
-        if page.after is not None:
-            args += [page.after.created_at, page.after.id]
-            where = [*where, _AFTER.format(len(args) - 1, len(args))]
-        args += [page.limit + 1, page.offset]
-        n = len(args)
-        rows_sql = f"{_SELECT} FROM invoices{_clause(where)} {_ORDER} LIMIT ${n - 1} OFFSET ${n}"
-        sql = f"SELECT t.total, r.* FROM ({count_sql}) AS t(total) LEFT JOIN LATERAL ({rows_sql}) AS r ON true"  # noqa: S608 - constant fragments, values are $n
+        sql, args = list_query(page)
         async with self._connection() as conn:
             rows = await conn.fetch(sql, *args)
         total = rows[0]["total"]
@@ -161,7 +167,7 @@ class Storage(CreateRequests, ChangeFeed):
 
     async def get_invoice(self, key: str) -> Invoice:
         """Finds an invoice by the service's id or, for `in_...` keys, by Stripe's id."""
-        query = _GET_BY_STRIPE_ID if key.startswith("in_") else _GET_BY_ID
+        query = GET_BY_STRIPE_ID if key.startswith("in_") else GET_BY_ID
         async with self._connection() as conn:
             row = await conn.fetchrow(query, key)
         if row is None:
@@ -176,7 +182,7 @@ class Storage(CreateRequests, ChangeFeed):
             async with self._connection() as conn, conn.transaction(isolation="read_committed"):
                 await conn.execute(_LOCK_INVOICE, key)
                 await self._apply(conn, invoice, stripe_time, deleted=False)
-                row = await conn.fetchrow(_GET_BY_STRIPE_ID, key)
+                row = await conn.fetchrow(GET_BY_STRIPE_ID, key)
         if row is None:
             raise NotFound(f"invoice {key} was deleted in Stripe")
         return invoice_of(row)
