@@ -12,6 +12,7 @@ one per RPC). Benchmark only: nothing of the service imports it.
 from __future__ import annotations
 
 import argparse
+import copy
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -92,7 +93,11 @@ def main() -> None:
     parser.add_argument("--api-keys", required=True)
     args = parser.parse_args()
     app = create_app(args.dsn, args.api_keys.split(","), args.port)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, workers=1)
+    # uvicorn's own logging, access log included, but on stderr as the service logs: stdout
+    # is the launcher's, which relays it line by line (a cost the service does not pay).
+    logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    logging_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    uvicorn.run(app, host="127.0.0.1", port=args.port, workers=1, log_config=logging_config)
 
 
 if __name__ == "__main__":

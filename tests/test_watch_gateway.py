@@ -6,30 +6,44 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import stripe
 
+from gateway.render import render
+from service.app import start_grpc
+from service.config import Settings
 from service.domain import StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
-from tests.helpers import AUTH, REQUEST, Stack
-from tools.stack import customer_with_card
+from service.watch import Watches, WatchLimits
+from tests.helpers import API_KEY, AUTH, REQUEST, Stack, until_envoy_routes
+from tools.stack import customer_with_card, start_envoy
 
 WATCH = "/admin/api/invoices:watch"
 
 
+class Lines(asyncio.Queue[dict[str, Any]]):
+    """A REST watch's JSON events as they arrive, and whether its body has ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = asyncio.Event()
+
+
 @asynccontextmanager
-async def ndjson(http: httpx.AsyncClient, **params: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+async def ndjson(http: httpx.AsyncClient, **params: str) -> AsyncIterator[Lines]:
     """A REST watch read line by line, in the background, into a queue of JSON events."""
-    lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lines = Lines()
     opened = asyncio.Event()
 
     async def read() -> None:
@@ -40,6 +54,7 @@ async def ndjson(http: httpx.AsyncClient, **params: str) -> AsyncIterator[asynci
             async for line in reply.aiter_lines():
                 if line.strip():
                     await lines.put(json.loads(line))
+        lines.ended.set()
 
     task = asyncio.create_task(read())
     try:
@@ -49,7 +64,7 @@ async def ndjson(http: httpx.AsyncClient, **params: str) -> AsyncIterator[asynci
         task.cancel()
 
 
-async def _until(lines: asyncio.Queue[dict[str, Any]], done: Any, timeout_s: float = 20) -> list[dict[str, Any]]:
+async def _until(lines: Lines, done: Any, timeout_s: float = 20) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     while not seen or not done(seen[-1]):
         seen.append(await asyncio.wait_for(lines.get(), timeout_s))
@@ -132,3 +147,31 @@ async def test_a_grpc_watch_of_the_running_server(stack: Stack, stack_store: Sto
         assert isinstance(event, pb.InvoiceEvent)
         assert event.kind == pb.InvoiceEvent.KIND_CREATED and event.invoice.invoice_id == "in_grpcstack1"
         call.cancel()
+
+
+async def test_a_rest_watch_outlives_the_route_timeout_and_ends_at_the_servers_maximum(
+    store: Storage, tmp_path: Path
+) -> None:
+    """GATEWAY_ROUTE_TIMEOUT_S (here 1 s) cuts ordinary calls, not a watch; the server ends
+    a watch after WATCH_MAX_STREAM_S (here 3 s, then the body simply ends, to be resumed)."""
+    short = Watches(store, WatchLimits(poll_s=0.05, max_stream_s=3))
+    short.start()
+    running = await start_grpc(store, [API_KEY], "127.0.0.1:0", watches=short)
+    config = render(Settings(gateway_route_timeout_s=1), gateway_port=0, admin_port=0, grpc_port=running.port)
+    envoy, port, _ = await asyncio.to_thread(start_envoy, config, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Api-Key": API_KEY}) as http:
+            await until_envoy_routes(http, "/admin/api/invoices")
+            started = time.monotonic()
+            async with ndjson(http) as lines:
+                await asyncio.wait_for(lines.get(), 10)  # the first bookmark
+                await asyncio.sleep(1.5)  # past the route timeout
+                await _deliver_open(store, "in_longwatch1")
+                event = await asyncio.wait_for(lines.get(), 10)
+                assert event["invoice"]["invoiceId"] == "in_longwatch1"
+                assert time.monotonic() - started > 1.5
+                ended = await asyncio.wait_for(lines.ended.wait(), 10)
+            assert ended and 3 <= time.monotonic() - started < 10
+    finally:
+        envoy.stop()
+        await running.stop(0)
