@@ -19,17 +19,13 @@ from typing import Any
 import grpc
 import httpx
 
+from bench.load import percentile
 from service import payments
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tools.stack import LOCALSTRIPE_KEY, customer_with_card
 
 ITEMS = (1, 10, 100)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def measure(grpc_target: str, api_key: str, stripe: str, creates: int) -> list[dict[str, Any]]:
@@ -58,8 +54,8 @@ async def measure(grpc_target: str, api_key: str, stripe: str, creates: int) -> 
                     "creates": creates,
                     "stripe_calls_per_create": round(sum(calls.values()) / creates, 2),
                     "stripe_calls": calls,
-                    "p50_ms": round(_percentile(seconds, 0.5) * 1000, 1),
-                    "p99_ms": round(_percentile(seconds, 0.99) * 1000, 1),
+                    "p50_ms": round(percentile(seconds, 0.5) * 1000, 1),
+                    "p99_ms": round(percentile(seconds, 0.99) * 1000, 1),
                 }
             )
     return rows

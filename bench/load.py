@@ -19,11 +19,17 @@ from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The value at fraction `q` of the sorted values (the nearest rank below); 0 for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
 def summary(latencies_ms: list[float], errors: int, seconds: float) -> dict[str, Any]:
     ordered = sorted(latencies_ms)
 
     def pct(p: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 3) if ordered else 0.0
+        return round(percentile(ordered, p), 3)
 
     return {
         "calls": len(ordered),

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import httpx
 
+from bench.load import percentile
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tools.signing import sign
@@ -43,11 +44,6 @@ def _event(invoice_id: str, created: int) -> str:
     }
     body = {"id": f"evt_{uuid.uuid4().hex[:24]}", "object": "event", "type": "invoice.finalized", "created": created}
     return json.dumps({**body, "data": {"object": obj}})
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def measure(
@@ -103,8 +99,8 @@ async def measure(
         "received": len(delays),
         "expected": watchers * events,
         "complete_watchers": sum(c == events for c in counts),
-        "delay_p50_ms": round(_percentile(delays, 0.5) * 1000, 1),
-        "delay_p99_ms": round(_percentile(delays, 0.99) * 1000, 1),
+        "delay_p50_ms": round(percentile(delays, 0.5) * 1000, 1),
+        "delay_p99_ms": round(percentile(delays, 0.99) * 1000, 1),
         "delay_max_ms": round(max(delays, default=0.0) * 1000, 1),
     }
 

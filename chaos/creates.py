@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from bench.load import percentile
 from chaos import API_KEY, prepare, stack_env
 from service import payments
 from tools.stack import (
@@ -267,11 +268,6 @@ async def _customers(direct: str) -> list[tuple[str, str]]:
     return [await customer_with_card(client) for _ in range(CUSTOMERS)]
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else 0.0
-
-
 def main() -> None:
     creates = int(os.environ.get("CHAOS_CREATES", "1000"))
     keyless = int(os.environ.get("CHAOS_KEYLESS", str(creates // 10)))
@@ -320,8 +316,8 @@ def main() -> None:
         "answers": dict(tally.answers),
         "keyless_answers": dict(bursts.answers),
         "attempts_per_create": {str(k): v for k, v in sorted(tally.attempts.items())},
-        "create_seconds_p50": _percentile(tally.seconds, 0.5),
-        "create_seconds_p99": _percentile(tally.seconds, 0.99),
+        "create_seconds_p50": round(percentile(tally.seconds, 0.5), 3),
+        "create_seconds_p99": round(percentile(tally.seconds, 0.99), 3),
         "elapsed_s": round(elapsed, 1),
         "failed": dict(list(tally.failed.items())[:5]),
         "replays_after_success": tally.replays,
