@@ -254,3 +254,21 @@ class ResumingWatch:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+async def until_watching(watchers: list[ResumingWatch]) -> None:
+    """Until every watcher holds a token (its first bookmark): from then on none misses a change."""
+
+    async def holding() -> bool | None:
+        return True if all(w.token for w in watchers) else None
+
+    await poll_until(holding, "every watcher holding a token")
+
+
+async def until_caught_up(watchers: list[ResumingWatch], changes: int) -> None:
+    """Until every watcher has seen at least `changes` changes."""
+
+    async def seen() -> bool | None:
+        return True if all(len(w.changes) >= changes for w in watchers) else None
+
+    await poll_until(seen, f"every watcher seeing {changes} changes")

@@ -40,10 +40,11 @@ from tests.helpers import (
     ResumingWatch,
     event,
     make_invoice,
-    poll_until,
     save_invoice,
     sign,
     stack_env,
+    until_caught_up,
+    until_watching,
     wait_until,
 )
 from tools.stack import LOCALSTRIPE_KEY, customer_with_card, free_port, start_service, start_webhooks
@@ -261,7 +262,7 @@ async def _watched_deliveries(port: int, webhook_port: int) -> tuple[list[tuple[
     """Two watchers open while the sidecar applies every event of six invoices in order:
     what was written, and what each watcher saw."""
     watchers = [ResumingWatch(f"127.0.0.1:{port}") for _ in range(2)]
-    await poll_until(lambda: _tokens(watchers), "the watchers open")
+    await until_watching(watchers)
     written: list[tuple[str, str]] = []
     now = int(time.time())
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{webhook_port}", timeout=30) as http:
@@ -274,17 +275,10 @@ async def _watched_deliveries(port: int, webhook_port: int) -> tuple[list[tuple[
                 assert reply.status_code == 200, reply.text
                 written.append((f"in_watchbouncer{n}", status))
 
-    async def caught_up() -> bool | None:
-        return True if all(len(w.changes) >= len(written) for w in watchers) else None
-
-    await poll_until(caught_up, "the watchers seeing every change")
+    await until_caught_up(watchers, len(written))
     for watcher in watchers:
         await watcher.stop()
     return written, [c for w in watchers for c in w.ids]
-
-
-async def _tokens(watchers: list[ResumingWatch]) -> bool | None:
-    return True if all(w.token for w in watchers) else None
 
 
 def test_watches_follow_the_feed_through_pgbouncer_by_polling_alone(

@@ -22,7 +22,7 @@ from service.domain import StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
-from tests.helpers import API_KEY, ResumingWatch, poll_until, stack_env, wait_until
+from tests.helpers import API_KEY, ResumingWatch, stack_env, until_caught_up, until_watching, wait_until
 from tools.stack import free_port, start_envoy, start_service, start_webhooks
 
 
@@ -109,7 +109,7 @@ async def test_watchers_resume_across_a_server_restart_and_miss_nothing(
         service, _ = start_service(env, log=log)
         try:
             watchers = [ResumingWatch(f"127.0.0.1:{port}") for _ in range(5)]
-            await poll_until(lambda: _all_open(watchers), "every watcher holding a token")
+            await until_watching(watchers)
 
             async def write(n: int) -> None:
                 for status in ("draft", "open"):
@@ -130,20 +130,13 @@ async def test_watchers_resume_across_a_server_restart_and_miss_nothing(
             for n in range(50, 60):
                 await write(n)
 
-            async def caught_up() -> bool | None:
-                return True if all(len(w.changes) >= len(written) for w in watchers) else None
-
-            await poll_until(caught_up, "every watcher seeing every change")
+            await until_caught_up(watchers, len(written))
             for watcher in watchers:
                 await watcher.stop()
                 assert watcher.ids == written
                 assert watcher.ends["UNAVAILABLE"] >= 1, watcher.ends
         finally:
             service.stop()
-
-
-async def _all_open(watchers: list[ResumingWatch]) -> bool | None:
-    return True if all(w.token for w in watchers) else None
 
 
 def test_sigterm_to_the_sidecar_fails_readiness_first_and_still_answers_deliveries(
