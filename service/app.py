@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import announce, embedded, payments, storage, webhooks
+from service.cache import CachedReads, ForgettingWrites, RecordCache
 from service.config import Settings, default
 from service.domain import InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.edge import Edge
@@ -237,11 +238,21 @@ def watch_limits(settings: Settings) -> WatchLimits:
     )
 
 
-def start_watches(settings: Settings, store: storage.Storage, dsn: str, metrics: Metrics) -> Watches:
+def record_cache(settings: Settings, metrics: Metrics) -> RecordCache:
+    # The reader reads at least every WATCH_POLL_S: one late read is not yet a lagging reader.
+    return RecordCache(settings.record_cache_size, 2 * settings.watch_poll_s, observe=metrics.observe_cache)
+
+
+def start_watches(
+    settings: Settings, store: storage.Storage, dsn: str, metrics: Metrics, cache: RecordCache | None = None
+) -> Watches:
     """The watches' reader, woken by LISTEN on a connection of its own, except behind
-    PgBouncer in transaction mode, which cannot hold one: there it polls alone."""
+    PgBouncer in transaction mode, which cannot hold one: there it polls alone (and the
+    record cache, which needs LISTEN, does not serve). It keeps `cache` current."""
     listen = None if settings.database_pooler == "pgbouncer" else partial(changes.listen, dsn)
-    watches = Watches(store, watch_limits(settings), listen=listen, observe_delay=metrics.observe_watch_delay)
+    watches = Watches(
+        store, watch_limits(settings), listen=listen, observe_delay=metrics.observe_watch_delay, follower=cache
+    )
     watches.start()
     return watches
 
@@ -277,10 +288,13 @@ async def serve(settings: Settings) -> None:
         metrics_site = await start_metrics(settings, metrics)
         store = storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
         stripe = stripe_payments(settings, metrics)
-        creator = InvoiceCreator(store, store, stripe, create_timing(settings)) if stripe else None
-        watches = start_watches(settings, store, dbs.service, metrics)
+        cache = record_cache(settings, metrics)
+        creator = (
+            InvoiceCreator(store, ForgettingWrites(store, cache), stripe, create_timing(settings)) if stripe else None
+        )
+        watches = start_watches(settings, store, dbs.service, metrics, cache)
         running = await start_grpc(
-            store,
+            CachedReads(store, cache),
             keys,
             f"{settings.grpc_host}:{settings.grpc_port}",
             creator=creator,

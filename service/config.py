@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # replicas as they come and go. Envoy cuts a REST watch 30 s after it.
     watch_max_stream_s: int = Field(default=1800, ge=1)
 
+    # GetInvoice's record cache (service/cache.py), in records per server process; 0 turns
+    # it off. It serves while the feed's reader LISTENs and has caught up within twice
+    # WATCH_POLL_S (the reader reads at least that often).
+    record_cache_size: int = Field(default=10_000, ge=0)
+
     grpc_host: str = "[::]"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     # Comma-separated; several keys at once allow rotation without downtime.

@@ -324,6 +324,19 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedRead:
+    """One read of the change feed: its changes in order; the position it reaches; the
+    records (by both ids) that commits it cannot hand out yet changed (an older write
+    transaction was still open); and whether it saw, one way or the other, every commit
+    made before it began (neither list was cut short by its limit)."""
+
+    changes: list[Change]
+    reached: FeedPosition
+    held: tuple[str, ...] = ()
+    complete: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class WatchFilter:
     """What a watch is narrowed to; all None is every change. `invoice_id` is the
     service's id or Stripe's, as for Get."""

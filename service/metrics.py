@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.cache import LOOKUP_OUTCOMES
 from service.domain import Outcome
 
 # Calls here take from about a millisecond (a Get) to seconds (a Create through Stripe).
@@ -49,6 +50,13 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
+        cache_lookups = Counter(
+            "invoice_record_cache_lookups",
+            "GetInvoice's record cache: hit, miss (read from Postgres and kept), bypass (not serving now)",
+            ["outcome"],
+            registry=r,
+        )
+        self._cache_lookups = {outcome: cache_lookups.labels(outcome) for outcome in LOOKUP_OUTCOMES}
         self.webhook_events = Counter(
             "invoice_webhook_events",
             "Stripe webhook deliveries by event type and outcome (applied, unchanged, duplicate, out_of_order,"
@@ -86,6 +94,9 @@ class Metrics:
 
     def observe_watch_delay(self, seconds: float) -> None:
         self.watch_delay_seconds.observe(seconds)
+
+    def observe_cache(self, outcome: str) -> None:
+        self._cache_lookups[outcome].inc()
 
     def observe_pool_wait(self, seconds: float) -> None:
         self.pool_wait_seconds.observe(seconds)

@@ -3,8 +3,10 @@ order (woken early by LISTEN where the connection allows it, polling always, whi
 is enough behind PgBouncer) and hands each change to every open watch, each with a
 bounded buffer. A resumed watch first replays from the store what came after its token,
 then joins the live hand-out at exactly the reader's position: no gap, no duplicate.
-The reader also prunes what is older than the retention. Knows no gRPC: the servicer
-turns what a watch yields into messages, the edge turns its errors into statuses."""
+Each read goes to the follower (the record cache) before any watch hears of it, so a
+watcher that Gets what it was told of never reads an older record. The reader also
+prunes what is older than the retention. Knows no gRPC: the servicer turns what a watch
+yields into messages, the edge turns its errors into statuses."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from service.domain import (
     ChangeKind,
     DomainError,
     FeedPosition,
+    FeedRead,
     OutOfRange,
     ResourceExhausted,
     Unavailable,
@@ -62,7 +65,7 @@ class WatchLimits:
 
 class FeedStore(Protocol):
     async def feed_head(self) -> FeedPosition: ...
-    async def read_changes(self, after: FeedPosition, limit: int) -> tuple[list[Change], FeedPosition]: ...
+    async def read_changes(self, after: FeedPosition, limit: int) -> FeedRead: ...
     async def check_resumable(self, after: FeedPosition) -> None: ...
     async def replay_changes(
         self, after: FeedPosition, upto: FeedPosition, match: WatchFilter, limit: int
@@ -70,8 +73,19 @@ class FeedStore(Protocol):
     async def prune_changes(self, older_than: datetime, limit: int) -> int: ...
 
 
-# Holds a LISTEN until its connection is lost, calling the callback on each notification.
+# Holds a LISTEN until its connection is lost, calling the callback once it listens and
+# on each notification.
 Listen = Callable[[Callable[[], None]], Awaitable[None]]
+
+
+class Follower(Protocol):
+    """What else follows the reader (the record cache, service/cache.py): each read,
+    before its changes are handed to any watch; whether LISTEN is up; a feed gone back."""
+
+    def applied(self, read: FeedRead, began: float) -> None: ...
+    def listening(self, on: bool) -> None: ...
+    def clear(self) -> None: ...
+
 
 TOO_SLOW = (
     "this watch fell {} changes behind and was ended; resume with the last resume_token (read faster, or narrow it)"
@@ -131,6 +145,26 @@ class _Watch:
                 return None
 
 
+class _ListenSession:
+    """One LISTEN connection's life: a call of its callback means it is up (the first
+    comes once it listens); after it is lost, late callbacks only wake the reader."""
+
+    def __init__(self, wake: asyncio.Event, follower: Follower | None) -> None:
+        self._wake = wake
+        self._follower = follower
+        self._up = True
+
+    def woken(self) -> None:
+        if self._up and self._follower is not None:
+            self._follower.listening(True)
+        self._wake.set()
+
+    def lost(self) -> None:
+        self._up = False
+        if self._follower is not None:
+            self._follower.listening(False)
+
+
 class Watches:
     """The process's watches and the one reader that feeds them."""
 
@@ -141,8 +175,10 @@ class Watches:
         *,
         listen: Listen | None = None,
         observe_delay: Callable[[float], None] | None = None,
+        follower: Follower | None = None,
     ) -> None:
         self._store = store
+        self._follower = follower
         self._limits = limits
         self._listen = listen
         self._observe_delay = observe_delay
@@ -295,7 +331,8 @@ class Watches:
                     self._ready.set()
                 await self._room(batch)
                 self._wake.clear()
-                changes, reached = await self._store.read_changes(self._position, batch)
+                began = time.monotonic()
+                read = await self._store.read_changes(self._position, batch)
                 failures = 0
             except OutOfRange as gone:
                 # The database is behind the reader (a failover to a standby that had not
@@ -307,6 +344,8 @@ class Watches:
                 self._position = None
                 self._epoch += 1
                 self._ready.clear()
+                if self._follower is not None:
+                    self._follower.clear()
                 continue
             except Exception as exc:  # the watches wait meanwhile; the reader must not die
                 if failures % 30 == 0:
@@ -314,9 +353,13 @@ class Watches:
                 failures += 1
                 await asyncio.sleep(RETRY_S)
                 continue
-            self._hand_out(changes)
-            self._position = reached
-            if len(changes) < batch:
+            # The follower first, with no await before the hand-out: a watcher runs only
+            # after both, so one that Gets what it was told of finds it forgotten.
+            if self._follower is not None:
+                self._follower.applied(read, began)
+            self._hand_out(read.changes)
+            self._position = read.reached
+            if len(read.changes) < batch:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._limits.poll_s):
                         await self._wake.wait()
@@ -325,7 +368,11 @@ class Watches:
         pause = RETRY_S
         while not self._closed:
             started = time.monotonic()
-            await listen(self._wake.set)
+            session = _ListenSession(self._wake, self._follower)
+            try:
+                await listen(session.woken)
+            finally:
+                session.lost()
             self._wake.set()  # lost: look now, and again once it is back
             # Polling carries the feed meanwhile: back off while Postgres stays away.
             pause = (

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.domain import Change, ChangeKind, FeedPosition, Unavailable, WatchFilter
+from service.domain import Change, ChangeKind, FeedPosition, FeedRead, Unavailable, WatchFilter
 from service.watch import Watches, WatchLimits
 from tests.helpers import make_invoice, poll_until
 
@@ -32,9 +32,9 @@ class Feed:
     async def feed_head(self) -> FeedPosition:
         return self.head
 
-    async def read_changes(self, after: FeedPosition, limit: int) -> tuple[list[Change], FeedPosition]:
+    async def read_changes(self, after: FeedPosition, limit: int) -> FeedRead:
         found = [c for c in self.changes if c.position > after][:limit]
-        return found, found[-1].position if len(found) == limit else max(self.head, after)
+        return FeedRead(found, found[-1].position if len(found) == limit else max(self.head, after))
 
     async def check_resumable(self, after: FeedPosition) -> None:
         if self.gate is not None:

@@ -13,7 +13,17 @@ from datetime import datetime
 
 import asyncpg
 
-from service.domain import Change, ChangeKind, FeedPosition, InvalidArgument, Invoice, OutOfRange, User, WatchFilter
+from service.domain import (
+    Change,
+    ChangeKind,
+    FeedPosition,
+    FeedRead,
+    InvalidArgument,
+    Invoice,
+    OutOfRange,
+    User,
+    WatchFilter,
+)
 from service.storage.pool import CONNECTION_ERRORS, Pooled
 
 log = logging.getLogger(__name__)
@@ -32,8 +42,15 @@ _CHANGE = (
 )
 # Everything after `after` written by transactions older than this statement's snapshot's
 # xmin: all of those have finished, so nothing can still commit below the answer's end.
+# And the records that committed changes from younger transactions name (held back
+# behind an older one still open): the record cache must not serve them meanwhile.
 READ_CHANGES = f"""
-    SELECT s.xmin, s.xmax, c.* FROM (SELECT {_XMIN} AS xmin, {_XMAX} AS xmax) AS s LEFT JOIN LATERAL (
+    SELECT s.xmin, s.xmax, h.ids AS held_ids, h.stripe_ids AS held_stripe_ids, c.*
+    FROM (SELECT {_XMIN} AS xmin, {_XMAX} AS xmax) AS s
+    CROSS JOIN LATERAL (
+        SELECT array_agg(id) AS ids, array_agg(stripe_invoice_id) AS stripe_ids
+        FROM (SELECT id, stripe_invoice_id FROM invoice_changes WHERE xact >= s.xmin LIMIT $3) AS young) AS h
+    LEFT JOIN LATERAL (
         SELECT {_CHANGE} FROM invoice_changes WHERE (xact, seq) > ($1, $2) AND xact < s.xmin
         ORDER BY xact, seq LIMIT $3) AS c ON true"""  # noqa: S608 - constants
 # A watch of one invoice names it by the service's id or Stripe's (`in_...`): one column each.
@@ -81,18 +98,26 @@ class ChangeFeed(Pooled):
         async with self._connection() as conn:
             return FeedPosition(await conn.fetchval(f"SELECT {_XMIN}"), 0)
 
-    async def read_changes(self, after: FeedPosition, limit: int) -> tuple[list[Change], FeedPosition]:
+    async def read_changes(self, after: FeedPosition, limit: int) -> FeedRead:
         """Up to `limit` changes after `after`, in order, and the position the answer
         reaches: the last change's when `limit` cut it short, else the snapshot's xmin,
-        below which nothing can appear any more. OUT_OF_RANGE if `after` is past the
+        below which nothing can appear any more; with the records of up to `limit`
+        committed changes held back above it. OUT_OF_RANGE if `after` is past the
         database's newest transaction (it failed over to one behind it)."""
         async with self._connection() as conn:
             rows = await conn.fetch(READ_CHANGES, after.xact, after.seq, limit)
-        if after.xact > rows[0]["xmax"]:
-            raise OutOfRange(f"position {after} is past the database's next transaction {rows[0]['xmax']}")
+        first = rows[0]
+        if after.xact > first["xmax"]:
+            raise OutOfRange(f"position {after} is past the database's next transaction {first['xmax']}")
         changes = [_change(r) for r in rows if r["seq"] is not None]
-        reached = changes[-1].position if len(changes) == limit else FeedPosition(rows[0]["xmin"], 0)
-        return changes, max(reached, after)
+        reached = changes[-1].position if len(changes) == limit else FeedPosition(first["xmin"], 0)
+        held_ids, held_stripe_ids = first["held_ids"] or [], first["held_stripe_ids"] or []
+        return FeedRead(
+            changes,
+            max(reached, after),
+            held=(*held_ids, *held_stripe_ids),
+            complete=len(changes) < limit and len(held_ids) < limit,
+        )
 
     async def check_resumable(self, after: FeedPosition) -> None:
         """OUT_OF_RANGE unless every change after `after` is still kept; INVALID_ARGUMENT
@@ -149,8 +174,8 @@ class ChangeFeed(Pooled):
 
 
 async def listen(dsn: str, wake: Callable[[], None]) -> None:
-    """Holds a connection of its own LISTENing to the feed's channel, calling `wake` on
-    each notification, until the connection is lost (then returns; at once if Postgres
+    """Holds a connection of its own LISTENing to the feed's channel, calling `wake` once
+    it listens and on each notification, until the connection is lost (then returns; at once if Postgres
     cannot be reached). Not a pooled connection: LISTEN is session state, which a pooled
     one must not carry back, and which PgBouncer in transaction mode cannot keep."""
     try:

@@ -1,0 +1,196 @@
+"""The record cache: GetInvoice answered from memory, kept current by the change feed.
+
+Why: a Get that reaches Postgres spends most of its CPU on the round trip (the event loop's
+turns for the socket, asyncpg), not on its SQL; see README, Performance. Boundary: knows
+Invoices and the feed reader's reads; no SQL, no gRPC. What it promises:
+
+- Never a record older than the last change the feed's reader applied: the reader forgets
+  each changed record before it hands the change to any watch, and a Get that read
+  Postgres while a change to its record was being applied does not keep what it read.
+- Served only while the reader is LISTENing (woken by each commit's NOTIFY, it applies a
+  change within milliseconds of its commit) and has caught up with every commit within
+  the last `max_lag_s`. Otherwise (polling only, behind PgBouncer; Postgres away; an old
+  write transaction holding the feed back; the reader slow) every Get reads Postgres.
+- What this process writes itself (Pay, Void) is forgotten before the call answers, so a
+  Get right after it shows it. A commit made elsewhere (the webhook sidecar, another
+  replica) shows from the moment this process's reader applies it: milliseconds later.
+- Decisions about money never read it: Pay, Void and Create read the store directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
+
+from service.domain import FeedRead, Invoice, InvoicePage, Page, StripeInvoice
+
+# A lookup's outcome, a metric's label (service/metrics.py).
+HIT, MISS, BYPASS = "hit", "miss", "bypass"
+LOOKUP_OUTCOMES = (HIT, MISS, BYPASS)
+# How many keys forgotten while Gets were reading Postgres are remembered at most before
+# the ones no running Get can need are dropped.
+_FORGOTTEN_PRUNE_AT = 10_000
+
+
+class RecordCache:
+    """Invoices by either id, least recently used dropped beyond `capacity` records."""
+
+    def __init__(
+        self,
+        capacity: int,
+        max_lag_s: float,
+        *,
+        observe: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._capacity = capacity
+        self._max_lag_s = max_lag_s
+        self._observe = observe
+        self._clock = clock
+        # Each record under both of its ids, one object.
+        self._entries: OrderedDict[str, Invoice] = OrderedDict()
+        # A count of forgets: a Get that read Postgres keeps what it read only if none of
+        # its record's keys was forgotten after it began.
+        self._forgets = 0
+        self._cleared_at = 0
+        self._forgotten: dict[str, int] = {}
+        self._reads: Counter[int] = Counter()  # Gets reading Postgres, by the count they began at
+        self._listening = False
+        self._caught_up_at = -math.inf
+
+    @property
+    def serving(self) -> bool:
+        return self._capacity > 0 and self._listening and self._clock() - self._caught_up_at <= self._max_lag_s
+
+    def __len__(self) -> int:
+        return len(self._entries) // 2
+
+    async def get(self, key: str, read: Callable[[str], Awaitable[Invoice]]) -> Invoice:
+        """The record under `key`, from memory when it may be, else from `read`."""
+        if not self.serving:
+            self._count(BYPASS)
+            return await read(key)
+        cached = self._entries.get(key)
+        if cached is not None:
+            self._entries.move_to_end(key)
+            self._count(HIT)
+            return cached
+        self._count(MISS)
+        began = self._forgets
+        self._reads[began] += 1
+        try:
+            invoice = await read(key)
+            if self._keeps(began, (key, invoice.id, invoice.stripe_invoice_id)):
+                self._put(invoice)
+            return invoice
+        finally:
+            self._read_done(began)
+
+    def listening(self, on: bool) -> None:
+        """The reader's LISTEN connection is up (on) or lost."""
+        self._listening = on
+
+    def applied(self, read: FeedRead, began: float) -> None:
+        """The reader read the feed with a statement sent at `began` (monotonic): forgets
+        every record it names, and, when the read saw every commit made before `began`,
+        counts the cache current as of then."""
+        for change in read.changes:
+            if change.invoice is not None:
+                self.forget((change.invoice.id, change.invoice.stripe_invoice_id))
+        self.forget(read.held)
+        if read.complete:
+            self._caught_up_at = began
+
+    def forget(self, keys: Iterable[str]) -> None:
+        self._forgets += 1
+        for key in keys:
+            invoice = self._entries.pop(key, None)
+            if invoice is not None:
+                self._entries.pop(invoice.id, None)
+                self._entries.pop(invoice.stripe_invoice_id, None)
+            if self._reads:
+                self._forgotten[key] = self._forgets
+
+    def clear(self) -> None:
+        """Forgets everything, and every Get reading now keeps nothing (the feed went back,
+        or a write ended without saying what it left)."""
+        self._forgets += 1
+        self._cleared_at = self._forgets
+        self._entries.clear()
+        self._caught_up_at = -math.inf
+
+    def _keeps(self, began: int, keys: tuple[str, ...]) -> bool:
+        if self._forgets == began:
+            return True
+        return self._cleared_at <= began and all(self._forgotten.get(k, 0) <= began for k in keys)
+
+    def _read_done(self, began: int) -> None:
+        self._reads[began] -= 1
+        if not self._reads[began]:
+            del self._reads[began]
+        if not self._reads:
+            self._forgotten.clear()
+        elif len(self._forgotten) > _FORGOTTEN_PRUNE_AT:
+            oldest = min(self._reads)
+            self._forgotten = {k: n for k, n in self._forgotten.items() if n > oldest}
+
+    def _put(self, invoice: Invoice) -> None:
+        for key in (invoice.id, invoice.stripe_invoice_id):
+            self._entries[key] = invoice
+        while len(self._entries) > 2 * self._capacity:
+            _, dropped = self._entries.popitem(last=False)
+            self._entries.pop(dropped.id, None)
+            self._entries.pop(dropped.stripe_invoice_id, None)
+
+    def _count(self, outcome: str) -> None:
+        if self._observe is not None:
+            self._observe(outcome)
+
+
+class Reads(Protocol):
+    async def list_invoices(self, page: Page) -> InvoicePage: ...
+    async def get_invoice(self, key: str) -> Invoice: ...
+
+
+class Records(Protocol):
+    async def get_invoice(self, key: str) -> Invoice: ...
+    async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice: ...
+
+
+class CachedReads:
+    """The servicer's reads: Get through the cache, List from the store."""
+
+    def __init__(self, store: Reads, cache: RecordCache) -> None:
+        self._store = store
+        self._cache = cache
+
+    async def list_invoices(self, page: Page) -> InvoicePage:
+        return await self._store.list_invoices(page)
+
+    async def get_invoice(self, key: str) -> Invoice:
+        return await self._cache.get(key, self._store.get_invoice)
+
+
+class ForgettingWrites:
+    """Pay's and Void's records: read from the store itself, and each write forgotten by
+    the cache before it answers (the record it left, or everything when it failed
+    without saying, since it may have committed)."""
+
+    def __init__(self, store: Records, cache: RecordCache) -> None:
+        self._store = store
+        self._cache = cache
+
+    async def get_invoice(self, key: str) -> Invoice:
+        return await self._store.get_invoice(key)
+
+    async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice:
+        try:
+            record = await self._store.record_stripe_invoice(invoice, stripe_time=stripe_time)
+        except BaseException:
+            self._cache.clear()
+            raise
+        self._cache.forget((record.id, record.stripe_invoice_id))
+        return record
