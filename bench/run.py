@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.ceiling import CONSTANT
 from bench.webhook_load import lifecycle
@@ -58,6 +60,7 @@ PEER_GET = "GET /invoices/{id}, FastAPI peer"
 PAGE_1 = "ListInvoices page 1 + count"
 PROXY_CEILING = "proxy ceiling (Envoy direct)"
 GET_4_PROCS = "GetInvoice gRPC, 4 client procs"
+GET_UNCACHED = "GetInvoice gRPC, RECORD_CACHE_SIZE=0"
 WEBHOOKS = "webhooks via Envoy (30% dup)"
 PAGE_SIZE = 20
 # Webhook deliveries per second while watchers are measured: a steady trickle, so each
@@ -192,6 +195,25 @@ def _grpc_load(target: str, case: str, seconds: float, processes: int, **extra: 
         argv += [f"--{key.replace('_', '-')}", str(value)]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _until_serving(target: str, timeout_s: float = 30) -> None:
+    """Until the server's health says SERVING (it refuses calls before)."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target} did not become SERVING")
+            time.sleep(0.2)
 
 
 def _proxy_ceiling_route(config: str) -> str:
@@ -338,6 +360,20 @@ def main() -> None:
             lambda: _grpc_load(direct, "get", seconds, 4, ids=ids),
             pid,
         )
+        # The same Gets from a second server without the record cache: what each costs
+        # when it reads Postgres (a record not read lately, or the cache not serving).
+        uncached, uncached_ports = start_python(
+            "server", ["-m", "service", "serve"], env | {"RECORD_CACHE_SIZE": "0"}, log=log
+        )
+        with _stopped_after(uncached):
+            target = f"127.0.0.1:{uncached_ports['grpc']}"
+            _until_serving(target)
+            case(
+                GET_UNCACHED,
+                "bench.load gRPC x2",
+                lambda: _grpc_load(target, "get", seconds, 2, ids=ids),
+                uncached.process.pid,
+            )
         case(
             DEEP_TOKEN,
             "bench.load gRPC x2",

@@ -26,7 +26,7 @@ def test_the_benchmark_runs_every_case_and_writes_its_results(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr[-3000:]
     document = json.loads((tmp_path / "latest.json").read_text())
     cases = {r["case"] for r in document["results"]}
-    assert len(cases) == 10
+    assert len(cases) == 11
     assert all(r["calls"] > 0 for r in document["results"])
     assert (tmp_path / "latest.png").stat().st_size > 1000
     webhooks = next(r for r in document["results"] if r["case"].startswith("webhooks"))
