@@ -30,6 +30,9 @@ from service.domain import FeedRead, Invoice, InvoicePage, Page, StripeInvoice
 # A lookup's outcome, a metric's label (service/metrics.py).
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
 LOOKUP_OUTCOMES = (HIT, MISS, BYPASS)
+# The longest a record stays without being read again: a bound on what a write the feed
+# never saw (a trigger disabled by an operator, a restore) leaves served.
+MAX_AGE_S = 60.0
 # How many keys forgotten while Gets were reading Postgres are remembered at most before
 # the ones no running Get can need are dropped.
 _FORGOTTEN_PRUNE_AT = 10_000
@@ -50,8 +53,8 @@ class RecordCache:
         self._max_lag_s = max_lag_s
         self._observe = observe
         self._clock = clock
-        # Each record under both of its ids, one object.
-        self._entries: OrderedDict[str, Invoice] = OrderedDict()
+        # Each record under both of its ids, one entry: the record and when it was read.
+        self._entries: OrderedDict[str, tuple[Invoice, float]] = OrderedDict()
         # A count of forgets: a Get that read Postgres keeps what it read only if none of
         # its record's keys was forgotten after it began.
         self._forgets = 0
@@ -63,35 +66,47 @@ class RecordCache:
 
     @property
     def serving(self) -> bool:
-        return self._capacity > 0 and self._listening and self._clock() - self._caught_up_at <= self._max_lag_s
+        return self._serving(self._clock())
+
+    def _serving(self, now: float) -> bool:
+        return self._capacity > 0 and self._listening and now - self._caught_up_at <= self._max_lag_s
 
     def __len__(self) -> int:
         return len(self._entries) // 2
 
     async def get(self, key: str, read: Callable[[str], Awaitable[Invoice]]) -> Invoice:
         """The record under `key`, from memory when it may be, else from `read`."""
-        if not self.serving:
+        now = self._clock()
+        if not self._serving(now):
             self._count(BYPASS)
             return await read(key)
         cached = self._entries.get(key)
         if cached is not None:
-            self._entries.move_to_end(key)
-            self._count(HIT)
-            return cached
+            invoice, read_at = cached
+            if now - read_at <= MAX_AGE_S:
+                self._entries.move_to_end(invoice.id)
+                self._entries.move_to_end(invoice.stripe_invoice_id)
+                self._count(HIT)
+                return invoice
+            self._drop(key)
         self._count(MISS)
         began = self._forgets
         self._reads[began] += 1
         try:
             invoice = await read(key)
             if self._keeps(began, (key, invoice.id, invoice.stripe_invoice_id)):
-                self._put(invoice)
+                self._put(invoice, now)
             return invoice
         finally:
             self._read_done(began)
 
     def listening(self, on: bool) -> None:
-        """The reader's LISTEN connection is up (on) or lost."""
+        """The reader's LISTEN connection is up (on) or lost. Lost, everything goes: a
+        failover drops every connection, and the database now serving may lack commits
+        that records read before it still show."""
         self._listening = on
+        if not on:
+            self.clear()
 
     def applied(self, read: FeedRead, began: float) -> None:
         """The reader read the feed with a statement sent at `began` (monotonic): forgets
@@ -107,10 +122,7 @@ class RecordCache:
     def forget(self, keys: Iterable[str]) -> None:
         self._forgets += 1
         for key in keys:
-            invoice = self._entries.pop(key, None)
-            if invoice is not None:
-                self._entries.pop(invoice.id, None)
-                self._entries.pop(invoice.stripe_invoice_id, None)
+            self._drop(key)
             if self._reads:
                 self._forgotten[key] = self._forgets
 
@@ -137,11 +149,26 @@ class RecordCache:
             oldest = min(self._reads)
             self._forgotten = {k: n for k, n in self._forgotten.items() if n > oldest}
 
-    def _put(self, invoice: Invoice) -> None:
-        for key in (invoice.id, invoice.stripe_invoice_id):
-            self._entries[key] = invoice
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._entries.pop(entry[0].id, None)
+            self._entries.pop(entry[0].stripe_invoice_id, None)
+
+    def _put(self, invoice: Invoice, read_at: float) -> None:
+        keys = (invoice.id, invoice.stripe_invoice_id)
+        held = [self._entries[k][0] for k in keys if k in self._entries]
+        if held:
+            # Another Get kept the record while this one read: which of the two reads saw
+            # the newer version is unknown, so neither is kept when they differ.
+            if any(h != invoice for h in held):
+                for key in keys:
+                    self._drop(key)
+            return
+        for key in keys:
+            self._entries[key] = (invoice, read_at)
         while len(self._entries) > 2 * self._capacity:
-            _, dropped = self._entries.popitem(last=False)
+            _, (dropped, _) = self._entries.popitem(last=False)
             self._entries.pop(dropped.id, None)
             self._entries.pop(dropped.stripe_invoice_id, None)
 

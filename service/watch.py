@@ -348,6 +348,8 @@ class Watches:
                     self._follower.clear()
                 continue
             except Exception as exc:  # the watches wait meanwhile; the reader must not die
+                if self._follower is not None:  # the database may have failed over
+                    self._follower.clear()
                 if failures % 30 == 0:
                     log.warning("the change feed cannot be read now: %s; retrying", type(exc).__name__)
                 failures += 1

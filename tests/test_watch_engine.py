@@ -5,12 +5,12 @@ joining the live hand-out, which a real database makes too short to hit on purpo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
 
-from service.domain import Change, ChangeKind, FeedPosition, FeedRead, Unavailable, WatchFilter
+from service.domain import Change, ChangeKind, FeedPosition, FeedRead, OutOfRange, Unavailable, WatchFilter
 from service.watch import Watches, WatchLimits
 from tests.helpers import make_invoice, poll_until
 
@@ -108,3 +108,85 @@ async def test_shutdown_ends_a_watch_in_the_middle_of_its_replay(feed: tuple[Fee
     with pytest.raises(Unavailable):
         await anext(stream)
     assert watches.open_streams == 0
+
+
+class Follower:
+    """What the reader tells the record cache, in order."""
+
+    def __init__(self, watches: list[Watches]) -> None:
+        self.calls: list[str] = []
+        self._watches = watches
+
+    def applied(self, read: FeedRead, began: float) -> None:
+        # Before any watch has the change: none of them holds it yet.
+        held = sum(len(w.pending) for watches in self._watches for w in watches._live)
+        self.calls.append(f"applied {len(read.changes)} with {held} buffered")
+
+    def listening(self, on: bool) -> None:
+        self.calls.append(f"listening {on}")
+
+    def clear(self) -> None:
+        self.calls.append("clear")
+
+
+class Failing(Feed):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: Exception | None = None
+
+    async def read_changes(self, after: FeedPosition, limit: int) -> FeedRead:
+        await asyncio.sleep(0.01)  # a database answers later
+        if self.failure is not None:
+            raise self.failure
+        return await super().read_changes(after, limit)
+
+
+async def test_the_follower_hears_each_read_before_the_watches_and_clears_when_the_feed_fails() -> None:
+    store = Failing()
+    hosts: list[Watches] = []
+    follower = Follower(hosts)
+    watches = Watches(store, WatchLimits(poll_s=0.01), follower=follower)
+    hosts.append(watches)
+    watches.start()
+    try:
+        stream = watches.watch(None, WatchFilter())
+        await anext(stream)
+        change = store.add(20)
+        await _passed(watches, change.position)
+        assert await anext(stream) == change
+        assert "applied 1 with 0 buffered" in follower.calls
+        store.failure = ConnectionResetError("the database went away")
+        await poll_until(lambda: _some("clear" in follower.calls), "the follower to be cleared")
+        follower.calls.clear()
+        store.failure = OutOfRange("the feed went back")
+        await poll_until(lambda: _some("clear" in follower.calls), "the follower to be cleared again")
+        await stream.aclose()
+    finally:
+        await watches.close()
+
+
+async def _some(value: bool) -> bool | None:
+    return value or None
+
+
+async def test_a_listen_callback_after_its_connection_was_lost_does_not_say_listening() -> None:
+    follower = Follower([])
+    callbacks: list[Callable[[], None]] = []
+    stop = asyncio.Event()
+
+    async def listen(wake: Callable[[], None]) -> None:
+        callbacks.append(wake)
+        wake()  # listening
+        await stop.wait()
+
+    watches = Watches(Feed(), WatchLimits(poll_s=0.01), listen=listen, follower=follower)
+    watches.start()
+    try:
+        await poll_until(lambda: _some(bool(callbacks)), "the LISTEN to start")
+        assert follower.calls.count("listening True") == 1
+        stop.set()
+        await poll_until(lambda: _some("listening False" in follower.calls), "the LISTEN to be lost")
+        callbacks[0]()  # a notification delivered late, after the loss (a new LISTEN is 1 s away)
+        assert follower.calls.count("listening True") == 1
+    finally:
+        await watches.close()
