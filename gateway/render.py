@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
@@ -59,26 +60,37 @@ def local_reply_config() -> dict[str, object]:
     return {"mappers": [*mappers, _mapper("GE", 400, UNKNOWN)]}
 
 
+def _endpoints(host: str, ports: int | Sequence[int]) -> str:
+    """A cluster's endpoints, one per port (replicas of one host), as a YAML flow list."""
+    ports = [ports] if isinstance(ports, int) else list(ports)
+    return json.dumps(
+        [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": p}}}} for p in ports]
+    )
+
+
 def render(
     settings: Settings,
     *,
     gateway_port: int | None = None,
     admin_port: int | None = None,
-    grpc_port: int | None = None,
-    webhook_port: int | None = None,
+    grpc_port: int | Sequence[int] | None = None,
+    webhook_port: int | Sequence[int] | None = None,
     descriptor: Path = DESCRIPTOR,
     openapi: Path = OPENAPI,
 ) -> str:
     """The Envoy configuration as YAML; the keyword arguments override settings (tests
-    pass port 0 and the ports their own servers picked)."""
+    pass port 0 and the ports their own servers picked; several ports are replicas in one
+    cluster). In Kubernetes one host name resolves to every replica instead."""
     values = {
         "admin_port": settings.envoy_admin_port if admin_port is None else admin_port,
         "gateway_host": settings.gateway_host,
         "gateway_port": settings.gateway_port if gateway_port is None else gateway_port,
-        "grpc_host": settings.gateway_upstream_host,
-        "grpc_port": settings.grpc_port if grpc_port is None else grpc_port,
-        "webhook_host": settings.gateway_upstream_host,
-        "webhook_port": settings.webhook_port if webhook_port is None else webhook_port,
+        "grpc_endpoints": _endpoints(
+            settings.gateway_upstream_host, settings.grpc_port if grpc_port is None else grpc_port
+        ),
+        "webhook_endpoints": _endpoints(
+            settings.gateway_upstream_host, settings.webhook_port if webhook_port is None else webhook_port
+        ),
         "max_connections": settings.gateway_max_connections,
         "max_request_bytes": settings.gateway_max_request_bytes,
         "route_timeout_s": settings.gateway_route_timeout_s,
