@@ -304,8 +304,10 @@ def test_envoys_init_container_renders_a_valid_config_for_the_headless_service(
     )
     assert result.returncode == 0, result.stderr
     config = (tmp_path / "envoy.yaml").read_text()
-    assert f"address: {HEADLESS_SERVICE}, port_value: 50051" in config
-    assert f"address: {HEADLESS_SERVICE}, port_value: 8081" in config
+    clusters = {c["name"]: c for c in yaml.safe_load(config)["static_resources"]["clusters"]}
+    for name, port in (("invoice_grpc", 50051), ("webhooks", 8081)):
+        [endpoint] = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert endpoint["endpoint"]["address"]["socket_address"] == {"address": HEADLESS_SERVICE, "port_value": port}
     assert "address: {socket_address: {address: 127.0.0.1, port_value: 9901}}" in config
     assert f'proto_descriptor: "{tmp_path}/invoice_service.binpb"' in config
     assert f'filename: "{tmp_path}/openapi.json"' in config
