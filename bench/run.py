@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.ceiling import CONSTANT
 from bench.webhook_load import lifecycle
@@ -45,7 +43,9 @@ from tools.stack import (
     local_env,
     start_localstripe,
     start_python,
+    start_service,
     wait_until_routed,
+    wait_until_serving,
 )
 
 API_KEY = "bench-admin-key"
@@ -197,25 +197,6 @@ def _grpc_load(target: str, case: str, seconds: float, processes: int, **extra: 
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def _until_serving(target: str, timeout_s: float = 30) -> None:
-    """Until the server's health says SERVING (it refuses calls before)."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{target} did not become SERVING")
-            time.sleep(0.2)
-
-
 def _proxy_ceiling_route(config: str) -> str:
     """The same listener, one more route: Envoy answering an invoice-sized body itself."""
     body = json.dumps(json.dumps({"_id": CONSTANT.id, "invoiceId": CONSTANT.invoice_id, "pdf": CONSTANT.invoice_pdf}))
@@ -312,9 +293,7 @@ def main() -> None:
         # The same Gets from a second server without the record cache (started once the
         # first has migrated): what each costs when it reads Postgres (a record not read
         # lately, or the cache not serving).
-        uncached, uncached_ports = start_python(
-            "server", ["-m", "service", "serve"], env | {"RECORD_CACHE_SIZE": "0"}, log=log
-        )
+        uncached, uncached_port = start_service(env | {"RECORD_CACHE_SIZE": "0"}, log=log)
         later.callback(uncached.stop)
         ids = json.dumps(data["ids"])
         some_id = data["ids"][0]
@@ -345,7 +324,7 @@ def main() -> None:
             (
                 GET_UNCACHED,
                 "bench.load gRPC x2",
-                lambda: _grpc_load(f"127.0.0.1:{uncached_ports['grpc']}", "get", seconds, 2, ids=ids),
+                lambda: _grpc_load(f"127.0.0.1:{uncached_port}", "get", seconds, 2, ids=ids),
                 uncached.process.pid,
             ),
             (REST_GET, "wrk -t2 -c32", lambda: _wrk(f"{base}/admin/api/invoices/{some_id}", seconds, 32), pid),
@@ -357,7 +336,7 @@ def main() -> None:
             ),
             (PAGE_1, "bench.load gRPC x2", lambda: _grpc_load(direct, "list", seconds, 2), pid),
         ]
-        _until_serving(f"127.0.0.1:{uncached_ports['grpc']}")
+        wait_until_serving(uncached_port)
         for round_ in range(rounds):
             print(f"round {round_ + 1} of {rounds}", flush=True)
             # Every other round in reverse (ABBA), so no case always runs first or last.

@@ -15,30 +15,32 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.render import render
 from service import payments
 from service.config import Settings
 from tests.helpers import API_KEY, stack_env, wait_until
-from tools.stack import LOCALSTRIPE_KEY, Part, customer_with_card, free_port, start_envoy, start_service
-
-
-def _serving(port: int) -> bool | None:
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-    except grpc.RpcError:
-        return None
-    return True if reply.status == health_pb2.HealthCheckResponse.SERVING else None
+from tools.stack import (
+    LOCALSTRIPE_KEY,
+    Part,
+    customer_with_card,
+    free_port,
+    start_envoy,
+    start_service,
+    wait_until_serving,
+)
 
 
 def _routed(admin_port: int, port: int) -> bool | None:
     """Envoy's own view: the host is in its cluster and healthy (no health flag but healthy)."""
     clusters = httpx.get(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).text
     return True if f"invoice_grpc::127.0.0.1:{port}::health_flags::healthy" in clusters else None
+
+
+def _lists(base: str) -> bool | None:
+    reply = httpx.get(f"{base}/admin/api/invoices?limit=1", headers={"Api-Key": API_KEY}, timeout=5)
+    return True if reply.status_code == 200 else None
 
 
 def _reads(url: str, stop: threading.Event, seen: Counter[str]) -> None:
@@ -82,15 +84,8 @@ def _roll(database: str, tmp_path: Path, localstripe: str, drain_s: str) -> tupl
     stop = threading.Event()
     try:
         for port in ports:
-            wait_until(partial(_serving, port), f"server {port} serving")
-        wait_until(
-            lambda: (
-                True
-                if httpx.get(f"{base}/admin/api/invoices?limit=1", headers={"Api-Key": API_KEY}).status_code == 200
-                else None
-            ),
-            "Envoy routing",
-        )
+            wait_until_serving(port)
+        wait_until(partial(_lists, base), "Envoy routing to the servers")  # no sidecar here: not wait_until_routed
         workers = [
             threading.Thread(target=_reads, args=(f"{base}/admin/api/invoices?page=1&limit=5", stop, reads))
             for _ in range(3)
@@ -103,7 +98,7 @@ def _roll(database: str, tmp_path: Path, localstripe: str, drain_s: str) -> tupl
             servers[i].process.send_signal(signal.SIGTERM)
             assert servers[i].process.wait(timeout=30) == 0
             servers[i] = start_service(env, log=log)[0]
-            wait_until(partial(_serving, ports[i]), f"server {ports[i]} serving again")
+            wait_until_serving(ports[i])
             # Ready is when the load balancer sends it calls again, not when it says SERVING.
             wait_until(partial(_routed, admin_port, ports[i]), f"Envoy routing to {ports[i]} again")
         stop.set()

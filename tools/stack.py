@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
 import stripe
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.render import render
 from service import announce
@@ -62,6 +64,24 @@ async def customer_with_card(client: stripe.StripeClient, number: str = VISA) ->
         raise RuntimeError("the emulator answered objects without ids")
     await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
     return customer.id, method.id
+
+
+def serving(port: int) -> bool:
+    """The gRPC server on `port` says SERVING (it refuses calls until it does)."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def wait_until_serving(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not serving(port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server on port {port} did not become SERVING")
+        time.sleep(0.2)
 
 
 def wait_until_routed(base_url: str, api_key: str, timeout: float = 20) -> None:
