@@ -168,9 +168,7 @@ class RecordCache:
         for key in keys:
             self._entries[key] = (invoice, read_at)
         while len(self._entries) > 2 * self._capacity:
-            _, (dropped, _) = self._entries.popitem(last=False)
-            self._entries.pop(dropped.id, None)
-            self._entries.pop(dropped.stripe_invoice_id, None)
+            self._drop(next(iter(self._entries)))  # the least recently used, under both ids
 
     def _count(self, outcome: str) -> None:
         if self._observe is not None:
