@@ -129,6 +129,15 @@ async def poll_until(check: Callable[[], Awaitable[T | None]], what: str, timeou
 REQUEST = {"items": [{"name": "All resources", "amount": 3300}, {"name": "Support", "amount": 700}]}
 
 
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    """poll_until for a condition that needs no await."""
+
+    async def check() -> bool | None:
+        return condition() or None
+
+    await poll_until(check, what, timeout_s)
+
+
 def wait_until(check: Callable[[], T | None], what: str, timeout_s: float = 20, interval_s: float = 0.2) -> T:
     """poll_until for code without an event loop (subprocesses, blocking clients)."""
     deadline = time.monotonic() + timeout_s

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from functools import partial
 
 import asyncpg
@@ -29,7 +29,7 @@ from service.domain import (
 )
 from service.storage import Storage, changes
 from service.watch import Watches, WatchLimits
-from tests.helpers import make_invoice, poll_until, save_invoices
+from tests.helpers import make_invoice, poll_until, save_invoices, until
 
 
 def _count(outcomes: Counter[str], outcome: str) -> None:
@@ -125,7 +125,7 @@ async def test_a_read_overtaken_by_a_change_is_answered_but_not_kept(cache: Reco
     db = Postgres(invoice)
     db.gate = asyncio.Event()
     reading = asyncio.create_task(cache.get(invoice.id, db.read))
-    await _until(lambda: db.reads == 1, "the read to start")
+    await until(lambda: db.reads == 1, "the read to start")
     paid = dataclasses.replace(invoice, status="paid")
     db.update(paid)
     cache.applied(_change(paid), 100.0)
@@ -142,7 +142,7 @@ async def test_a_read_by_one_id_is_overtaken_by_a_change_named_by_both(cache: Re
     reading = asyncio.create_task(cache.get(invoice.stripe_invoice_id, db.read))
     other = make_invoice(2)
     others = asyncio.create_task(cache.get(other.id, Postgres(other).read))  # not overtaken: kept
-    await _until(lambda: db.reads == 1, "the read to start")
+    await until(lambda: db.reads == 1, "the read to start")
     paid = dataclasses.replace(invoice, status="paid")
     db.update(paid)
     cache.forget((paid.id, paid.stripe_invoice_id))
@@ -159,7 +159,7 @@ async def test_a_clear_while_reading_keeps_nothing_read_before_it(cache: RecordC
     db = Postgres(invoice)
     db.gate = asyncio.Event()
     reading = asyncio.create_task(cache.get(invoice.id, db.read))
-    await _until(lambda: db.reads == 1, "the read to start")
+    await until(lambda: db.reads == 1, "the read to start")
     cache.clear()
     db.gate.set()
     await reading
@@ -220,7 +220,7 @@ async def test_two_reads_that_saw_different_versions_leave_neither(cache: Record
     old, new = Postgres(invoice), Postgres(dataclasses.replace(invoice, status="paid"))
     old.gate = asyncio.Event()
     slow = asyncio.create_task(cache.get(invoice.id, old.read))
-    await _until(lambda: old.reads == 1, "the first read to start")
+    await until(lambda: old.reads == 1, "the first read to start")
     assert (await cache.get(invoice.stripe_invoice_id, new.read)).status == "paid"
     old.gate.set()
     await slow
@@ -277,13 +277,6 @@ async def test_size_zero_turns_it_off(clock: Clock) -> None:
     assert db.reads == 2
 
 
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    async def check() -> bool | None:
-        return condition() or None
-
-    await poll_until(check, what)
-
-
 # --- kept current by the real reader over the real Postgres ---
 
 
@@ -294,7 +287,7 @@ async def cached(
     cache = RecordCache(100, 1.0, observe=partial(_count, outcomes))
     watches = Watches(store, WatchLimits(poll_s=0.5), listen=partial(changes.listen, database), follower=cache)
     watches.start()
-    await _until(lambda: cache.serving, "the reader to LISTEN and catch up")
+    await until(lambda: cache.serving, "the reader to LISTEN and catch up")
     yield CachedReads(store, cache), watches, cache
     await watches.close()
 

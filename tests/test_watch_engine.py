@@ -12,7 +12,7 @@ import pytest
 
 from service.domain import Change, ChangeKind, FeedPosition, FeedRead, OutOfRange, Unavailable, WatchFilter
 from service.watch import Watches, WatchLimits
-from tests.helpers import make_invoice, poll_until
+from tests.helpers import make_invoice, poll_until, until
 
 
 class Feed:
@@ -156,17 +156,13 @@ async def test_the_follower_hears_each_read_before_the_watches_and_clears_when_t
         assert await anext(stream) == change
         assert "applied 1 with 0 buffered" in follower.calls
         store.failure = ConnectionResetError("the database went away")
-        await poll_until(lambda: _some("clear" in follower.calls), "the follower to be cleared")
+        await until(lambda: "clear" in follower.calls, "the follower to be cleared")
         follower.calls.clear()
         store.failure = OutOfRange("the feed went back")
-        await poll_until(lambda: _some("clear" in follower.calls), "the follower to be cleared again")
+        await until(lambda: "clear" in follower.calls, "the follower to be cleared again")
         await stream.aclose()
     finally:
         await watches.close()
-
-
-async def _some(value: bool) -> bool | None:
-    return value or None
 
 
 async def test_a_listen_callback_after_its_connection_was_lost_does_not_say_listening() -> None:
@@ -182,10 +178,10 @@ async def test_a_listen_callback_after_its_connection_was_lost_does_not_say_list
     watches = Watches(Feed(), WatchLimits(poll_s=0.01), listen=listen, follower=follower)
     watches.start()
     try:
-        await poll_until(lambda: _some(bool(callbacks)), "the LISTEN to start")
+        await until(lambda: bool(callbacks), "the LISTEN to start")
         assert follower.calls.count("listening True") == 1
         stop.set()
-        await poll_until(lambda: _some("listening False" in follower.calls), "the LISTEN to be lost")
+        await until(lambda: "listening False" in follower.calls, "the LISTEN to be lost")
         callbacks[0]()  # a notification delivered late, after the loss (a new LISTEN is 1 s away)
         assert follower.calls.count("listening True") == 1
     finally:
