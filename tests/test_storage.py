@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from service.app import start_grpc
 from service.domain import NotFound, StripeInvoice, Unavailable, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.storage import pool as pool_module
 from service.storage.migrations import available, migrate
 from service.storage.postgres import record_time
 from tests.helpers import API_KEY, AUTH
+from tools.stack import free_port
 
 
 async def test_migrating_again_applies_nothing(database: str) -> None:
@@ -120,3 +123,35 @@ async def test_a_draft_deleted_while_its_creation_is_applied_stays_deleted(
     assert set(outcomes) <= {"created", "deleted", "ignored-deleted"}
     survivors = await pool.fetch("SELECT stripe_invoice_id FROM invoices WHERE stripe_invoice_id LIKE 'in_race%'")
     assert survivors == []
+
+
+async def test_an_outage_is_logged_when_it_starts_every_ten_seconds_and_when_it_ends(
+    database: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load every call of an outage fails (and the watch reader's every poll): one
+    line each would bury everything else in the log."""
+    now = [1000.0]
+    monkeypatch.setattr(pool_module, "_clock", lambda: now[0])
+    refused = await storage.connect(f"postgresql://nobody@127.0.0.1:{free_port()}/none", max_size=2, command_timeout=2)
+    live = await storage.connect(database, max_size=2, command_timeout=2)
+    store = storage.Storage(refused)
+    caplog.set_level(logging.INFO, logger=pool_module.__name__)
+    try:
+        for _ in range(50):
+            with pytest.raises(Unavailable):
+                await store.get_invoice("in_abc")
+        now[0] += pool_module.OUTAGE_LOG_EVERY_S
+        with pytest.raises(Unavailable):
+            await store.get_invoice("in_abc")
+        store._pool = live  # Postgres is back
+        with pytest.raises(NotFound):
+            await store.get_invoice("in_abc")
+    finally:
+        await refused.close()
+        await live.close()
+    lines = [(r.levelname, r.getMessage(), getattr(r, "failures", None)) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "database unavailable: ConnectionRefusedError", None),
+        ("WARNING", "database still unavailable: ConnectionRefusedError", 51),
+        ("INFO", "database reachable again", 51),
+    ]

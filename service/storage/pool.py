@@ -31,8 +31,40 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 
+# During an outage every call (and the watch reader's every poll) fails: one WARNING when
+# it starts, then one this often with how many failed meanwhile, and one INFO at its end.
+OUTAGE_LOG_EVERY_S = 10.0
+_clock = time.monotonic  # a test's to move
+
 # Statements are whole literals, except the list, whose WHERE is assembled from the
 # constant fragments below (values are always $n parameters).
+
+
+class _Outage:
+    """The log of one stretch of failures to reach the database."""
+
+    def __init__(self, exc: BaseException, now: float) -> None:
+        self.started = self.logged = now
+        self.failures, self.unlogged = 1, 0
+        log.warning("database unavailable: %s", type(exc).__name__)
+
+    def failed(self, exc: BaseException, now: float) -> None:
+        self.failures += 1
+        self.unlogged += 1
+        if now - self.logged >= OUTAGE_LOG_EVERY_S:
+            log.warning(
+                "database still unavailable: %s",
+                type(exc).__name__,
+                extra={
+                    "failures": self.failures,
+                    "since_last_line": self.unlogged,
+                    "for_s": round(now - self.started, 1),
+                },
+            )
+            self.logged, self.unlogged = now, 0
+
+    def ended(self, now: float) -> None:
+        log.info("database reachable again", extra={"failures": self.failures, "for_s": round(now - self.started, 1)})
 
 
 class Pooled:
@@ -41,6 +73,7 @@ class Pooled:
     def __init__(self, pool: asyncpg.Pool, *, observe_wait: Callable[[float], None] | None = None) -> None:
         self._pool = pool
         self._observe_wait = observe_wait
+        self._outage: _Outage | None = None
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
@@ -49,9 +82,15 @@ class Pooled:
             async with self._pool.acquire() as conn:
                 if self._observe_wait is not None:
                     self._observe_wait(time.perf_counter() - started)
+                if self._outage is not None:
+                    self._outage.ended(_clock())
+                    self._outage = None
                 yield conn
         except CONNECTION_ERRORS as exc:
-            log.warning("database unavailable: %s", type(exc).__name__)
+            if self._outage is None:
+                self._outage = _Outage(exc, _clock())
+            else:
+                self._outage.failed(exc, _clock())
             raise Unavailable("the invoice store is unavailable; retry later") from exc
         except asyncpg.UndefinedTableError as exc:
             # The server started before its migrations ran; health still says NOT_SERVING.
