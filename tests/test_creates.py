@@ -20,6 +20,7 @@ from service.domain import CreateInProgress, FailedPrecondition, NewInvoice, Una
 from service.invoices import InvoiceCreator, Timing
 from service.payments import StripePayments
 from service.storage import Storage
+from tests.helpers import until
 from tools.stack import customer_with_card
 
 DECLINED_ON_CHARGE = "4000000000000341"  # attaches, then every charge is declined
@@ -243,6 +244,46 @@ async def test_an_attempt_that_died_holding_its_key_is_taken_over_after_its_leas
     with pytest.raises(CreateInProgress):
         await store.record_create_step("died", claim.attempt, "lined", None, 0.5)
     assert len(await stripe_invoices(stripe_client, customer)) == 1
+
+
+class StoreAway:
+    """The store, away for the first `n` releases of a claim: a failover that cut an
+    attempt off also fails the release that would free its key."""
+
+    def __init__(self, store: Storage, n: int) -> None:
+        self._store, self.left = store, n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def release_create(self, key: str, attempt: int) -> None:
+        if self.left > 0:
+            self.left -= 1
+            raise Unavailable("the invoice store is unavailable; retry later")
+        await self._store.release_create(key, attempt)
+
+
+async def test_a_claim_the_store_could_not_release_is_released_once_it_answers(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """Otherwise the caller's retry waits out the whole lease (40 s here) for an attempt
+    that ended long before."""
+    customer, method = await customer_with_card(stripe_client)
+    away = StoreAway(store, n=2)
+    cut = InvoiceCreator(
+        away, away, Payments(stripe_client, cut_after="draft"), Timing(lease_s=40.0, release_retry_s=0.3)
+    )
+    with pytest.raises(Interrupted):
+        await cut.create(request(customer, method), "released-late")
+    retry = creator(store, Payments(stripe_client), wait_s=0)
+    with pytest.raises(CreateInProgress):  # the release is still owed while the store is away
+        await retry.create(request(customer, method), "released-late")
+    await until(lambda: away.left == 0, "the store answering again")
+    await cut.drain(5)
+    answer = await retry.create(request(customer, method), "released-late")
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert [i.id for i in invoices] == [answer["id"]]
+    assert answer["status"] == "paid"
 
 
 async def test_ten_identical_keyless_creates_at_once_make_one_invoice(
