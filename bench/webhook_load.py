@@ -87,6 +87,7 @@ async def _send(url: str, secret: str, payloads: list[str], concurrency: int, ou
     latencies: list[float] = []
     retries = 0
     answers: Counter[str] = Counter()
+    failed_at: list[tuple[float, str]] = []  # wall-clock time and answer of every failed delivery
     queue = list(reversed(payloads))
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -101,14 +102,14 @@ async def _send(url: str, secret: str, payloads: list[str], concurrency: int, ou
                 try:
                     async with session.post(url, data=payload.encode(), headers=headers) as reply:
                         await reply.read()
-                        answers[str(reply.status)] += 1
-                        ok = 200 <= reply.status < 300
+                        answer, ok = str(reply.status), 200 <= reply.status < 300
                 except aiohttp.ClientError as exc:
-                    answers[type(exc).__name__] += 1
-                    ok = False
+                    answer, ok = type(exc).__name__, False
+                answers[answer] += 1
                 if ok:
                     latencies.append((time.perf_counter() - start) * 1000)
                     break
+                failed_at.append((time.time(), answer))
                 retries += 1
                 attempt += 1
                 await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
@@ -116,7 +117,7 @@ async def _send(url: str, secret: str, payloads: list[str], concurrency: int, ou
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    out.put((latencies, retries, dict(answers)))
+    out.put((latencies, retries, dict(answers), failed_at))
 
 
 def _run(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--lifecycle", choices=sorted(LIFECYCLES), default="short")
+    parser.add_argument("--failure-times", action="store_true", help="list each failed delivery's time and answer")
     args = parser.parse_args()
     payloads = events(args.invoices, args.duplicates, seed=1, kind=args.lifecycle)
     shares = [payloads[i :: args.processes] for i in range(args.processes)]
@@ -143,6 +145,8 @@ def main() -> None:
     unique = sum(len(lifecycle(args.lifecycle, n)) for n in range(args.invoices))
     figures |= {"deliveries": len(payloads), "unique_events": unique, "answers": dict(answers)}
     figures |= {"retries": sum(r[1] for r in results), "seconds": round(seconds, 2)}
+    if args.failure_times:
+        figures["failures_at"] = sorted(f for r in results for f in r[3])
     print(json.dumps(figures))
 
 

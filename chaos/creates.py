@@ -74,7 +74,7 @@ def expected_amount(n: int) -> int:
     return 100 + n % 900
 
 
-async def _create(
+async def create(
     http: httpx.AsyncClient,
     key: str | None,
     body: dict[str, Any],
@@ -109,7 +109,7 @@ async def _create(
     tally.failed[order] = "gave up after the deadline" if attempt < attempts else f"gave up after {attempt}"
 
 
-def _body(customers: list[tuple[str, str]], kind: str, n: int) -> dict[str, Any]:
+def order_body(customers: list[tuple[str, str]], kind: str, n: int) -> dict[str, Any]:
     customer, method = customers[n % len(customers)]
     return {
         "items": [{"name": f"chaos {kind} {n}", "amount": expected_amount(n)}],
@@ -134,13 +134,13 @@ async def create_all(
 
     async def one(n: int, tally: Tally = tally, attempts: int = 1000) -> None:
         async with gate:
-            await _create(http, f"{run}-{n}", _body(customers, "item", n), tally, attempts=attempts)
+            await create(http, f"{run}-{n}", order_body(customers, "item", n), tally, attempts=attempts)
 
     async def burst(n: int) -> None:
         async with gate:
-            body = _body(customers, "keyless", n)
+            body = order_body(customers, "keyless", n)
             await asyncio.gather(
-                *(_create(http, None, body, bursts, order=f"keyless-{n}-{i}") for i in range(KEYLESS_BURST))
+                *(create(http, None, body, bursts, order=f"keyless-{n}-{i}") for i in range(KEYLESS_BURST))
             )
 
     timeout = httpx.Timeout(30)
@@ -169,7 +169,7 @@ async def stripe_invoices(direct: str) -> list[dict[str, Any]]:
     return [invoice.to_dict(for_json=True) async for invoice in page.auto_paging_iter()]
 
 
-async def _database(url: str) -> tuple[dict[str, str | None], dict[str, tuple[str, int]]]:
+async def database_state(url: str) -> tuple[dict[str, str | None], dict[str, tuple[str, int]]]:
     conn = await asyncpg.connect(url)
     try:
         keys = {r["idempotency_key"]: r["stripe_invoice_id"] for r in await conn.fetch("SELECT * FROM create_requests")}
@@ -180,6 +180,22 @@ async def _database(url: str) -> tuple[dict[str, str | None], dict[str, tuple[st
     finally:
         await conn.close()
     return keys, rows
+
+
+def invoices_by_order(invoices: list[dict[str, Any]], run: str) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Stripe's invoices by the order their one item names (`order_body`'s description): keyed
+    orders are `{run}-{n}`, keyless ones `keyless-{n}`; and how many name no one order."""
+    by_order: dict[str, list[dict[str, Any]]] = {}
+    orphans = 0
+    for invoice in invoices:
+        lines = invoice.get("lines", {}).get("data", [])
+        names = {line.get("description", "") for line in lines}
+        if len(names) != 1:
+            orphans += 1  # a draft without its item, or an invoice with mixed items
+            continue
+        _, kind, n = next(iter(names)).split(" ")
+        by_order.setdefault(f"{run}-{n}" if kind == "item" else f"keyless-{n}", []).append(invoice)
+    return by_order, orphans
 
 
 def verify(
@@ -193,16 +209,7 @@ def verify(
     """The figures, per order: keyed orders are `{run}-{n}`, keyless ones `keyless-{n}`."""
     tally, bursts = tallies
     creates, keyless = counts
-    by_order: dict[str, list[dict[str, Any]]] = {}
-    orphans = 0
-    for invoice in invoices:
-        lines = invoice.get("lines", {}).get("data", [])
-        names = {line.get("description", "") for line in lines}
-        if len(names) != 1:
-            orphans += 1  # a draft without its item, or an invoice with mixed items
-            continue
-        _, kind, n = next(iter(names)).split(" ")
-        by_order.setdefault(f"{run}-{n}" if kind == "item" else f"keyless-{n}", []).append(invoice)
+    by_order, orphans = invoices_by_order(invoices, run)
     expected = {f"{run}-{n}": expected_amount(n) for n in range(creates)}
     expected |= {f"keyless-{n}": expected_amount(n) for n in range(keyless)}
     doubled = [k for k, found in by_order.items() if len(found) > 1]
@@ -256,14 +263,14 @@ async def settle(url: str, direct: str, within_s: float = 120) -> tuple[list[dic
     deadline = time.monotonic() + within_s
     while True:
         invoices = await stripe_invoices(direct)
-        keys, rows = await _database(url)
+        keys, rows = await database_state(url)
         agree = all(rows.get(inv["id"]) == (inv["status"], inv["total"]) for inv in invoices)
         if agree or time.monotonic() > deadline:
             return invoices, keys, rows
         await asyncio.sleep(1)
 
 
-async def _customers(direct: str) -> list[tuple[str, str]]:
+async def customers_of(direct: str) -> list[tuple[str, str]]:
     client = payments.client(LOCALSTRIPE_KEY, api_base=direct, timeout_s=30, max_retries=0)
     return [await customer_with_card(client) for _ in range(CUSTOMERS)]
 
@@ -296,7 +303,7 @@ def main() -> None:
                 base = f"http://127.0.0.1:{running.gateway_port}"
                 wait_until_routed(base, API_KEY)
                 register_webhook(stripe_port, f"{base}/webhooks/stripe", SECRET)
-                customers = asyncio.run(_customers(direct))
+                customers = asyncio.run(customers_of(direct))
                 started = time.monotonic()
                 tally, bursts = asyncio.run(create_all(base, direct, customers, creates, keyless, run))
                 elapsed = time.monotonic() - started

@@ -1,6 +1,8 @@
-"""`make chaos` at a reduced size: the webhook storm with Postgres stopped halfway, and
-Creates through a fault-injecting Stripe proxy. The full size (1,000 invoices and 10,000
-deliveries; 1,000 Creates) is `make chaos`; restart under load is tests/test_restart.py."""
+"""`make chaos` at a reduced size: the webhook storm with Postgres stopped halfway, Creates
+through a fault-injecting Stripe proxy, and two Postgres failovers under load. The full
+size (1,000 invoices and 10,000 deliveries; 1,000 Creates; 1,500 invoices' events through
+the failovers) is `make chaos`; restarts under load are tests/test_restart.py and
+tests/test_rolling.py."""
 
 from __future__ import annotations
 
@@ -104,6 +106,29 @@ def test_creates_under_stripe_stalls_alone_time_out_and_still_make_one_invoice_p
     assert figures["keys_with_one_invoice"] == 10
     assert figures["keyless_orders_with_one_invoice"] == 1
     assert figures["orders_charged_twice"] == figures["rows_disagreeing_with_stripe"] == 0
+
+
+def test_two_postgres_failovers_under_load_lose_and_double_nothing() -> None:
+    """SIGKILL to the synchronous primary mid-storm, the standby promoted, the old primary
+    rewound and rejoined, then the same back: the server and the sidecar follow through
+    their multi-host DATABASE_URL without a restart."""
+    figures = _scenario("failover", CHAOS_FAILOVER_INVOICES="400")
+    assert figures["events_recorded"] == figures["events_expected"] == 2800
+    assert figures["acknowledged_events_lost"] == figures["events_doubled"] == 0
+    assert figures["invoices_not_created_once"] == figures["invoices_in_wrong_state"] == 0
+    assert figures["stripe_invoices_per_order_max"] == 1
+    assert figures["orders_charged_twice"] == figures["answers_naming_another_invoice"] == 0
+    assert figures["orders_answered"] == figures["stripe_invoices"] > 0
+    # Callers were told "retry later" and nothing else, and only while Postgres failed over.
+    assert figures["answers_not_allowed"] == figures["failures_outside_failovers"] == {}
+    assert [(f["from"], f["to"], f["replication"]) for f in figures["failovers"]] == [
+        ("n0", "n1", "n0:sync"),
+        ("n1", "n0", "n1:sync"),
+    ]
+    for failover in figures["failovers"]:
+        # Each kill struck the storm and the callers: it was not a quiet moment.
+        assert failover["storm_running"]
+        assert failover["webhooks"]["failed"] > 0 and failover["rest"]["failed"] > 0
 
 
 class _Rigged(random.Random):
