@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -41,6 +42,7 @@ from tests.helpers import (
     wait_until,
 )
 from tools.stack import (
+    DIRECT_SERVICE_CONFIG,
     LOCALSTRIPE_KEY,
     Part,
     customer_with_card,
@@ -85,27 +87,6 @@ def _creates(base: str, customer: str, method: str, stop: threading.Event, seen:
                 seen[type(exc).__name__] += 1
 
 
-# What the README asks direct gRPC callers to use: every replica's address, round robin,
-# and reads retried on UNAVAILABLE (a replica that went away under the call).
-SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": [{"service": "billing.v1.InvoiceService", "method": m} for m in ("ListInvoices", "GetInvoice")],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-)
-
-
 @dataclass
 class Rolled:
     """What every caller got while the replicas rolled."""
@@ -126,7 +107,7 @@ async def _async_callers(target: str, base: str, ready: threading.Event, stop: t
     ready.set()
 
     async def direct() -> None:
-        options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        options = [("grpc.service_config", DIRECT_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         async with grpc.aio.insecure_channel(target, options=options) as channel:
             stub = pb_grpc.InvoiceServiceStub(channel)
             while not stop.is_set():
@@ -163,7 +144,7 @@ async def _async_callers(target: str, base: str, ready: threading.Event, stop: t
     out.watched = [w.ids for w in watchers]
 
 
-def _roll(database: str, tmp_path: Path, localstripe: str, drain_s: str) -> Rolled:
+def _roll(database: str, tmp_path: Path, localstripe: str, drain_s: str, rounds: int = 1) -> Rolled:
     ports, hook_ports = [free_port(), free_port()], [free_port(), free_port()]
     base_env = stack_env(database, tmp_path, localstripe) | {"SHUTDOWN_DRAIN_S": drain_s, "SHUTDOWN_GRACE_S": "10"}
     envs = [base_env | {"GRPC_PORT": str(p), "METRICS_PORT": "0"} for p in ports]
@@ -196,18 +177,19 @@ def _roll(database: str, tmp_path: Path, localstripe: str, drain_s: str) -> Roll
         for w in workers:
             w.start()
         time.sleep(1)
-        for i, env in enumerate(envs):
-            servers[i].process.send_signal(signal.SIGTERM)
-            assert servers[i].process.wait(timeout=30) == 0
-            servers[i] = start_service(env, log=log)[0]
-            wait_until_serving(ports[i])
-            # Ready is when the load balancer sends it calls again, not when it says SERVING.
-            wait_until(partial(_routed, admin_port, "invoice_grpc", ports[i]), f"Envoy routing to {ports[i]} again")
-        for i, env in enumerate(hook_envs):
-            sidecars[i].process.send_signal(signal.SIGTERM)
-            assert sidecars[i].process.wait(timeout=30) == 0
-            sidecars[i] = start_webhooks(env, log=log)[0]
-            wait_until(partial(_routed, admin_port, "webhooks", hook_ports[i]), f"Envoy routing to {hook_ports[i]}")
+        for _ in range(rounds):
+            for i, env in enumerate(envs):
+                servers[i].process.send_signal(signal.SIGTERM)
+                assert servers[i].process.wait(timeout=30) == 0
+                servers[i] = start_service(env, log=log)[0]
+                wait_until_serving(ports[i])
+                # Ready is when the load balancer sends it calls again, not when it says SERVING.
+                wait_until(partial(_routed, admin_port, "invoice_grpc", ports[i]), f"Envoy routing to {ports[i]}")
+            for i, env in enumerate(hook_envs):
+                sidecars[i].process.send_signal(signal.SIGTERM)
+                assert sidecars[i].process.wait(timeout=30) == 0
+                sidecars[i] = start_webhooks(env, log=log)[0]
+                wait_until(partial(_routed, admin_port, "webhooks", hook_ports[i]), f"Envoy routing to {hook_ports[i]}")
         time.sleep(1)
         stop.set()
         for w in workers:
@@ -234,7 +216,19 @@ async def _recorded(database: str) -> list[str]:
 def test_a_rolling_restart_under_load_fails_no_call_and_loses_nothing(
     database: str, tmp_path: Path, localstripe: str
 ) -> None:
-    rolled = _roll(database, tmp_path, localstripe, drain_s="2")
+    rounds = int(os.environ.get("CHAOS_ROLLING_ROUNDS", "1"))
+    rolled = _roll(database, tmp_path, localstripe, drain_s="2", rounds=rounds)
+    figures = {
+        "rounds": rounds,
+        "rest_reads": dict(rolled.reads),
+        "creates": dict(rolled.writes),
+        "direct_grpc_reads": dict(rolled.direct),
+        "deliveries": dict(rolled.deliveries),
+        "events_sent": len(rolled.sent),
+        "changes_seen_per_watcher": [len(w) for w in rolled.watched],
+    }
+    if "CHAOS_FIGURES" in os.environ:  # make chaos prints them
+        Path(os.environ["CHAOS_FIGURES"]).write_text(json.dumps(figures))
     assert rolled.reads["200"] > 0 and rolled.writes["200"] > 0 and rolled.direct["OK"] > 0
     assert set(rolled.reads) == {"200"}, rolled.reads
     assert set(rolled.writes) == {"200"}, rolled.writes

@@ -47,6 +47,30 @@ LOCAL_WEBHOOK_SECRET = "whsec_local_development_only"  # noqa: S105 - local emul
 VISA = "4242424242424242"
 
 
+# What the README asks direct gRPC callers to use: every replica's address, round robin
+# over those whose health says SERVING (a draining one says NOT_SERVING before it stops:
+# without the health watch, a call that raced its stop was answered CANCELLED in 1 of
+# 1,000), and reads retried on UNAVAILABLE (a replica that went away under the call).
+DIRECT_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "billing.v1.InvoiceService"},
+        "methodConfig": [
+            {
+                "name": [{"service": "billing.v1.InvoiceService", "method": m} for m in ("ListInvoices", "GetInvoice")],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
 def free_port() -> int:
     """A port free now, for parts that cannot report the one they picked (localstripe)."""
     with socket.socket() as probe:
