@@ -342,3 +342,32 @@ def test_checkov_finds_nothing_and_every_skip_is_used(rendered: dict[str, list[O
                     annotated.add((check, f"{doc['kind']}.{meta.get('namespace', 'default')}.{meta['name']}"))
     skipped = {(c["check_id"], c["resource"]) for c in results["skipped_checks"]}
     assert skipped == annotated
+
+
+def test_the_ha_postgres_keeps_each_acknowledged_commit_on_two_nodes() -> None:
+    """deploy/postgres: the CloudNativePG Cluster deploy/README.md names. Kubernetes'
+    schemas do not cover the operator's kind, so this checks what the README promises of
+    it: three instances on three nodes, one synchronous standby required for every commit,
+    the roles and database the Secret's URLs name, and what pg_rewind needs."""
+    docs = list(yaml.safe_load_all(_kustomize(DEPLOY / "postgres")))
+    assert [(d["apiVersion"], d["kind"]) for d in docs] == [("postgresql.cnpg.io/v1", "Cluster")]
+    spec = docs[0]["spec"]
+    assert spec["instances"] == 3
+    assert spec["postgresql"]["synchronous"] == {"method": "any", "number": 1, "dataDurability": "required"}
+    assert spec["postgresql"]["parameters"]["wal_log_hints"] == "on"
+    assert spec["affinity"] == {
+        "enablePodAntiAffinity": True,
+        "topologyKey": "kubernetes.io/hostname",
+        "podAntiAffinityType": "required",
+    }
+    assert (spec["bootstrap"]["initdb"]["database"], spec["bootstrap"]["initdb"]["owner"]) == (
+        "invoices",
+        "invoice_owner",
+    )
+    assert [(r["name"], r["login"]) for r in spec["managed"]["roles"]] == [("invoice_app", True)]
+    # The README's Secret points both URLs at the Cluster's read-write Service, and asks
+    # for the primary: a connection that lands on a demoted node is refused and retried.
+    readme = (DEPLOY / "README.md").read_text()
+    rw = f"{docs[0]['metadata']['name']}-rw"
+    assert f"postgresql://invoice_app:…@{rw}:5432/invoices?target_session_attrs=read-write" in readme
+    assert f"postgresql://invoice_owner:…@{rw}:5432/invoices?target_session_attrs=read-write" in readme
