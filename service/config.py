@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service import auth
 from service.validation import DEFAULT_MAX_OFFSET
 
 
@@ -70,7 +71,9 @@ class Settings(BaseSettings):
 
     grpc_host: str = "[::]"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
-    # Comma-separated; several keys at once allow rotation without downtime.
+    # Comma-separated `name:scope:key` entries, scope `read` (List, Get, Watch) or `write`
+    # (every call); a bare `key` means `write` (service/auth.py). Several keys at once
+    # allow rotation without downtime.
     admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     # How long SIGTERM waits for in-flight calls before cancelling them.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
@@ -138,6 +141,12 @@ class Settings(BaseSettings):
         problems = []
         if command == "serve" and self.database_url is not None and not self.admin_api_keys:
             problems.append("ADMIN_API_KEYS must be set when DATABASE_URL is set")
+        if command == "serve":
+            # Here, not in a validator: pydantic's error would quote the input, keys and all.
+            try:
+                auth.parse_keys(k.get_secret_value() for k in self.admin_api_keys)
+            except ValueError as exc:  # names the entry by its place, never by its key
+                problems.append(str(exc))
         if command == "webhooks" and not self.stripe_webhook_secrets:
             problems.append("STRIPE_WEBHOOK_SECRETS must be set for the webhook sidecar")
         if command == "webhooks" and self.stripe_mode is None and self.stripe_api_key is None:

@@ -1,6 +1,7 @@
 """The gRPC edge's cross-cutting rules, applied to every InvoiceService method once, when
 the server is built: each call observed (a log line and metrics, under its request id),
-who may call (admin API keys), and how domain errors become gRPC statuses. Streams
+who may call (admin API keys with names and scopes, service/auth.py), and how domain
+errors become gRPC statuses. Streams
 (WatchInvoices) get the same rules: the key and readiness checks before the first
 message, errors mapped whenever they come, and one log line when the stream ends, with
 the messages it sent. The health and
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -22,6 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import logs
+from service.auth import CALLER, ApiKeys, Caller
 from service.domain import DomainError, InvalidArgument
 from service.errors import status_of
 from service.logs import REQUEST_ID
@@ -43,23 +44,6 @@ def _status(error: DomainError) -> grpc.Status:
         status.details.add().Pack(detail)
     result: grpc.Status = rpc_status.to_status(status)
     return result
-
-
-class ApiKeys:
-    """Metadata `api-key` must equal one of the admin keys, compared in constant time
-    against every key so timing tells nothing about which one nearly matched."""
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = [k.encode() for k in keys]
-        if not self._keys:
-            raise ValueError("at least one admin API key is required")
-
-    def allow(self, metadata: Iterable[tuple[str, str | bytes]]) -> bool:
-        offered = next((v for k, v in metadata if k == "api-key"), None)
-        if offered is None:
-            return False
-        candidate = offered.encode() if isinstance(offered, str) else offered
-        return sum(hmac.compare_digest(candidate, key) for key in self._keys) > 0
 
 
 def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
@@ -104,29 +88,48 @@ class Edge:
         # serves the calls that still arrive.
         self.not_ready: str | None = None if ready else "starting"
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], metadata: Any) -> None:
-        if not self._keys.allow(metadata):
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], metadata: Any, method: str) -> Caller:
+        caller = self._keys.identify(next((v for k, v in metadata if k == "api-key"), None))
+        if caller is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or invalid api-key metadata (REST: Api-Key header)"
             )
+        CALLER.set(caller)
+        if not caller.may_call(method):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the key {caller.name!r} is a {caller.scope} key: it may list, get and watch;"
+                f" {method} needs a write key",
+            )
         if self.not_ready is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not ready: {self.not_ready}; retry later")
+        return caller
 
     def _recorder(self, method: str) -> Callable[[str, float, dict[str, Any]], None]:
-        """Counts, times and logs one finished call of `method` by its final code."""
+        """Counts, times and logs one finished call of `method` by its final code, and by
+        its caller's name (`-` for a call refused before it named one)."""
         calls, seconds_by = self._metrics.rpc_calls, self._metrics.rpc_seconds
-        # This method's series by final code, looked up once each (labels() takes a lock).
-        series: dict[str, tuple[Any, Any]] = {}
+        # This method's series by final code and caller, looked up once each (labels() takes a lock).
+        series: dict[tuple[str, str], tuple[Any, Any]] = {}
 
         def record(code: str, seconds: float, extra: dict[str, Any]) -> None:
-            counted = series.get(code)
+            caller = CALLER.get()
+            name = caller.name if caller is not None else "-"
+            counted = series.get((code, name))
             if counted is None:
-                counted = series[code] = (calls.labels(method, code), seconds_by.labels(method, code))
+                counted = series[code, name] = (calls.labels(method, code, name), seconds_by.labels(method, code))
             counted[0].inc()
             counted[1].observe(seconds)
             if log.isEnabledFor(logging.INFO):
                 log.info(
-                    "rpc", extra={"method": method, "code": code, "duration_ms": round(seconds * 1000, 2), **extra}
+                    "rpc",
+                    extra={
+                        "method": method,
+                        "code": code,
+                        "caller": name,
+                        "duration_ms": round(seconds * 1000, 2),
+                        **extra,
+                    },
                 )
 
         return record
@@ -138,11 +141,11 @@ class Edge:
         async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata() or ()
             request_id = logs.request_id(next((str(v) for k, v in metadata if k == "x-request-id"), None))
-            token = REQUEST_ID.set(request_id)
+            token, caller_token = REQUEST_ID.set(request_id), CALLER.set(None)
             started, code = time.perf_counter(), "OK"
             try:
                 context.set_trailing_metadata((("x-request-id", request_id),))
-                await admit(context, metadata)
+                await admit(context, metadata, method)
                 try:
                     return await behavior(request, context)
                 except Exception as exc:
@@ -152,6 +155,7 @@ class Edge:
                 raise
             finally:
                 record(code, time.perf_counter() - started, no_extra)
+                CALLER.reset(caller_token)
                 REQUEST_ID.reset(token)
 
         return edge
@@ -165,11 +169,11 @@ class Edge:
         async def edge(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
             metadata = context.invocation_metadata() or ()
             request_id = logs.request_id(next((str(v) for k, v in metadata if k == "x-request-id"), None))
-            token = REQUEST_ID.set(request_id)
+            token, caller_token = REQUEST_ID.set(request_id), CALLER.set(None)
             started, code, sent = time.perf_counter(), "OK", 0
             try:
                 context.set_trailing_metadata((("x-request-id", request_id),))
-                await admit(context, metadata)
+                await admit(context, metadata, method)
                 streams.inc()
                 try:
                     # Closed here, not whenever the collector gets to it: its cleanup runs
@@ -189,6 +193,7 @@ class Edge:
             finally:
                 record(code, time.perf_counter() - started, {"messages": sent})
                 with contextlib.suppress(ValueError):  # a generator closed from another context
+                    CALLER.reset(caller_token)
                     REQUEST_ID.reset(token)
 
         return edge

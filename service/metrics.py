@@ -35,7 +35,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.rpc_calls = Counter(
-            "invoice_rpc_calls", "gRPC calls by method and status code", ["method", "code"], registry=r
+            "invoice_rpc_calls",
+            "gRPC calls by method, status code and caller (the API key's name, never the key)",
+            ["method", "code", "caller"],
+            registry=r,
         )
         self.rpc_seconds = Histogram(
             "invoice_rpc_duration_seconds", "gRPC call latency", ["method", "code"], registry=r, buckets=LATENCY_BUCKETS

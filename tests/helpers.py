@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 API_KEY = "test-admin-key-current"
 ROTATED_KEY = "test-admin-key-next"
+# A named key that may only read (List, Get, Watch), as a watching service holds.
+READER = "provisioner"
+READ_KEY = "test-read-key"
 AUTH = (("api-key", API_KEY),)
 
 
@@ -104,7 +107,7 @@ def stack_env(database: str, tmp: Path, localstripe: str = "", metrics_port: int
         # The row-privileged role a deployment uses, not the owner the tests inspect with.
         storage.with_user(database, SERVICE_ROLE),
         tmp,
-        api_keys=f"{API_KEY},{ROTATED_KEY}",
+        api_keys=f"{API_KEY},{ROTATED_KEY},{READER}:read:{READ_KEY}",
         webhook_secrets=f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
         STRIPE_API_KEY=LOCALSTRIPE_KEY,
         STRIPE_API_BASE=localstripe,

@@ -14,13 +14,14 @@ import pytest
 from google.protobuf import symbol_database
 
 from service.app import GrpcServer, start_grpc
+from service.auth import READ_METHODS
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.metrics import Metrics
 from service.rpc import InvoiceServicer
 from service.storage import Storage
 from service.watch import Watches
-from tests.helpers import API_KEY, poll_until
+from tests.helpers import API_KEY, READ_KEY, READER, poll_until
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InvoiceService"]
 METHODS = list(SERVICE.methods)
@@ -44,7 +45,9 @@ def _call(channel: grpc.aio.Channel, method: Any) -> Callable[..., Awaitable[Any
 @pytest.fixture
 async def metered(store: Storage, watches: Watches) -> AsyncIterator[tuple[GrpcServer, Metrics]]:
     metrics = Metrics()
-    running = await start_grpc(store, [API_KEY], "127.0.0.1:0", metrics=metrics, watches=watches)
+    running = await start_grpc(
+        store, [API_KEY, f"{READER}:read:{READ_KEY}"], "127.0.0.1:0", metrics=metrics, watches=watches
+    )
     yield running, metrics
     await running.server.stop(None)
 
@@ -68,10 +71,42 @@ async def test_every_method_refuses_a_call_without_a_valid_key_and_counts_it(
     async def counted() -> float | None:
         # The edge counts a call as it ends, just after abort has sent its status.
         return metrics.registry.get_sample_value(
-            "invoice_rpc_calls_total", {"method": method.name, "code": "UNAUTHENTICATED"}
+            "invoice_rpc_calls_total", {"method": method.name, "code": "UNAUTHENTICATED", "caller": "-"}
         )
 
     assert await poll_until(counted, f"{method.name} counted") == 1
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+async def test_a_read_key_may_list_get_and_watch_and_nothing_else(
+    metered: tuple[GrpcServer, Metrics], method: Any
+) -> None:
+    """A method added later needs a write key unless it is named a read method."""
+    running, metrics = metered
+    request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        try:
+            await _call(channel, method)(request_type(), metadata=(("api-key", READ_KEY),), timeout=0.5)
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            details = exc.details() or ""
+    if method.name in READ_METHODS:
+        # Past the key: validated (an empty Get), answered, or a watch that ran until the deadline.
+        assert code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED}
+    else:
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert f"{READER!r} is a read key" in details and method.name in details
+        assert READ_KEY not in details
+
+    async def counted() -> float | None:
+        # A watch the client's deadline ended is CANCELLED on the server's side.
+        server_code = "CANCELLED" if code == grpc.StatusCode.DEADLINE_EXCEEDED else code.name
+        return metrics.registry.get_sample_value(
+            "invoice_rpc_calls_total", {"method": method.name, "code": server_code, "caller": READER}
+        )
+
+    assert await poll_until(counted, f"{method.name} counted under {READER}") == 1
 
 
 class Partial(InvoiceServicer):
@@ -113,6 +148,8 @@ async def test_a_stream_is_logged_once_when_it_ends_and_counted_as_it_goes(
     assert (line.code, line.messages) == ("CANCELLED", 1)
     assert metrics.registry.get_sample_value("invoice_rpc_streams_open", {"method": "WatchInvoices"}) == 0
     assert (
-        metrics.registry.get_sample_value("invoice_rpc_calls_total", {"method": "WatchInvoices", "code": "CANCELLED"})
+        metrics.registry.get_sample_value(
+            "invoice_rpc_calls_total", {"method": "WatchInvoices", "code": "CANCELLED", "caller": "key1"}
+        )
         == 1
     )

@@ -23,6 +23,8 @@ from service.storage import Storage
 from tests.helpers import (
     ADDED_INVOICE_KEYS,
     API_KEY,
+    READ_KEY,
+    READER,
     ROTATED_KEY,
     Stack,
     has_shape,
@@ -112,6 +114,23 @@ async def test_pagination_through_rest(http: httpx.AsyncClient, stack_store: Sto
         params = {"limit": 3, "pageToken": page["nextPageToken"]}
     assert [i["invoiceId"] for p in by_token for i in p["invoices"]] == ids
     assert {p["count"] for p in by_token} == {7}
+
+
+async def test_a_read_key_lists_and_gets_but_is_refused_writes_with_403(stack: Stack, stack_store: Storage) -> None:
+    invoice = make_invoice(1)
+    await save_invoice(stack_store, invoice)
+    async with httpx.AsyncClient(base_url=stack.base_url, headers={"Api-Key": READ_KEY}, timeout=10) as reader:
+        assert (await reader.get("/admin/api/invoices")).status_code == 200
+        assert (await reader.get(f"/admin/api/invoices/{invoice.stripe_invoice_id}")).status_code == 200
+        body = {"items": [{"name": "x", "amount": 100}], "customer": "cus_1", "paymentMethod": "pm_1"}
+        _assert_error(await reader.post("/admin/api/invoices", json=body), 403, 7, f"{READER!r} is a read key")
+        _assert_error(await reader.post(f"/admin/api/invoices/{invoice.id}:pay", json={}), 403, 7, "PayInvoice")
+        _assert_error(await reader.post(f"/admin/api/invoices/{invoice.id}:void", json={}), 403, 7, "VoidInvoice")
+    # The log names the caller by its key's name, never by the key.
+    lines = [json.loads(line) for line in stack.log.read_text().splitlines() if line.startswith('{"time"')]
+    refused = [line for line in lines if line.get("code") == "PERMISSION_DENIED"]
+    assert refused and {line["caller"] for line in refused} == {READER}
+    assert READ_KEY not in stack.log.read_text()
 
 
 async def test_the_api_key_header_reaches_the_service(http: httpx.AsyncClient, stack: Stack) -> None:

@@ -63,9 +63,14 @@ async def test_rpc_calls_are_counted_and_timed_by_method_and_code(stack: Stack, 
     assert (await http.get("/admin/api/invoices", headers={"Api-Key": "wrong"})).status_code == 401
     after = scrape(server)
 
-    for method, code in (("ListInvoices", "OK"), ("GetInvoice", "NOT_FOUND"), ("ListInvoices", "UNAUTHENTICATED")):
-        calls = value(after, "invoice_rpc_calls_total", method=method, code=code)
-        assert calls - value(before, "invoice_rpc_calls_total", method=method, code=code) == 1, (method, code)
+    # Counted by the caller's name too (the first, bare key of the list is `key1`; `-`: no key).
+    for method, code, caller in (
+        ("ListInvoices", "OK", "key1"),
+        ("GetInvoice", "NOT_FOUND", "key1"),
+        ("ListInvoices", "UNAUTHENTICATED", "-"),
+    ):
+        calls = value(after, "invoice_rpc_calls_total", method=method, code=code, caller=caller)
+        assert calls - value(before, "invoice_rpc_calls_total", method=method, code=code, caller=caller) == 1
         timed = value(after, "invoice_rpc_duration_seconds_count", method=method, code=code)
         assert timed - value(before, "invoice_rpc_duration_seconds_count", method=method, code=code) == 1
     assert value(after, "invoice_rpc_duration_seconds_bucket", method="ListInvoices", code="OK", le="+Inf") >= 1
