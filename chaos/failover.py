@@ -54,7 +54,7 @@ from tools.stack import (
 
 SECRET = "whsec_chaos_failover"  # noqa: S105 - a local run's own secret
 # The failovers start when this share of the storm's events is recorded.
-FAILOVER_AT = (0.2, 0.6)
+FAILOVER_AT = (0.15, 0.3)
 # A failure counts as the failover's if it came from its kill until this long after the
 # standby rejoined (or the next kill); any other failure fails the scenario.
 SETTLED_S = 10.0
@@ -189,6 +189,35 @@ async def _orders(url: str, direct: str, tally: Tally, run: str) -> dict[str, An
     return figures
 
 
+def _fail_over_twice(pair: Pair, url: str, unique: int, sender: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """Each failover once its share of the storm's events is recorded (and PAUSE_S after
+    the last rejoin): SIGKILL to the primary, the standby promoted, the old primary
+    rewound and rejoined; what happened when."""
+    failovers: list[dict[str, Any]] = []
+    for share in FAILOVER_AT:
+
+        def reached(share: float = share, after: float = time.time() + PAUSE_S) -> bool:
+            if time.time() < after:
+                return False
+            try:
+                return asyncio.run(events_recorded(url)) >= unique * share or sender.poll() is not None
+            except CONNECTION_ERRORS:
+                return False
+
+        _when(reached, f"{share:.0%} of the events recorded")
+        failover: dict[str, Any] = {"storm_running": sender.poll() is None, "from": pair.primary.name}
+        failover["killed_at"] = time.time()
+        pair.kill_primary()
+        pair.promote()
+        failover["promoted_after_s"] = round(time.time() - failover["killed_at"], 2)
+        pair.rejoin()
+        failover["rejoined_at"] = time.time()
+        failover["rejoined_after_s"] = round(failover["rejoined_at"] - failover["killed_at"], 2)
+        failover |= {"to": pair.primary.name, "replication": pair.synchronous_state()}
+        failovers.append(failover)
+    return failovers
+
+
 def main() -> None:
     invoices = int(os.environ.get("CHAOS_FAILOVER_INVOICES", "1500"))
     work = ROOT / ".build" / "chaos-failover"
@@ -198,7 +227,6 @@ def main() -> None:
     pair.start()
     run = f"failover-{uuid.uuid4().hex[:8]}"
     unique = sum(len(lifecycle("long", n)) for n in range(invoices))
-    failovers: list[dict[str, Any]] = []
     stripe_port = free_port()
     try:
         url = asyncio.run(storage.fresh_database(pair.dsn(), "chaos_failover"))
@@ -227,34 +255,23 @@ def main() -> None:
                     spawn = multiprocessing.get_context("spawn")
                     stop, results = spawn.Event(), spawn.Queue()
                     target = f"127.0.0.1:{running.grpc_port}"
-                    callers = spawn.Process(target=_run_callers, args=(base, target, customers, run, stop, results))
-                    callers.start()
-                    for share in FAILOVER_AT:
-
-                        def reached(share: float = share, after: float = time.time() + PAUSE_S) -> bool:
-                            if time.time() < after:
-                                return False
-                            try:
-                                return asyncio.run(events_recorded(url)) >= unique * share or sender.poll() is not None
-                            except CONNECTION_ERRORS:
-                                return False
-
-                        _when(reached, f"{share:.0%} of the events recorded")
-                        failover: dict[str, Any] = {"storm_running": sender.poll() is None, "from": pair.primary.name}
-                        failover["killed_at"] = time.time()
-                        pair.kill_primary()
-                        pair.promote()
-                        failover["promoted_after_s"] = round(time.time() - failover["killed_at"], 2)
-                        pair.rejoin()
-                        failover["rejoined_at"] = time.time()
-                        failover["rejoined_after_s"] = round(failover["rejoined_at"] - failover["killed_at"], 2)
-                        failover |= {"to": pair.primary.name, "replication": pair.synchronous_state()}
-                        failovers.append(failover)
-                    out, _ = sender.communicate(timeout=600)
-                    time.sleep(1)  # Creates and reads after the last failover, too
-                    stop.set()
-                    load: Load = results.get(timeout=120)
-                    callers.join(timeout=30)
+                    callers = spawn.Process(
+                        target=_run_callers, args=(base, target, customers, run, stop, results), daemon=True
+                    )
+                    try:
+                        callers.start()
+                        failovers = _fail_over_twice(pair, url, unique, sender)
+                        out, _ = sender.communicate(timeout=600)
+                        time.sleep(1)  # Creates and reads after the last failover, too
+                        stop.set()
+                        load: Load = results.get(timeout=120)
+                        callers.join(timeout=30)
+                    finally:  # a failure above must not leave the load running
+                        stop.set()
+                        if sender.poll() is None:
+                            sender.kill()
+                        if callers.is_alive():
+                            callers.terminate()
                     storm = json.loads(out.strip().splitlines()[-1])
                     applications = event_applications(running.webhook_port)
                 figures: dict[str, Any] = {"invoices": invoices, "deliveries": storm["deliveries"]}

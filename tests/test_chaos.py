@@ -112,8 +112,8 @@ def test_two_postgres_failovers_under_load_lose_and_double_nothing() -> None:
     """SIGKILL to the synchronous primary mid-storm, the standby promoted, the old primary
     rewound and rejoined, then the same back: the server and the sidecar follow through
     their multi-host DATABASE_URL without a restart."""
-    figures = _scenario("failover", CHAOS_FAILOVER_INVOICES="400")
-    assert figures["events_recorded"] == figures["events_expected"] == 2800
+    figures = _scenario("failover", CHAOS_FAILOVER_INVOICES="500")
+    assert figures["events_recorded"] == figures["events_expected"] == 3500
     assert figures["acknowledged_events_lost"] == figures["events_doubled"] == 0
     assert figures["invoices_not_created_once"] == figures["invoices_in_wrong_state"] == 0
     assert figures["stripe_invoices_per_order_max"] == 1
