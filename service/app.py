@@ -33,7 +33,7 @@ from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
 from service.invoices import InvoiceCreator, NoStripe, Timing
 from service.metrics import Metrics, add_routes
 from service.payments import StripePayments
-from service.rpc import Creator, InvoiceServicer, InvoiceStore
+from service.rpc import AuditTrail, Creator, InvoiceServicer, InvoiceStore
 from service.storage import changes
 from service.validation import DEFAULT_MAX_OFFSET
 from service.watch import Watches, WatchLimits
@@ -92,6 +92,8 @@ async def start_grpc(
     metrics: Metrics | None = None,
     max_offset: int = DEFAULT_MAX_OFFSET,
     watches: Watches | None = None,
+    audit: AuditTrail | None = None,
+    tls: ServerTls | None = None,
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
     health says SERVING now if `ready`, else NOT_SERVING until `set_serving`. It stops
@@ -102,8 +104,8 @@ async def start_grpc(
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ]
     )
-    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset, watches)
-    edge = Edge(api_keys, metrics or Metrics(), ready=ready)
+    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset, watches, audit)
+    edge = Edge(api_keys, metrics or Metrics(), ready=ready, subjects=tls.client_subjects if tls else ())
     methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name
     streaming = [name for name, m in methods.items() if m.client_streaming]
     if streaming:  # the edge wraps unary calls and server streams: one would skip it, or break, unnoticed
@@ -119,11 +121,35 @@ async def start_grpc(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     await server.start()
     running = GrpcServer(server, port, health_servicer, edge, watches)
     await running.set_serving(ready)
     return running
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The gRPC server's TLS: its certificate chain and key (PEM), and with a client CA,
+    client certificates required (mTLS), those of `client_subjects` naming callers."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+    client_subjects: tuple[str, ...] = ()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.client_ca, require_client_auth=self.client_ca is not None
+        )
+
+
+def server_tls(settings: Settings) -> ServerTls | None:
+    if settings.grpc_tls_cert is None or settings.grpc_tls_key is None:
+        return None
+    ca = Path(settings.grpc_tls_client_ca).read_bytes() if settings.grpc_tls_client_ca else None
+    cert, key = Path(settings.grpc_tls_cert).read_bytes(), Path(settings.grpc_tls_key).read_bytes()
+    return ServerTls(cert, key, ca, settings.grpc_tls_client_subjects)
 
 
 @dataclass(frozen=True)
@@ -303,6 +329,8 @@ async def serve(settings: Settings) -> None:
             metrics=metrics,
             max_offset=settings.list_max_offset,
             watches=watches,
+            audit=store,
+            tls=server_tls(settings),
         )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})
         print(f"gRPC  InvoiceService  localhost:{running.port}", flush=True)

@@ -96,6 +96,24 @@ class Settings(BaseSettings):
     gateway_max_request_bytes: int = Field(default=1_048_576, ge=1024)
     gateway_route_timeout_s: int = Field(default=15, ge=1)
 
+    # TLS, hop by hop; each hop is plaintext unless its PEM files are named (README, "TLS").
+    # The gRPC server's certificate and key.
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    # With it the server requires a client certificate this CA signed (mTLS).
+    grpc_tls_client_ca: str | None = None
+    # `subject:scope,...`: the client certificates (by their subject's common name) that may
+    # call without an api-key, and what they may do; the subject names them as callers.
+    grpc_tls_client_subjects: Annotated[tuple[str, ...], NoDecode] = ()
+    # Envoy's REST listener.
+    gateway_tls_cert: str | None = None
+    gateway_tls_key: str | None = None
+    # Envoy to the server over TLS: the CA the server's certificate is checked against, and
+    # Envoy's own certificate for a server that requires one.
+    gateway_upstream_ca: str | None = None
+    gateway_upstream_cert: str | None = None
+    gateway_upstream_key: str | None = None
+
     # Stripe. Unset STRIPE_API_KEY: `make run` starts the localstripe emulator on
     # LOCALSTRIPE_PORT and points STRIPE_API_BASE at it.
     stripe_api_key: SecretStr | None = None
@@ -145,6 +163,7 @@ class Settings(BaseSettings):
             # Here, not in a validator: pydantic's error would quote the input, keys and all.
             try:
                 auth.parse_keys(k.get_secret_value() for k in self.admin_api_keys)
+                auth.parse_subjects(self.grpc_tls_client_subjects)
             except ValueError as exc:  # names the entry by its place, never by its key
                 problems.append(str(exc))
         if command == "webhooks" and not self.stripe_webhook_secrets:
@@ -171,7 +190,23 @@ class Settings(BaseSettings):
         key_mode = _mode_of(self.stripe_api_key.get_secret_value()) if self.stripe_api_key else None
         return (key_mode or self.stripe_mode) == "live"
 
-    @field_validator("admin_api_keys", "stripe_webhook_secrets", mode="before")
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        pairs = [
+            ("GRPC_TLS_CERT", self.grpc_tls_cert, "GRPC_TLS_KEY", self.grpc_tls_key),
+            ("GATEWAY_TLS_CERT", self.gateway_tls_cert, "GATEWAY_TLS_KEY", self.gateway_tls_key),
+            ("GATEWAY_UPSTREAM_CERT", self.gateway_upstream_cert, "GATEWAY_UPSTREAM_KEY", self.gateway_upstream_key),
+        ]
+        for cert_name, cert, key_name, key in pairs:
+            if (cert is None) != (key is None):
+                raise ValueError(f"{cert_name} and {key_name} go together: set both or neither")
+        if self.grpc_tls_client_ca and not self.grpc_tls_cert:
+            raise ValueError("GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY: mTLS is TLS first")
+        if self.grpc_tls_client_subjects and not self.grpc_tls_client_ca:
+            raise ValueError("GRPC_TLS_CLIENT_SUBJECTS needs GRPC_TLS_CLIENT_CA: a subject is only known by mTLS")
+        return self
+
+    @field_validator("admin_api_keys", "stripe_webhook_secrets", "grpc_tls_client_subjects", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -168,6 +168,51 @@ class CreateClaim:
     created_at: datetime
 
 
+# The calls that move money, each audited (storage migration 0007).
+AUDIT_ACTIONS = ("create", "pay", "void")
+
+
+@dataclass(frozen=True, slots=True)
+class Audited:
+    """Who asked for a Create, Pay or Void, for the audit entry its attempt writes as it
+    ends: the caller's name, the call's request id, the caller's own idempotency key
+    (None when it sent none), and the invoice when the call names one (a Create's comes
+    from its recorded progress)."""
+
+    action: str
+    caller: str
+    request_id: str | None
+    idempotency_key: str | None
+    stripe_invoice_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    at: datetime
+    action: str
+    caller: str
+    request_id: str | None
+    idempotency_key: str | None
+    stripe_invoice_id: str | None
+    attempt: int
+    outcome: str
+    detail: str
+
+
+# An audit entry's outcome when the attempt answered.
+AUDIT_OK = "ok"
+
+
+def audit_outcome(error: BaseException | None) -> tuple[str, str]:
+    """An ended attempt's outcome and detail: `ok`, the domain error's kind and message,
+    or `error` for anything else (whose message may hold what callers must not see)."""
+    if error is None:
+        return AUDIT_OK, ""
+    if isinstance(error, DomainError):
+        return type(error).__name__, str(error)
+    return "error", "internal error" if isinstance(error, Exception) else type(error).__name__
+
+
 RECORD_ID = re.compile(r"[0-9a-f]{24}")
 
 

@@ -46,6 +46,13 @@ def _status(error: DomainError) -> grpc.Status:
     return result
 
 
+def _subject(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The common name of the client certificate the TLS handshake verified (mTLS only:
+    without a client CA there is none)."""
+    name = next(iter(context.auth_context().get("x509_common_name", ())), None)
+    return name.decode(errors="replace") if name is not None else None
+
+
 def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
     # A stream whose caller went away while its handler was suspended is closed (GeneratorExit).
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
@@ -79,8 +86,10 @@ class Edge:
     interceptor runs a coroutine and builds a handler on every call, measurably slower on
     a GetInvoice (make bench)."""
 
-    def __init__(self, api_keys: Iterable[str], metrics: Metrics, *, ready: bool = True) -> None:
-        self._keys = ApiKeys(api_keys)
+    def __init__(
+        self, api_keys: Iterable[str], metrics: Metrics, *, ready: bool = True, subjects: Iterable[str] = ()
+    ) -> None:
+        self._keys = ApiKeys(api_keys, subjects)
         self._metrics = metrics
         # Why calls are refused until the server first becomes ready, or None once it has:
         # a caller that skips health checks (grpcurl, a misconfigured proxy) must not run
@@ -89,7 +98,8 @@ class Edge:
         self.not_ready: str | None = None if ready else "starting"
 
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], metadata: Any, method: str) -> Caller:
-        caller = self._keys.identify(next((v for k, v in metadata if k == "api-key"), None))
+        offered = next((v for k, v in metadata if k == "api-key"), None)
+        caller = self._keys.identify(offered, _subject(context) if offered is None else None)
         if caller is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or invalid api-key metadata (REST: Api-Key header)"

@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from service.auth import CALLER
 from service.domain import (
+    Audited,
     CreateClaim,
     CreateInProgress,
     FailedPrecondition,
@@ -26,8 +28,10 @@ from service.domain import (
     StripeFailed,
     StripeInvoice,
     Unavailable,
+    audit_outcome,
     fingerprint,
 )
+from service.logs import REQUEST_ID
 from service.payments import StripePayments, invoice_from_stripe
 
 log = logging.getLogger(__name__)
@@ -41,8 +45,10 @@ class CreateRequests(Protocol):
     async def record_create_step(
         self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
     ) -> None: ...
-    async def finish_create(self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any]) -> None: ...
-    async def release_create(self, key: str, attempt: int) -> None: ...
+    async def finish_create(
+        self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any], audited: Audited
+    ) -> None: ...
+    async def release_create(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None: ...
     async def new_stripe_keys(self, key: str, attempt: int) -> int: ...
     async def recorded_invoices(self, stripe_invoice_ids: list[str]) -> set[str]: ...
     async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str: ...
@@ -85,6 +91,13 @@ class _Progress:
     """What one attempt learned, across its runs: the Stripe invoice's id."""
 
     invoice_id: str | None
+
+
+def _audited(action: str, idempotency_key: str | None, stripe_invoice_id: str | None = None) -> Audited:
+    """Who asked, from the call being handled: the edge names the caller (service/auth.py)
+    and the request id (service/logs.py); `-` for a caller that is not a call (a test)."""
+    caller = CALLER.get()
+    return Audited(action, caller.name if caller else "-", REQUEST_ID.get(), idempotency_key, stripe_invoice_id)
 
 
 def _stripe_key(key: str, generation: int, step: str) -> str:
@@ -148,50 +161,58 @@ class InvoiceCreator:
             await asyncio.sleep(self._timing.poll_s)
 
     async def _attempt(
-        self, key: str, claim: CreateClaim, run: Callable[[int], Awaitable[T]], answer: Callable[[T], Any]
+        self,
+        key: str,
+        claim: CreateClaim,
+        run: Callable[[int], Awaitable[T]],
+        answer: Callable[[T], tuple[str, dict[str, Any]]],
+        audited: Audited,
     ) -> T:
         """Runs one attempt under its claim with the key's current generation of Stripe
         keys, and once more with the next if Stripe replays a 5xx it saved for one of them
         (then no call of the key is running, and `run` starts from what Stripe shows). On
         failure the key is released; on success the answer is stored. Should storing fail
         after Stripe did the work, the key is released too, so the caller's retry reads
-        what Stripe holds instead of waiting out the lease."""
+        what Stripe holds instead of waiting out the lease. Either end writes the attempt's
+        audit entry with it."""
         try:
             try:
                 result = await run(claim.generation)
             except StripeFailed:
                 result = await run(await self._requests.new_stripe_keys(key, claim.attempt))
-            await self._requests.finish_create(key, claim.attempt, *answer(result))
-        except BaseException:
-            await self._release(key, claim.attempt)
+            stripe_invoice_id, response = answer(result)
+            await self._requests.finish_create(key, claim.attempt, stripe_invoice_id, response, audited)
+        except BaseException as exc:
+            await self._release(key, claim.attempt, audited, audit_outcome(exc))
             raise
         return result
 
-    async def _release(self, key: str, attempt: int) -> None:
+    async def _release(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
         """Ends a failed attempt's claim. When the store is away as well (a failover cut
         the attempt), the claim is ended once it answers again, so that the caller's retry
         need not wait out the lease: in the failover chaos scenario, retries of the Creates
         a failover cut off waited 35 s before this. Ending it late is safe: the statement
         ends only this attempt's claim, and only while it has no answer stored."""
         try:
-            await self._requests.release_create(key, attempt)
+            await self._requests.release_create(key, attempt, audited, outcome)
         except Unavailable:
-            task = asyncio.ensure_future(self._release_later(key, attempt))
+            task = asyncio.ensure_future(self._release_later(key, attempt, audited, outcome))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _release_later(self, key: str, attempt: int) -> None:
+    async def _release_later(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.lease_s  # after that the lease has ended it
         while loop.time() < deadline:
             await asyncio.sleep(self._timing.release_retry_s)
             try:
-                await self._requests.release_create(key, attempt)
+                await self._requests.release_create(key, attempt, audited, outcome)
                 return
             except Unavailable:
                 continue
 
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]:
+        audited = _audited("create", idempotency_key)
         key = idempotency_key
         if key is None:
             # A key of the service's own, shared by identical requests within the window,
@@ -206,7 +227,11 @@ class InvoiceCreator:
         progress = _Progress(claim.stripe_invoice_id)
         return await self._detached(
             self._attempt(
-                key, claim, lambda gen: self._run(new, key, claim, progress, gen), lambda i: (str(i["id"]), i)
+                key,
+                claim,
+                lambda gen: self._run(new, key, claim, progress, gen),
+                lambda i: (str(i["id"]), i),
+                audited,
             )
         )
 
@@ -312,7 +337,10 @@ class InvoiceCreator:
             answer = await act(current, _stripe_key(key, generation, operation))
             return await self._records.record_stripe_invoice(invoice_from_stripe(answer), stripe_time=asked_at)
 
-        return await self._detached(self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id})))
+        audited = _audited(operation, idempotency_key, stripe_id)
+        return await self._detached(
+            self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), audited)
+        )
 
     async def _stripe_id(self, invoice_id: str) -> str:
         """Stripe's id of the invoice named by the service's `_id` or by `in_...`; an

@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
 from service.domain import (
+    AuditEntry,
     Change,
     ChangeKind,
     FeedPosition,
@@ -30,6 +31,10 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 class InvoiceStore(Protocol):
     async def list_invoices(self, page: Page) -> InvoicePage: ...
     async def get_invoice(self, key: str) -> Invoice: ...
+
+
+class AuditTrail(Protocol):
+    async def audit_of(self, stripe_invoice_id: str) -> list[AuditEntry]: ...
 
 
 class Watcher(Protocol):
@@ -119,8 +124,10 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         default_currency: str,
         max_offset: int = validation.DEFAULT_MAX_OFFSET,
         watches: Watcher | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._store = store
+        self._audit = audit
         self._creator = creator
         self._watches = watches
         self._default_currency = default_currency
@@ -183,6 +190,34 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         invoice_id = validation.invoice_id(request.id)
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
         return fill_invoice(pb.Invoice(), await self._creator.void(invoice_id, key), self._default_currency)
+
+    async def ListInvoiceAudit(
+        self,
+        request: pb.ListInvoiceAuditRequest,
+        context: grpc.aio.ServicerContext[pb.ListInvoiceAuditRequest, pb.ListInvoiceAuditResponse],
+    ) -> pb.ListInvoiceAuditResponse:
+        key = validation.invoice_id(request.id)
+        if self._audit is None:
+            raise NotImplementedError("this server was built without an audit trail")
+        # The trail is by Stripe's id: a Create's first entries come before its record.
+        stripe_id = key if key.startswith("in_") else (await self._store.get_invoice(key)).stripe_invoice_id
+        entries = await self._audit.audit_of(stripe_id)
+        if not entries:
+            await self._store.get_invoice(stripe_id)  # NOT_FOUND for an invoice the service never knew
+        reply = pb.ListInvoiceAuditResponse()
+        for entry in entries:
+            target = reply.entries.add(
+                action=entry.action,
+                caller=entry.caller,
+                request_id=entry.request_id or "",
+                idempotency_key=entry.idempotency_key or "",
+                invoice_id=entry.stripe_invoice_id or "",
+                attempt=entry.attempt,
+                outcome=entry.outcome,
+                detail=entry.detail,
+            )
+            _set_time(target.time, entry.at)
+        return reply
 
     async def WatchInvoices(
         self,

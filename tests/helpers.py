@@ -36,6 +36,9 @@ ROTATED_KEY = "test-admin-key-next"
 # A named key that may only read (List, Get, Watch), as a watching service holds.
 READER = "provisioner"
 READ_KEY = "test-read-key"
+# A named write key, as an admin console holds.
+CONSOLE = "console"
+CONSOLE_KEY = "test-console-key"
 AUTH = (("api-key", API_KEY),)
 
 
@@ -107,7 +110,7 @@ def stack_env(database: str, tmp: Path, localstripe: str = "", metrics_port: int
         # The row-privileged role a deployment uses, not the owner the tests inspect with.
         storage.with_user(database, SERVICE_ROLE),
         tmp,
-        api_keys=f"{API_KEY},{ROTATED_KEY},{READER}:read:{READ_KEY}",
+        api_keys=f"{API_KEY},{ROTATED_KEY},{READER}:read:{READ_KEY},{CONSOLE}:write:{CONSOLE_KEY}",
         webhook_secrets=f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}",
         STRIPE_API_KEY=LOCALSTRIPE_KEY,
         STRIPE_API_BASE=localstripe,

@@ -16,7 +16,7 @@ import pytest
 import stripe
 
 from service import validation
-from service.domain import CreateInProgress, FailedPrecondition, NewInvoice, Unavailable
+from service.domain import Audited, CreateInProgress, FailedPrecondition, NewInvoice, Unavailable
 from service.invoices import InvoiceCreator, Timing
 from service.payments import StripePayments
 from service.storage import Storage
@@ -256,11 +256,11 @@ class StoreAway:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def release_create(self, key: str, attempt: int) -> None:
+    async def release_create(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
         if self.left > 0:
             self.left -= 1
             raise Unavailable("the invoice store is unavailable; retry later")
-        await self._store.release_create(key, attempt)
+        await self._store.release_create(key, attempt, audited, outcome)
 
 
 async def test_a_claim_the_store_could_not_release_is_released_once_it_answers(

@@ -20,7 +20,7 @@ from gateway.render import render
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tests.helpers import AUTH, REQUEST, Stack, poll_until, wait_for_status
+from tests.helpers import AUTH, CONSOLE, CONSOLE_KEY, READ_KEY, REQUEST, Stack, poll_until, wait_for_status
 from tools.stack import customer_with_card
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -175,6 +175,55 @@ async def test_pay_and_void_over_grpc(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.VoidInvoice(pb.VoidInvoiceRequest(id=paid.id))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_audit_trail_names_who_created_paid_and_voided_in_order(
+    http: httpx.AsyncClient, stack: Stack, stripe_client: stripe.StripeClient
+) -> None:
+    customer, declining = await customer_with_card(stripe_client, number=DECLINED_ON_CHARGE)
+    created = await create(http, {**REQUEST, "customer": customer, "paymentMethod": declining})  # key1
+    assert created["status"] == "open"
+    method = await good_card(stripe_client, customer)
+    console = {"Api-Key": CONSOLE_KEY, "Idempotency-Key": "audit-pay-1", "X-Request-Id": "audit-pay-request"}
+    paid = await http.post(f"/admin/api/invoices/{created['id']}:pay", json={"paymentMethod": method}, headers=console)
+    assert paid.status_code == 200, paid.text
+    refused = await http.post(f"/admin/api/invoices/{created['id']}:void")  # key1 again: a paid invoice
+    assert refused.status_code == 400, refused.text
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = pb_grpc.InvoiceServiceStub(channel)
+        trail = await stub.ListInvoiceAudit(pb.ListInvoiceAuditRequest(id=created["id"]), metadata=AUTH)
+        by_record_id = await stub.ListInvoiceAudit(pb.ListInvoiceAuditRequest(id=paid.json()["_id"]), metadata=AUTH)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListInvoiceAudit(pb.ListInvoiceAuditRequest(id=created["id"]), metadata=(("api-key", READ_KEY),))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListInvoiceAudit(pb.ListInvoiceAuditRequest(id="in_neverheardof"), metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [(e.action, e.caller, e.outcome) for e in trail.entries] == [
+        ("create", "key1", "ok"),
+        ("pay", CONSOLE, "ok"),
+        ("void", "key1", "FailedPrecondition"),
+    ]
+    assert by_record_id == trail
+    create_entry, pay_entry, void_entry = trail.entries
+    assert {e.invoice_id for e in trail.entries} == {created["id"]}
+    assert (pay_entry.idempotency_key, pay_entry.request_id, pay_entry.attempt) == (
+        "audit-pay-1",
+        "audit-pay-request",
+        1,
+    )
+    assert create_entry.idempotency_key and not void_entry.idempotency_key
+    assert "paid" in void_entry.detail and not create_entry.detail
+    times = [e.time.ToDatetime() for e in trail.entries]
+    assert times == sorted(times)
+
+    # Over REST, for a write key; a read key is refused.
+    rest = await http.get(f"/admin/api/invoices/{created['id']}/audit")
+    assert rest.status_code == 200, rest.text
+    assert [e["caller"] for e in rest.json()["entries"]] == ["key1", CONSOLE, "key1"]
+    denied = await http.get(f"/admin/api/invoices/{created['id']}/audit", headers={"Api-Key": READ_KEY})
+    assert denied.status_code == 403 and denied.json()["code"] == grpc.StatusCode.PERMISSION_DENIED.value[0]
 
 
 def test_envoy_retries_no_post_route() -> None:

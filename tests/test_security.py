@@ -22,6 +22,7 @@ from tests.helpers import event, sign, stack_env
 from tools.stack import backend, free_port, start_envoy, wait_until_routed
 
 ADMIN_KEY = "admin-key-0f6b2c9e41d7"
+READ_ONLY_KEY = "read-key-5d1c83b2a9e0"
 STRIPE_KEY = "sk_test_secret_8d1c55aa90e2"
 WEBHOOK_SECRET = "whsec_secret_41b7e02c93fd"
 CALLER_GUESS = "guessed-key-7a2e91c0"
@@ -75,7 +76,7 @@ async def _exercise_gateway(gateway_port: int) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}", timeout=10) as http:
         await http.get("/admin/api/invoices", headers={"Api-Key": ADMIN_KEY})
         body = {"items": [{"name": "x", "amount": 1}], "customer": "cus_1", "paymentMethod": "pm_1"}
-        for key in (CALLER_GUESS, ADMIN_KEY):
+        for key in (CALLER_GUESS, ADMIN_KEY, READ_ONLY_KEY):  # the read key's Create is refused (403)
             await http.post("/admin/api/invoices", json=body, headers={"Api-Key": key, "Idempotency-Key": "k-2"})
         payload = event("in_secrets0002", "invoice.paid", "paid", int(time.time()))
         for secret in (WEBHOOK_SECRET, "whsec_other"):
@@ -86,7 +87,8 @@ def test_no_secret_reaches_the_logs(database: str, tmp_path: Path) -> None:
     """The server's, the sidecar's and Envoy's logs of a stack run at DEBUG, with every
     secret configured and used: none of them appears, the database passwords included."""
     env = stack_env(database, tmp_path, f"http://127.0.0.1:{free_port()}")
-    env |= {"ADMIN_API_KEYS": f"{ADMIN_KEY},second-{ADMIN_KEY}", "STRIPE_API_KEY": STRIPE_KEY}
+    keys = f"{ADMIN_KEY},second-{ADMIN_KEY},watcher:read:{READ_ONLY_KEY}"
+    env |= {"ADMIN_API_KEYS": keys, "STRIPE_API_KEY": STRIPE_KEY}
     env |= {"STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET, "LOG_LEVEL": "DEBUG", "STRIPE_MAX_RETRIES": "0"}
     env |= {
         "DATABASE_URL": _with_password(env["DATABASE_URL"], DB_PASSWORD),
@@ -102,7 +104,8 @@ def test_no_secret_reaches_the_logs(database: str, tmp_path: Path) -> None:
     assert all(part in text for part in did), "the run logged what it did"
     assert "ready: schema current, Postgres reachable" in text, "the service used the DSNs"
     assert "ENVOY_SIGTERM" in text, "Envoy's own log is part of what is read"
-    for secret in (ADMIN_KEY, STRIPE_KEY, WEBHOOK_SECRET, CALLER_GUESS, DB_PASSWORD, OWNER_PASSWORD):
+    assert '"caller": "watcher"' in text and '"code": "PERMISSION_DENIED"' in text, "the read key was used"
+    for secret in (ADMIN_KEY, STRIPE_KEY, WEBHOOK_SECRET, CALLER_GUESS, DB_PASSWORD, OWNER_PASSWORD, READ_ONLY_KEY):
         assert secret not in text
     for line in text.splitlines():
         if line.startswith("{"):

@@ -1,6 +1,7 @@
 """The Create idempotency keys on Postgres: claiming a key for one attempt at a time (a
 lease fenced by the attempt number), recording each step's progress, the answer, and the
-keyless duplicate window. Every statement about create_requests lives here."""
+keyless duplicate window; and the audit trail each attempt's end appends to. Every
+statement about create_requests and invoice_audit lives here."""
 
 from __future__ import annotations
 
@@ -8,14 +9,29 @@ import json
 import logging
 from typing import Any
 
-from service.domain import CREATE_STEPS, AlreadyExists, CreateClaim, CreateInProgress
+from service.domain import (
+    AUDIT_OK,
+    CREATE_STEPS,
+    AlreadyExists,
+    Audited,
+    AuditEntry,
+    CreateClaim,
+    CreateInProgress,
+)
 from service.storage.pool import Pooled
 
 log = logging.getLogger(__name__)
 
+
 # A Create's idempotency key: a new key is claimed by its first attempt; a key whose
 # attempts did not finish is claimed again (attempt + 1) once no attempt holds its lease.
 # Read committed: ON CONFLICT then sees, and locks, the row a concurrent claim committed.
+def _entry(audited: Audited, outcome: str, detail: str) -> tuple[str | None, ...]:
+    """`_audited`'s parameters, in its order."""
+    a = audited
+    return (a.action, a.caller, a.request_id, a.idempotency_key, outcome, detail, a.stripe_invoice_id)
+
+
 _CLAIM_CREATE = """
     INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step)
     VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed')
@@ -35,13 +51,37 @@ _RECORD_CREATE_STEP = """
         stripe_invoice_id = coalesce($4, stripe_invoice_id),
         lease_until = now() + make_interval(secs => $5), updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
-_FINISH_CREATE = """
-    UPDATE create_requests SET stripe_invoice_id = $3, response = $4, step = 'done', completed_at = now(),
-        lease_until = NULL, updated_at = now()
-    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
-_RELEASE_CREATE = """
-    UPDATE create_requests SET lease_until = NULL, updated_at = now()
-    WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
+
+
+def _audited(first: int) -> str:
+    """The audit row of the attempt the `ended` CTE names, from parameters `first`...
+    (action, caller, request id, the caller's key, outcome, detail, invoice): one
+    statement with the attempt's end, so neither is written without the other."""
+    action, caller, request_id, key, outcome, detail, invoice = (f"${n}" for n in range(first, first + 7))
+    return f"""
+    INSERT INTO invoice_audit
+        (action, caller, request_id, idempotency_key, outcome, detail, stripe_invoice_id, attempt)
+    SELECT {action}, {caller}, {request_id}, {key}, {outcome}, {detail},
+        coalesce({invoice}, ended.stripe_invoice_id), ended.attempt
+    FROM ended"""  # noqa: S608 - parameter numbers only
+
+
+_FINISH_CREATE = f"""
+    WITH ended AS (
+        UPDATE create_requests SET stripe_invoice_id = $3, response = $4, step = 'done', completed_at = now(),
+            lease_until = NULL, updated_at = now()
+        WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
+        RETURNING stripe_invoice_id, attempt)
+    {_audited(5)}"""  # noqa: S608 - constants
+_RELEASE_CREATE = f"""
+    WITH ended AS (
+        UPDATE create_requests SET lease_until = NULL, updated_at = now()
+        WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
+        RETURNING stripe_invoice_id, attempt)
+    {_audited(3)}"""  # noqa: S608 - constants
+_AUDIT_OF = """
+    SELECT at, action, caller, request_id, idempotency_key, stripe_invoice_id, attempt, outcome, detail
+    FROM invoice_audit WHERE stripe_invoice_id = $1 ORDER BY seq"""
 _NEW_STRIPE_KEYS = """
     UPDATE create_requests SET stripe_key_gen = stripe_key_gen + 1, updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
@@ -95,16 +135,26 @@ class CreateRequests(Pooled):
         if status == "UPDATE 0":
             raise CreateInProgress("another attempt took over this Idempotency-Key; retry later")
 
-    async def finish_create(self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any]) -> None:
+    async def finish_create(
+        self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any], audited: Audited
+    ) -> None:
+        """Stores the attempt's answer under its key, with its audit entry (outcome `ok`)."""
+        entry = _entry(audited, AUDIT_OK, "")
         async with self._connection() as conn:
-            status = await conn.execute(_FINISH_CREATE, key, attempt, stripe_invoice_id, json.dumps(response))
-        if status == "UPDATE 0":
+            status = await conn.execute(_FINISH_CREATE, key, attempt, stripe_invoice_id, json.dumps(response), *entry)
+        if status == "INSERT 0 0":
             log.warning("a finished attempt had lost its key", extra={"invoice": stripe_invoice_id})
 
-    async def release_create(self, key: str, attempt: int) -> None:
-        """Ends an attempt that failed, so that the caller's retry may claim the key now."""
+    async def release_create(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
+        """Ends an attempt that failed, with its audit entry, so that the caller's retry may
+        claim the key now."""
         async with self._connection() as conn:
-            await conn.execute(_RELEASE_CREATE, key, attempt)
+            await conn.execute(_RELEASE_CREATE, key, attempt, *_entry(audited, *outcome))
+
+    async def audit_of(self, stripe_invoice_id: str) -> list[AuditEntry]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(_AUDIT_OF, stripe_invoice_id)
+        return [AuditEntry(**dict(row)) for row in rows]
 
     async def new_stripe_keys(self, key: str, attempt: int) -> int:
         """The next generation of the key's Stripe keys, for this attempt and those after."""

@@ -101,4 +101,7 @@ async def grant(conn: Connection, role: str) -> None:
         await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}")
         await conn.execute(f"REVOKE INSERT, UPDATE, DELETE ON schema_migrations FROM {name}")
         await conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {name}")
+        # The audit trail is append-only to the service (migration 0007).
+        if await conn.fetchval("SELECT to_regclass('invoice_audit') IS NOT NULL"):
+            await conn.execute(f"REVOKE UPDATE, DELETE ON invoice_audit FROM {name}")
     log.info("granted row privileges", extra={"role": role})

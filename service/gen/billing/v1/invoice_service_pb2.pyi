@@ -538,3 +538,112 @@ class InvoiceEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvoiceEvent: _TypeAlias = InvoiceEvent  # noqa: Y015
+
+@_typing.final
+class ListInvoiceAuditRequest(_message.Message):
+    """ListInvoiceAuditRequest names the invoice whose trail to read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoiceAuditRequest: _TypeAlias = ListInvoiceAuditRequest  # noqa: Y015
+
+@_typing.final
+class ListInvoiceAuditResponse(_message.Message):
+    """ListInvoiceAuditResponse is the invoice's audit trail, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """One per attempt of a Create, Pay or Void that ended."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoiceAuditResponse: _TypeAlias = ListInvoiceAuditResponse  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """AuditEntry is one ended attempt of a call that moves money, written in the
+    transaction that stored its answer under its idempotency key (or released
+    the key when it failed).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """`create`, `pay` or `void`."""
+    caller: _builtins.str
+    """Who called: the API key's name (never the key) or the client
+    certificate's subject.
+    """
+    request_id: _builtins.str
+    """The call's request id (REST: Envoy's x-request-id), to find its log lines."""
+    idempotency_key: _builtins.str
+    """The caller's `idempotency-key`; empty when it sent none."""
+    invoice_id: _builtins.str
+    """Stripe's invoice id."""
+    attempt: _builtins.int
+    """Which attempt with that key this was (1 for the first)."""
+    outcome: _builtins.str
+    """`ok`, or the kind of error it ended with (FailedPrecondition,
+    Unavailable, ...).
+    """
+    detail: _builtins.str
+    """The error's message; empty for `ok`."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt ended."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        action: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        invoice_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempt", b"attempt", "caller", b"caller", "detail", b"detail", "idempotency_key", b"idempotency_key", "invoice_id", b"invoice_id", "outcome", b"outcome", "request_id", b"request_id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015

@@ -31,6 +31,8 @@ class InvoiceServiceStub:
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
+    A `read` key may call ListInvoices, GetInvoice and WatchInvoices; any other
+    call with it fails with PERMISSION_DENIED (REST 403).
     """
 
     def __init__(self, channel):
@@ -64,6 +66,11 @@ class InvoiceServiceStub:
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
                 _registered_method=True)
+        self.ListInvoiceAudit = channel.unary_unary(
+                '/billing.v1.InvoiceService/ListInvoiceAudit',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditResponse.FromString,
+                _registered_method=True)
         self.WatchInvoices = channel.unary_stream(
                 '/billing.v1.InvoiceService/WatchInvoices',
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.WatchInvoicesRequest.SerializeToString,
@@ -76,6 +83,8 @@ class InvoiceServiceServicer:
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
+    A `read` key may call ListInvoices, GetInvoice and WatchInvoices; any other
+    call with it fails with PERMISSION_DENIED (REST 403).
     """
 
     def ListInvoices(self, request, context):
@@ -175,6 +184,17 @@ class InvoiceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInvoiceAudit(self, request, context):
+        """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
+        each Create, Pay and Void attempt that ended, with who called (the API
+        key's name, or the client certificate's subject), when, its request id and
+        idempotency key, and how it ended. It needs a write key. An unknown id
+        fails with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchInvoices(self, request, context):
         """WatchInvoices streams the changes to invoice records as they are recorded:
         created, each change of state or amount, deleted, each with the record as
@@ -232,6 +252,11 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.FromString,
                     response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
             ),
+            'ListInvoiceAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvoiceAudit,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditResponse.SerializeToString,
+            ),
             'WatchInvoices': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchInvoices,
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.WatchInvoicesRequest.FromString,
@@ -250,6 +275,8 @@ class InvoiceService:
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
+    A `read` key may call ListInvoices, GetInvoice and WatchInvoices; any other
+    call with it fails with PERMISSION_DENIED (REST 403).
     """
 
     @staticmethod
@@ -377,6 +404,33 @@ class InvoiceService:
             '/billing.v1.InvoiceService/VoidInvoice',
             billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
             billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvoiceAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.InvoiceService/ListInvoiceAudit',
+            billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class InvoiceServiceStub:
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
+    A `read` key may call ListInvoices, GetInvoice and WatchInvoices; any other
+    call with it fails with PERMISSION_DENIED (REST 403).
     """
 
     @_typing.overload
@@ -118,6 +120,13 @@ class InvoiceServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    ListInvoiceAudit: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]
+    """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
+    each Create, Pay and Void attempt that ended, with who called (the API
+    key's name, or the client certificate's subject), when, its request id and
+    idempotency key, and how it ended. It needs a write key. An unknown id
+    fails with NOT_FOUND.
+    """
     WatchInvoices: _grpc.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]
     """WatchInvoices streams the changes to invoice records as they are recorded:
     created, each change of state or amount, deleted, each with the record as
@@ -150,6 +159,8 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
+    A `read` key may call ListInvoices, GetInvoice and WatchInvoices; any other
+    call with it fails with PERMISSION_DENIED (REST 403).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -230,6 +241,13 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    ListInvoiceAudit: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]  # type: ignore[assignment]
+    """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
+    each Create, Pay and Void attempt that ended, with who called (the API
+    key's name, or the client certificate's subject), when, its request id and
+    idempotency key, and how it ended. It needs a write key. An unknown id
+    fails with NOT_FOUND.
+    """
     WatchInvoices: _aio.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]  # type: ignore[assignment]
     """WatchInvoices streams the changes to invoice records as they are recorded:
     created, each change of state or amount, deleted, each with the record as
@@ -261,6 +279,8 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
+    A `read` key may call ListInvoices, GetInvoice and WatchInvoices; any other
+    call with it fails with PERMISSION_DENIED (REST 403).
     """
 
     @_abc_1.abstractmethod
@@ -368,6 +388,19 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         CreateInvoice.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def ListInvoiceAudit(
+        self,
+        request: _invoice_service_pb2.ListInvoiceAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_invoice_service_pb2.ListInvoiceAuditResponse, _abc.Awaitable[_invoice_service_pb2.ListInvoiceAuditResponse]]:
+        """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
+        each Create, Pay and Void attempt that ended, with who called (the API
+        key's name, or the client certificate's subject), when, its request id and
+        idempotency key, and how it ended. It needs a write key. An unknown id
+        fails with NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
