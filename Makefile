@@ -13,12 +13,12 @@ CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 .PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract
 
 help:
-	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it)"
+	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
 	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
 	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
-	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, restart"
+	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml
@@ -80,12 +80,12 @@ test: lint typecheck debian-tools
 	$(BIN)/pytest
 
 run: check-generated
-	$(BIN)/python -m tools.stack
+	TLS=$(TLS) $(BIN)/python -m tools.stack
 
 bench: check-generated debian-tools
 	$(BIN)/python -m bench.run
 
-# Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py).
+# Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
 chaos: check-generated
 	$(BIN)/python -m chaos
 

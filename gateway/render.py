@@ -41,6 +41,7 @@ ENVOY_ONLY_CODES = {
 }
 LOCAL_REPLY_CODES = dict(sorted({**{h: c for c, h in reversed(STATUSES.values())}, **ENVOY_ONLY_CODES}.items()))
 UNKNOWN = 2
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
 # Envoy ends a watch this long after the server should have (WATCH_MAX_STREAM_S).
 WATCH_CUTOFF_MARGIN_S = 30
 
@@ -50,6 +51,40 @@ def _mapper(op: str, http: int, grpc: int) -> dict[str, object]:
     return {
         "filter": {"status_code_filter": {"comparison": comparison}},
         "body_format_override": {"json_format": {"code": grpc, "message": "%LOCAL_REPLY_BODY%", "details": []}},
+    }
+
+
+def _certificate(cert: str, key: str) -> dict[str, object]:
+    return {"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}
+
+
+def listener_tls(settings: Settings) -> dict[str, object] | None:
+    """The REST listener's TLS (HTTP/1.1 and HTTP/2 by ALPN), or None for plaintext."""
+    if settings.gateway_tls_cert is None or settings.gateway_tls_key is None:
+        return None
+    context = {
+        "common_tls_context": {
+            "tls_certificates": [_certificate(settings.gateway_tls_cert, settings.gateway_tls_key)],
+            "alpn_protocols": ["h2", "http/1.1"],
+        }
+    }
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {"@type": f"{_TLS}.DownstreamTlsContext", **context}}
+
+
+def upstream_tls(settings: Settings) -> dict[str, object] | None:
+    """TLS to the gRPC server, its certificate checked against GATEWAY_UPSTREAM_CA, with
+    Envoy's own certificate for a server that requires one; or None for plaintext."""
+    if settings.gateway_upstream_ca is None:
+        return None
+    common: dict[str, object] = {
+        "validation_context": {"trusted_ca": {"filename": settings.gateway_upstream_ca}},
+        "alpn_protocols": ["h2"],
+    }
+    if settings.gateway_upstream_cert and settings.gateway_upstream_key:
+        common["tls_certificates"] = [_certificate(settings.gateway_upstream_cert, settings.gateway_upstream_key)]
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": f"{_TLS}.UpstreamTlsContext", "common_tls_context": common},
     }
 
 
@@ -99,6 +134,8 @@ def render(
         "openapi_path": json.dumps(str(openapi)),
         # JSON is YAML: the generated part is inserted as one flow mapping.
         "local_reply_config": json.dumps(local_reply_config()),
+        "listener_tls": json.dumps(listener_tls(settings)),
+        "upstream_tls": json.dumps(upstream_tls(settings)),
     }
     return Template(TEMPLATE.read_text()).substitute(values)
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.render import render
 from service import announce
 from service.config import Settings
+from tools import tls as local_tls
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -108,13 +110,15 @@ def wait_until_serving(port: int, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
-def wait_until_routed(base_url: str, api_key: str, timeout: float = 20) -> None:
-    """Envoy answers 503 until its first active health checks of the upstreams pass."""
+def wait_until_routed(base_url: str, api_key: str, timeout: float = 20, *, ca: Path | None = None) -> None:
+    """Envoy answers 503 until its first active health checks of the upstreams pass.
+    Over HTTPS the gateway's certificate is checked against `ca`."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            reply = _status(f"{base_url}/admin/api/invoices", {"Api-Key": api_key})
-            hook = _status(f"{base_url}/webhooks/stripe", {}, data=b"{}")
+            reply = _status(f"{base_url}/admin/api/invoices", {"Api-Key": api_key}, context=context)
+            hook = _status(f"{base_url}/webhooks/stripe", {}, data=b"{}", context=context)
         except OSError:
             reply = hook = 0
         if reply == 200 and hook == 400:
@@ -123,9 +127,10 @@ def wait_until_routed(base_url: str, api_key: str, timeout: float = 20) -> None:
     raise RuntimeError("the gateway never routed to the server and the sidecar")
 
 
-def _status(url: str, headers: dict[str, str], data: bytes | None = None) -> int:
+def _status(url: str, headers: dict[str, str], data: bytes | None = None, context: ssl.SSLContext | None = None) -> int:
+    request = urllib.request.Request(url, data=data, headers=headers)  # noqa: S310 - our own http(s) URLs
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=5) as r:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=5, context=context) as r:  # noqa: S310
             return int(r.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
@@ -203,8 +208,11 @@ def start_webhooks(env: dict[str, str], *, log: IO[str] = sys.stderr) -> tuple[P
     return part, ports["http"]
 
 
-def start_localstripe(port: int, *, fresh: bool, log: IO[str] = sys.stderr, timeout: float = 30) -> Part:
-    """The Stripe emulator, with this project's extensions (the tools/localstripe package)."""
+def start_localstripe(
+    port: int, *, fresh: bool, log: IO[str] = sys.stderr, timeout: float = 30, trust: Path | None = None
+) -> Part:
+    """The Stripe emulator, with this project's extensions (the tools/localstripe package);
+    its webhook deliveries trust the CA `trust` (an HTTPS gateway's) besides the system's."""
     argv = [
         sys.executable,
         "-m",
@@ -213,7 +221,8 @@ def start_localstripe(port: int, *, fresh: bool, log: IO[str] = sys.stderr, time
         str(port),
         *(["--from-scratch"] if fresh else []),
     ]
-    part = Part("localstripe", subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log, text=True))
+    env = {**os.environ, **({"SSL_CERT_FILE": str(trust)} if trust else {})}
+    part = Part("localstripe", subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log, text=True))
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/customers?limit=1", headers={"Authorization": f"Bearer {LOCALSTRIPE_KEY}"}
     )
@@ -293,10 +302,12 @@ def backend(
     log: IO[str] = sys.stderr,
     settings_ports: bool = False,
     edit_config: Callable[[str], str] = lambda config: config,
+    settings: Settings | None = None,
 ) -> Iterator[Backend]:
     """Starts the gRPC server, the webhook sidecar and Envoy in front of both, and stops
     them in reverse order on exit. Envoy takes GATEWAY_PORT and ENVOY_ADMIN_PORT with
-    `settings_ports` (make run), free ports otherwise (tests, bench, chaos)."""
+    `settings_ports` (make run), free ports otherwise (tests, bench, chaos); its other
+    settings from `settings` (by default this process's environment's)."""
     parts: list[Part] = []
     try:
         service, grpc_port = start_service(env, log=log)
@@ -304,7 +315,9 @@ def backend(
         webhooks, webhook_port = start_webhooks(env, log=log)
         parts.append(webhooks)
         free = None if settings_ports else 0
-        config = render(Settings(), gateway_port=free, admin_port=free, grpc_port=grpc_port, webhook_port=webhook_port)
+        config = render(
+            settings or Settings(), gateway_port=free, admin_port=free, grpc_port=grpc_port, webhook_port=webhook_port
+        )
         envoy, gateway_port, admin_port = start_envoy(edit_config(config), workdir / "envoy", log=log)
         parts.append(envoy)
         yield Backend(parts, grpc_port, webhook_port, gateway_port, admin_port)
@@ -314,15 +327,20 @@ def backend(
 
 
 def main() -> None:
+    # TLS=1: every hop over TLS with a local CA made now (README, "TLS").
+    tls = local_tls.make(Path(Settings().data_dir) / "tls") if os.environ.get("TLS") == "1" else None
+    if tls is not None:
+        os.environ.update(tls.env())
     settings = Settings()
     env = dict(os.environ)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     emulator: Part | None = None
+    scheme = "https" if tls else "http"
     try:
         if settings.stripe_api_key is None:
-            emulator = start_localstripe(settings.localstripe_port, fresh=True)
+            emulator = start_localstripe(settings.localstripe_port, fresh=True, trust=tls.ca if tls else None)
             env["STRIPE_API_KEY"] = LOCALSTRIPE_KEY
             env["STRIPE_API_BASE"] = f"http://127.0.0.1:{settings.localstripe_port}"
             env.setdefault("STRIPE_WEBHOOK_SECRETS", LOCAL_WEBHOOK_SECRET)
@@ -330,19 +348,28 @@ def main() -> None:
         with backend(env, ROOT / ".build", settings_ports=True) as running:
             if emulator is not None:
                 secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0]
-                url = f"http://127.0.0.1:{running.gateway_port}/webhooks/stripe"
+                url = f"{scheme}://localhost:{running.gateway_port}/webhooks/stripe"
                 register_webhook(settings.localstripe_port, url, secret)
             gateway = running.gateway_port
             print(
-                f"REST  admin API        http://localhost:{gateway}/admin/api/invoices (header Api-Key)\n"
-                f"REST  OpenAPI          http://localhost:{gateway}/admin/api/openapi.json\n"
-                f"HTTP  Stripe webhooks  http://localhost:{gateway}/webhooks/stripe (through Envoy)\n"
+                f"REST  admin API        {scheme}://localhost:{gateway}/admin/api/invoices (header Api-Key)\n"
+                f"REST  OpenAPI          {scheme}://localhost:{gateway}/admin/api/openapi.json\n"
+                f"HTTP  Stripe webhooks  {scheme}://localhost:{gateway}/webhooks/stripe (through Envoy)\n"
                 f"HTTP  metrics          http://localhost:{settings.metrics_port}/metrics (server), "
                 f"http://localhost:{running.webhook_port}/metrics (sidecar)\n"
                 f"Envoy admin            http://127.0.0.1:{running.admin_port} (loopback only)\n"
                 "Ctrl-C stops everything.",
                 flush=True,
             )
+            if tls is not None:
+                key = "$(cat .data/dev-admin-key)"
+                print(
+                    f"TLS   every hop, CA {tls.ca}; the gRPC port requires a client certificate:\n"
+                    f'  curl --cacert {tls.ca} -H "Api-Key: {key}" https://localhost:{gateway}/admin/api/invoices\n'
+                    f"  grpcurl -cacert {tls.ca} -cert {tls.cert('cli')} -key {tls.key('cli')} \\\n"
+                    f"    localhost:{settings.grpc_port} billing.v1.InvoiceService/ListInvoices",
+                    flush=True,
+                )
             watched = [*running.parts, *([emulator] if emulator else [])]
             while not stop.is_set():
                 dead = [p for p in watched if p.process.poll() is not None]
