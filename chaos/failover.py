@@ -43,10 +43,10 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage.pool import CONNECTION_ERRORS
 from tools.pgha import Pair
 from tools.stack import (
-    DIRECT_SERVICE_CONFIG,
     LOCALSTRIPE_KEY,
     ROOT,
     backend,
+    direct_channel,
     free_port,
     start_localstripe,
     wait_until_routed,
@@ -101,8 +101,7 @@ async def _callers(base: str, target: str, customers: list[tuple[str, str]], run
                     load.calls["rest"].record(type(exc).__name__, False)
 
     async def direct() -> None:
-        options = [("grpc.service_config", DIRECT_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
+        async with direct_channel(target) as channel:
             stub = pb_grpc.InvoiceServiceStub(channel)
             while not stop.is_set():
                 try:

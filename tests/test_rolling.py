@@ -42,10 +42,10 @@ from tests.helpers import (
     wait_until,
 )
 from tools.stack import (
-    DIRECT_SERVICE_CONFIG,
     LOCALSTRIPE_KEY,
     Part,
     customer_with_card,
+    direct_channel,
     free_port,
     start_envoy,
     start_service,
@@ -107,8 +107,7 @@ async def _async_callers(target: str, base: str, ready: threading.Event, stop: t
     ready.set()
 
     async def direct() -> None:
-        options = [("grpc.service_config", DIRECT_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
+        async with direct_channel(target) as channel:
             stub = pb_grpc.InvoiceServiceStub(channel)
             while not stop.is_set():
                 try:

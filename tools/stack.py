@@ -73,6 +73,12 @@ DIRECT_SERVICE_CONFIG = json.dumps(
 )
 
 
+def direct_channel(target: str) -> grpc.aio.Channel:
+    """A channel to every replica in `target`, as the README asks direct callers to open one."""
+    options = [("grpc.service_config", DIRECT_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+    return grpc.aio.insecure_channel(target, options=options)
+
+
 def free_port() -> int:
     """A port free now, for parts that cannot report the one they picked (localstripe)."""
     with socket.socket() as probe:
