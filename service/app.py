@@ -31,7 +31,7 @@ from service.domain import InvalidArgument, Outcome, StripeInvoice, Unavailable,
 from service.edge import Edge
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
 from service.invoices import InvoiceCreator, NoStripe, Timing
-from service.metrics import Metrics, add_routes
+from service.metrics import Metrics, add_routes, ready
 from service.payments import StripePayments
 from service.rpc import AuditTrail, Creator, InvoiceServicer, InvoiceStore
 from service.storage import changes
@@ -56,6 +56,7 @@ class GrpcServer:
     health: health.aio.HealthServicer
     edge: Edge
     watches: Watches | None = None
+    metrics: Metrics | None = None
 
     async def set_serving(self, serving: bool = True) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -63,6 +64,8 @@ class GrpcServer:
             self.edge.not_ready = None
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        if self.metrics is not None:
+            self.metrics.set_serving(serving)
 
     def not_ready(self, reason: str) -> None:
         """Before the first SERVING: calls are refused as UNAVAILABLE with this reason."""
@@ -75,6 +78,8 @@ class GrpcServer:
         UNAVAILABLE (their callers resume on another replica), refuses new calls and lets
         in-flight ones finish for up to `grace` seconds."""
         await self.health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            self.metrics.set_serving(False)
         await asyncio.sleep(drain_delay)
         if self.watches is not None:
             await self.watches.close()
@@ -105,7 +110,8 @@ async def start_grpc(
         ]
     )
     servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset, watches, audit)
-    edge = Edge(api_keys, metrics or Metrics(), ready=ready, subjects=tls.client_subjects if tls else ())
+    metrics = metrics or Metrics()
+    edge = Edge(api_keys, metrics, ready=ready, subjects=tls.client_subjects if tls else ())
     methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name
     streaming = [name for name, m in methods.items() if m.client_streaming]
     if streaming:  # the edge wraps unary calls and server streams: one would skip it, or break, unnoticed
@@ -123,7 +129,7 @@ async def start_grpc(
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     await server.start()
-    running = GrpcServer(server, port, health_servicer, edge, watches)
+    running = GrpcServer(server, port, health_servicer, edge, watches, metrics)
     await running.set_serving(ready)
     return running
 
@@ -293,9 +299,11 @@ async def open_pool(settings: Settings, dbs: Databases | None = None) -> asyncpg
 
 
 async def start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
-    """The server's small HTTP side: GET /metrics and GET /livez on METRICS_PORT."""
+    """The server's small HTTP side: GET /metrics, GET /livez and GET /readyz (what the
+    gRPC health service says, for probes that cannot speak TLS) on METRICS_PORT."""
     app = web.Application()
     add_routes(app, metrics)
+    app.router.add_get("/readyz", ready)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()

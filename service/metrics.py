@@ -44,6 +44,9 @@ class Metrics:
             "invoice_rpc_duration_seconds", "gRPC call latency", ["method", "code"], registry=r, buckets=LATENCY_BUCKETS
         )
         self.streams_open = Gauge("invoice_rpc_streams_open", "server streams open now", ["method"], registry=r)
+        # What the gRPC health service says, for GET /readyz (a probe that cannot speak TLS).
+        self._serving = Gauge("invoice_serving", "1 while the gRPC health service says SERVING", registry=r)
+        self.is_serving = False
         self.stream_messages = Counter(
             "invoice_rpc_stream_messages", "messages sent on server streams", ["method"], registry=r
         )
@@ -108,6 +111,10 @@ class Metrics:
         self.webhook_events.labels(event_type, outcome).inc()
         self.webhook_seconds.labels(outcome).observe(seconds)
 
+    def set_serving(self, serving: bool) -> None:
+        self.is_serving = serving
+        self._serving.set(1 if serving else 0)
+
     def watch_pool(self, pool: asyncpg.Pool) -> None:
         self.registry.register(_PoolCollector(pool))
 
@@ -133,6 +140,13 @@ METRICS = web.AppKey("metrics", Metrics)
 
 async def metrics_handler(request: web.Request) -> web.Response:
     return request.app[METRICS].exposition()
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness over plain HTTP, as the gRPC health service says it: for a probe that
+    cannot speak TLS to a gRPC server that only serves TLS (Kubernetes' gRPC probe)."""
+    serving = request.app[METRICS].is_serving
+    return web.json_response({"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503)
 
 
 async def alive(request: web.Request) -> web.Response:

