@@ -71,14 +71,15 @@ def listener_tls(settings: Settings) -> dict[str, object] | None:
     return {"name": "envoy.transport_sockets.tls", "typed_config": {"@type": f"{_TLS}.DownstreamTlsContext", **context}}
 
 
-def upstream_tls(settings: Settings) -> dict[str, object] | None:
-    """TLS to the gRPC server, its certificate checked against GATEWAY_UPSTREAM_CA, with
-    Envoy's own certificate for a server that requires one; or None for plaintext."""
+def upstream_tls(settings: Settings, alpn: str) -> dict[str, object] | None:
+    """TLS to an upstream (the gRPC server: h2; the sidecar: http/1.1), its certificate
+    checked against GATEWAY_UPSTREAM_CA, with Envoy's own certificate for a server that
+    requires one; or None for plaintext."""
     if settings.gateway_upstream_ca is None:
         return None
     common: dict[str, object] = {
         "validation_context": {"trusted_ca": {"filename": settings.gateway_upstream_ca}},
-        "alpn_protocols": ["h2"],
+        "alpn_protocols": [alpn],
     }
     if settings.gateway_upstream_cert and settings.gateway_upstream_key:
         common["tls_certificates"] = [_certificate(settings.gateway_upstream_cert, settings.gateway_upstream_key)]
@@ -135,7 +136,8 @@ def render(
         # JSON is YAML: the generated part is inserted as one flow mapping.
         "local_reply_config": json.dumps(local_reply_config()),
         "listener_tls": json.dumps(listener_tls(settings)),
-        "upstream_tls": json.dumps(upstream_tls(settings)),
+        "upstream_tls": json.dumps(upstream_tls(settings, "h2")),
+        "webhook_upstream_tls": json.dumps(upstream_tls(settings, "http/1.1")),
     }
     return Template(TEMPLATE.read_text()).substitute(values)
 

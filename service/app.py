@@ -8,6 +8,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -156,6 +157,15 @@ def server_tls(settings: Settings) -> ServerTls | None:
     ca = Path(settings.grpc_tls_client_ca).read_bytes() if settings.grpc_tls_client_ca else None
     cert, key = Path(settings.grpc_tls_cert).read_bytes(), Path(settings.grpc_tls_key).read_bytes()
     return ServerTls(cert, key, ca, settings.grpc_tls_client_subjects)
+
+
+def webhook_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The sidecar's TLS (WEBHOOK_TLS_CERT/KEY), or None for plaintext."""
+    if settings.webhook_tls_cert is None or settings.webhook_tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.webhook_tls_cert, settings.webhook_tls_key)
+    return context
 
 
 @dataclass(frozen=True)
@@ -409,7 +419,11 @@ async def run_webhooks(settings: Settings) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(
-            runner, settings.webhook_host, settings.webhook_port, shutdown_timeout=settings.shutdown_grace_s
+            runner,
+            settings.webhook_host,
+            settings.webhook_port,
+            shutdown_timeout=settings.shutdown_grace_s,
+            ssl_context=webhook_tls(settings),
         )
         await site.start()
         port = runner.addresses[0][1]

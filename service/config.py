@@ -105,11 +105,14 @@ class Settings(BaseSettings):
     # `subject:scope,...`: the client certificates (by their subject's common name) that may
     # call without an api-key, and what they may do; the subject names them as callers.
     grpc_tls_client_subjects: Annotated[tuple[str, ...], NoDecode] = ()
+    # The webhook sidecar's port (deliveries, /healthz, /metrics).
+    webhook_tls_cert: str | None = None
+    webhook_tls_key: str | None = None
     # Envoy's REST listener.
     gateway_tls_cert: str | None = None
     gateway_tls_key: str | None = None
-    # Envoy to the server over TLS: the CA the server's certificate is checked against, and
-    # Envoy's own certificate for a server that requires one.
+    # Envoy to the server and the sidecar over TLS: the CA their certificates are checked
+    # against, and Envoy's own certificate for a server that requires one.
     gateway_upstream_ca: str | None = None
     gateway_upstream_cert: str | None = None
     gateway_upstream_key: str | None = None
@@ -195,6 +198,7 @@ class Settings(BaseSettings):
         pairs = [
             ("GRPC_TLS_CERT", self.grpc_tls_cert, "GRPC_TLS_KEY", self.grpc_tls_key),
             ("GATEWAY_TLS_CERT", self.gateway_tls_cert, "GATEWAY_TLS_KEY", self.gateway_tls_key),
+            ("WEBHOOK_TLS_CERT", self.webhook_tls_cert, "WEBHOOK_TLS_KEY", self.webhook_tls_key),
             ("GATEWAY_UPSTREAM_CERT", self.gateway_upstream_cert, "GATEWAY_UPSTREAM_KEY", self.gateway_upstream_key),
         ]
         for cert_name, cert, key_name, key in pairs:

@@ -247,8 +247,9 @@ def test_every_serving_container_has_probes_limits_and_a_locked_down_context(
     assert server["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
     assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"grpc": 50051, "metrics": 9464}
     webhooks = _container(pod, "webhooks")
-    assert webhooks["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "webhooks"}
-    assert webhooks["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "webhooks"}
+    scheme = {"scheme": "HTTPS"} if name == "tls" else {}  # the sidecar serves TLS there
+    assert webhooks["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "webhooks", **scheme}
+    assert webhooks["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "webhooks", **scheme}
     assert {p["name"]: p["containerPort"] for p in webhooks["ports"]} == {"webhooks": 8081}
     # The root filesystem is read-only: /tmp is a volume.
     for container in pod["containers"]:

@@ -165,9 +165,16 @@ def test_https_at_the_gateway_and_tls_to_the_server_with_health_checks_passing(
     # Envoy's health checks reach the server over TLS, with Envoy's client certificate.
     def healthy() -> bool | None:
         clusters = httpx.get(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).text
-        return True if "invoice_grpc::" in clusters and "health_flags::healthy" in clusters else None
+        lines = [line for line in clusters.splitlines() if "::health_flags::" in line]
+        named = {line.split("::")[0] for line in lines if line.endswith("::healthy")}
+        return True if named == {"invoice_grpc", "webhooks"} else None
 
     wait_until(healthy, "Envoy's health checks passing over TLS")
+    # ...and the sidecar's: a delivery through HTTPS Envoy reaches it over TLS (unsigned: 400).
+    unsigned = httpx.post(
+        f"{base}/webhooks/stripe", content=b"{}", verify=ssl.create_default_context(cafile=str(ca.ca))
+    )
+    assert unsigned.status_code == 400 and "Stripe-Signature" in unsigned.text
     # A REST call through Envoy (whose certificate names no caller) is named by its key.
     assert f'"caller": "{READER}"' not in log_path.read_text()
     reply = httpx.get(

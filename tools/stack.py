@@ -362,7 +362,7 @@ def main() -> None:
                 f"REST  OpenAPI          {scheme}://localhost:{gateway}/admin/api/openapi.json\n"
                 f"HTTP  Stripe webhooks  {scheme}://localhost:{gateway}/webhooks/stripe (through Envoy)\n"
                 f"HTTP  metrics          http://localhost:{settings.metrics_port}/metrics (server), "
-                f"http://localhost:{running.webhook_port}/metrics (sidecar)\n"
+                f"{scheme}://localhost:{running.webhook_port}/metrics (sidecar)\n"
                 f"Envoy admin            http://127.0.0.1:{running.admin_port} (loopback only)\n"
                 "Ctrl-C stops everything.",
                 flush=True,

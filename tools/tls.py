@@ -39,6 +39,8 @@ class LocalTls:
             "GRPC_TLS_KEY": str(self.key("server")),
             "GRPC_TLS_CLIENT_CA": str(self.ca),
             "GRPC_TLS_CLIENT_SUBJECTS": client_subjects,
+            "WEBHOOK_TLS_CERT": str(self.cert("server")),
+            "WEBHOOK_TLS_KEY": str(self.key("server")),
             "GATEWAY_UPSTREAM_CA": str(self.ca),
             "GATEWAY_UPSTREAM_CERT": str(self.cert(ENVOY_SUBJECT)),
             "GATEWAY_UPSTREAM_KEY": str(self.key(ENVOY_SUBJECT)),
