@@ -7,6 +7,7 @@ that manage an invoice after it exists. Knows no SQL and no status codes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -166,7 +167,7 @@ class InvoiceCreator:
         claim: CreateClaim,
         run: Callable[[int], Awaitable[T]],
         answer: Callable[[T], tuple[str, dict[str, Any]]],
-        audited: Audited,
+        audited: Callable[[], Audited],
     ) -> T:
         """Runs one attempt under its claim with the key's current generation of Stripe
         keys, and once more with the next if Stripe replays a 5xx it saved for one of them
@@ -174,16 +175,17 @@ class InvoiceCreator:
         failure the key is released; on success the answer is stored. Should storing fail
         after Stripe did the work, the key is released too, so the caller's retry reads
         what Stripe holds instead of waiting out the lease. Either end writes the attempt's
-        audit entry with it."""
+        audit entry with it (`audited`, asked at the end: a Create knows its invoice only
+        once Stripe made it)."""
         try:
             try:
                 result = await run(claim.generation)
             except StripeFailed:
                 result = await run(await self._requests.new_stripe_keys(key, claim.attempt))
             stripe_invoice_id, response = answer(result)
-            await self._requests.finish_create(key, claim.attempt, stripe_invoice_id, response, audited)
+            await self._requests.finish_create(key, claim.attempt, stripe_invoice_id, response, audited())
         except BaseException as exc:
-            await self._release(key, claim.attempt, audited, audit_outcome(exc))
+            await self._release(key, claim.attempt, audited(), audit_outcome(exc))
             raise
         return result
 
@@ -210,6 +212,11 @@ class InvoiceCreator:
                 return
             except Unavailable:
                 continue
+        # The lease has ended the claim meanwhile; the attempt's audit entry is what is lost.
+        log.warning(
+            "a failed attempt's key could not be released, nor its audit entry written, before its lease ran out",
+            extra={"action": audited.action, "attempt": attempt, "invoice": audited.stripe_invoice_id},
+        )
 
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]:
         audited = _audited("create", idempotency_key)
@@ -231,7 +238,7 @@ class InvoiceCreator:
                 claim,
                 lambda gen: self._run(new, key, claim, progress, gen),
                 lambda i: (str(i["id"]), i),
-                audited,
+                lambda: dataclasses.replace(audited, stripe_invoice_id=progress.invoice_id),
             )
         )
 
@@ -339,7 +346,7 @@ class InvoiceCreator:
 
         audited = _audited(operation, idempotency_key, stripe_id)
         return await self._detached(
-            self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), audited)
+            self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), lambda: audited)
         )
 
     async def _stripe_id(self, invoice_id: str) -> str:

@@ -248,10 +248,12 @@ async def test_an_attempt_that_died_holding_its_key_is_taken_over_after_its_leas
 
 class StoreAway:
     """The store, away for the first `n` releases of a claim: a failover that cut an
-    attempt off also fails the release that would free its key."""
+    attempt off also fails the release that would free its key. With `committed`, each
+    of those releases commits before its caller hears the error (a timeout after the
+    commit), so it is sent again on a row already released."""
 
-    def __init__(self, store: Storage, n: int) -> None:
-        self._store, self.left = store, n
+    def __init__(self, store: Storage, n: int, *, committed: bool = False, away_at_step: str = "") -> None:
+        self._store, self.left, self.committed, self.away_at_step = store, n, committed, away_at_step
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -259,8 +261,56 @@ class StoreAway:
     async def release_create(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
         if self.left > 0:
             self.left -= 1
+            if self.committed:
+                await self._store.release_create(key, attempt, audited, outcome)
             raise Unavailable("the invoice store is unavailable; retry later")
         await self._store.release_create(key, attempt, audited, outcome)
+
+    async def record_create_step(
+        self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
+    ) -> None:
+        if step == self.away_at_step:
+            raise Unavailable("the invoice store is unavailable; retry later")
+        await self._store.record_create_step(key, attempt, step, stripe_invoice_id, lease_s)
+
+
+async def audit_rows(store: Storage, key: str) -> list[tuple[int, str, str | None]]:
+    """The key's audit rows: (attempt, outcome, invoice), in order."""
+    async with store._connection() as conn:
+        rows = await conn.fetch(
+            "SELECT attempt, outcome, stripe_invoice_id FROM invoice_audit WHERE idempotency_key = $1 ORDER BY seq",
+            key,
+        )
+    return [(r["attempt"], r["outcome"], r["stripe_invoice_id"]) for r in rows]
+
+
+async def test_a_release_sent_again_after_it_committed_writes_one_audit_row(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    customer, method = await customer_with_card(stripe_client)
+    away = StoreAway(store, n=1, committed=True)
+    cut = InvoiceCreator(
+        away, away, Payments(stripe_client, cut_after="lines"), Timing(lease_s=40.0, release_retry_s=0.1)
+    )
+    with pytest.raises(Interrupted):
+        await cut.create(request(customer, method), "released-twice")
+    await until(lambda: away.left == 0, "the release sent again")
+    await cut.drain(5)
+    assert [(a, o) for a, o, _ in await audit_rows(store, "released-twice")] == [(1, "error")]
+
+
+async def test_a_create_cut_off_after_stripe_made_its_draft_names_the_invoice_in_its_audit_row(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """The store went away as the Create recorded its draft: the entry names the draft."""
+    customer, method = await customer_with_card(stripe_client)
+    away = StoreAway(store, n=0, away_at_step="drafted")
+    with pytest.raises(Unavailable):
+        await InvoiceCreator(away, away, Payments(stripe_client), Timing(lease_s=40.0)).create(
+            request(customer, method), "cut-at-draft"
+        )
+    [draft] = await stripe_invoices(stripe_client, customer)
+    assert await audit_rows(store, "cut-at-draft") == [(1, "Unavailable", draft.id)]
 
 
 async def test_a_claim_the_store_could_not_release_is_released_once_it_answers(

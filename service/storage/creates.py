@@ -73,10 +73,12 @@ _FINISH_CREATE = f"""
         WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
         RETURNING stripe_invoice_id, attempt)
     {_audited(5)}"""  # noqa: S608 - constants
+# Once only: a release that committed while its caller saw an error (a timeout) and is sent
+# again finds the lease already ended, and writes no second audit row.
 _RELEASE_CREATE = f"""
     WITH ended AS (
         UPDATE create_requests SET lease_until = NULL, updated_at = now()
-        WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
+        WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL AND lease_until IS NOT NULL
         RETURNING stripe_invoice_id, attempt)
     {_audited(3)}"""  # noqa: S608 - constants
 _AUDIT_OF = """
