@@ -10,6 +10,7 @@ can run from a folder of its own (Kubernetes: an init container fills a shared v
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import shutil
 from collections.abc import Sequence
@@ -71,22 +72,36 @@ def listener_tls(settings: Settings) -> dict[str, object] | None:
     return {"name": "envoy.transport_sockets.tls", "typed_config": {"@type": f"{_TLS}.DownstreamTlsContext", **context}}
 
 
-def upstream_tls(settings: Settings, alpn: str) -> dict[str, object] | None:
-    """TLS to an upstream (the gRPC server: h2; the sidecar: http/1.1), its certificate
-    checked against GATEWAY_UPSTREAM_CA, with Envoy's own certificate for a server that
-    requires one; or None for plaintext."""
-    if settings.gateway_upstream_ca is None:
+def upstream_tls(settings: Settings, *, ca: str | None, alpn: str, client_cert: bool) -> dict[str, object] | None:
+    """TLS to an upstream (the gRPC server: h2; the sidecar: http/1.1), or None for
+    plaintext: its certificate must chain to `ca` and name GATEWAY_UPSTREAM_HOST (a DNS or
+    IP subject alternative name), so no other certificate of that CA (a client's) passes
+    for it; with `client_cert`, Envoy presents its own for a server that requires one."""
+    if ca is None:
         return None
+    host = settings.gateway_upstream_host
+    san_type = "IP_ADDRESS" if _is_address(host) else "DNS"
     common: dict[str, object] = {
-        "validation_context": {"trusted_ca": {"filename": settings.gateway_upstream_ca}},
+        "validation_context": {
+            "trusted_ca": {"filename": ca},
+            "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": host}}],
+        },
         "alpn_protocols": [alpn],
     }
-    if settings.gateway_upstream_cert and settings.gateway_upstream_key:
+    if client_cert and settings.gateway_upstream_cert and settings.gateway_upstream_key:
         common["tls_certificates"] = [_certificate(settings.gateway_upstream_cert, settings.gateway_upstream_key)]
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {"@type": f"{_TLS}.UpstreamTlsContext", "common_tls_context": common},
-    }
+    context: dict[str, object] = {"@type": f"{_TLS}.UpstreamTlsContext", "common_tls_context": common}
+    if san_type == "DNS":
+        context["sni"] = host
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def local_reply_config() -> dict[str, object]:
@@ -136,8 +151,12 @@ def render(
         # JSON is YAML: the generated part is inserted as one flow mapping.
         "local_reply_config": json.dumps(local_reply_config()),
         "listener_tls": json.dumps(listener_tls(settings)),
-        "upstream_tls": json.dumps(upstream_tls(settings, "h2")),
-        "webhook_upstream_tls": json.dumps(upstream_tls(settings, "http/1.1")),
+        "upstream_tls": json.dumps(
+            upstream_tls(settings, ca=settings.gateway_upstream_ca, alpn="h2", client_cert=True)
+        ),
+        "webhook_upstream_tls": json.dumps(
+            upstream_tls(settings, ca=settings.gateway_webhook_upstream_ca, alpn="http/1.1", client_cert=False)
+        ),
     }
     return Template(TEMPLATE.read_text()).substitute(values)
 

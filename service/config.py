@@ -111,9 +111,11 @@ class Settings(BaseSettings):
     # Envoy's REST listener.
     gateway_tls_cert: str | None = None
     gateway_tls_key: str | None = None
-    # Envoy to the server and the sidecar over TLS: the CA their certificates are checked
-    # against, and Envoy's own certificate for a server that requires one.
+    # Envoy to the server over TLS: the CA the server's certificate is checked against (it
+    # must also name GATEWAY_UPSTREAM_HOST), and Envoy's own certificate for a server that
+    # requires one; and to the sidecar, with the CA of its certificate.
     gateway_upstream_ca: str | None = None
+    gateway_webhook_upstream_ca: str | None = None
     gateway_upstream_cert: str | None = None
     gateway_upstream_key: str | None = None
 

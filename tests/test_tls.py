@@ -120,6 +120,37 @@ async def test_grpcurl_reaches_the_tls_server_with_the_ca_and_a_client_certifica
     assert plain.returncode != 0
 
 
+def test_envoy_refuses_a_server_certificate_that_does_not_name_the_upstream_host(
+    database: str, tmp_path: Path, localstripe: str, ca: local_tls.LocalTls
+) -> None:
+    """Any certificate of the CA is not enough: here the server presents a client's
+    (`cli`, named cli.local), and Envoy never routes to it."""
+    tls_env = ca.env() | {"GRPC_TLS_CERT": str(ca.cert("cli")), "GRPC_TLS_KEY": str(ca.key("cli"))}
+    settings = Settings.model_validate({k.lower(): v for k, v in tls_env.items() if k.startswith("GATEWAY_")})
+    env = stack_env(database, tmp_path, localstripe) | tls_env
+    context = ssl.create_default_context(cafile=str(ca.ca))
+    with (tmp_path / "stack.log").open("w") as log, backend(env, tmp_path, log=log, settings=settings) as running:
+        base = f"https://localhost:{running.gateway_port}"
+        # The sidecar's certificate does name the host: Envoy routes to it meanwhile.
+        wait_until(
+            lambda: (
+                True
+                if httpx.post(f"{base}/webhooks/stripe", content=b"{}", verify=context).status_code == 400
+                else None
+            ),
+            "the sidecar routed",
+        )
+        replies = {
+            httpx.get(f"{base}/admin/api/invoices", headers={"Api-Key": API_KEY}, verify=context).status_code
+            for _ in range(10)
+        }
+        clusters = httpx.get(f"http://127.0.0.1:{running.admin_port}/clusters", timeout=2).text
+    assert replies == {503}
+    assert "invoice_grpc::" in clusters and not [
+        line for line in clusters.splitlines() if line.startswith("invoice_grpc::") and line.endswith("::healthy")
+    ]
+
+
 @pytest.fixture
 def tls_stack(
     database: str, tmp_path: Path, localstripe: str, ca: local_tls.LocalTls

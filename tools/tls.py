@@ -42,6 +42,7 @@ class LocalTls:
             "WEBHOOK_TLS_CERT": str(self.cert("server")),
             "WEBHOOK_TLS_KEY": str(self.key("server")),
             "GATEWAY_UPSTREAM_CA": str(self.ca),
+            "GATEWAY_WEBHOOK_UPSTREAM_CA": str(self.ca),
             "GATEWAY_UPSTREAM_CERT": str(self.cert(ENVOY_SUBJECT)),
             "GATEWAY_UPSTREAM_KEY": str(self.key(ENVOY_SUBJECT)),
         }
