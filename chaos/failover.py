@@ -8,10 +8,11 @@ rejoins as the new one's synchronous standby; later the new primary is killed to
 old one promoted back. Nothing is restarted but Postgres.
 
 Afterwards: every event recorded and applied once (so no acknowledged one was lost: the
-sender never sends an acknowledged event again), each order one Stripe invoice and none
-charged twice, and every failed call failed with 503 (REST) or UNAVAILABLE (gRPC) while a
-failover was under way. Prints the figures, with how long after each kill each kind of
-call still failed, as JSON; exits 1 if anything is lost, doubled or answered otherwise."""
+sender never sends an acknowledged event again), each order one Stripe invoice with its
+one item and none charged twice, one `ok` audit entry per answered Create, and every
+failed call failed with 503 (REST) or UNAVAILABLE (gRPC) while a failover was under
+way. Prints the figures, with how long after each kill each kind of call still failed,
+as JSON; exits 1 if anything is lost, doubled or answered otherwise."""
 
 from __future__ import annotations
 
@@ -30,12 +31,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 
 from bench.webhook_load import lifecycle
 from chaos import API_KEY, stack_env
-from chaos.creates import Tally, create, customers_of, database_state, invoices_by_order, order_body, stripe_invoices
+from chaos.creates import (
+    Tally,
+    create,
+    customers_of,
+    database_state,
+    expected_amount,
+    invoices_by_order,
+    order_body,
+    stripe_invoices,
+    without_their_one_item,
+)
 from chaos.storm import event_applications, events_recorded, verify
 from service import storage
 from service.gen.billing.v1 import invoice_service_pb2 as pb
@@ -162,12 +174,31 @@ def _gaps(load: Load, webhooks: list[tuple[float, str]], failovers: list[dict[st
     }
 
 
+async def _audit_counts(url: str) -> tuple[Counter[str], int]:
+    """Per idempotency key, its Creates' `ok` audit rows; and how many (key, attempt) pairs
+    have more than one row."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT idempotency_key, attempt, count(*) AS n, count(*) FILTER (WHERE outcome = 'ok') AS ok"
+            " FROM invoice_audit WHERE action = 'create' GROUP BY idempotency_key, attempt"
+        )
+    finally:
+        await conn.close()
+    ok: Counter[str] = Counter()
+    for row in rows:
+        ok[row["idempotency_key"]] += row["ok"]
+    return ok, sum(1 for row in rows if row["n"] > 1)
+
+
 async def _orders(url: str, direct: str, tally: Tally, run: str) -> dict[str, Any]:
     invoices = await stripe_invoices(direct)
     keys, _ = await database_state(url)
     by_order, orphans = invoices_by_order(invoices, run)
     answered = tally.invoice_of
     stripe_id = {order: found[0]["id"] for order, found in by_order.items()}
+    expected = {order: expected_amount(int(order.rsplit("-", 1)[1])) for order in [*answered, *tally.failed]}
+    audited_ok, audit_doubled = await _audit_counts(url)
     figures = {
         "orders": len(answered) + len(tally.failed),
         "orders_answered": len(answered),
@@ -177,6 +208,13 @@ async def _orders(url: str, direct: str, tally: Tally, run: str) -> dict[str, An
         "invoices_without_one_order": orphans,
         "answers_naming_another_invoice": sum(1 for k, i in answered.items() if stripe_id.get(k) != i),
         "create_records_naming_another_invoice": sum(1 for k, i in answered.items() if keys.get(k) != i),
+        "invoices_without_their_one_item": len(without_their_one_item(by_order, expected)),
+        # Each answered order's Create has exactly one `ok` entry in the audit trail, and no
+        # attempt has two.
+        "orders_without_one_ok_audit_entry": sum(1 for k in answered if audited_ok[k] != 1),
+        "audit_attempts_written_twice": audit_doubled,
+        # What the Create callers got besides their invoice and "retry later" (a transport error).
+        "create_answers_not_allowed": sorted(set(tally.answers) - {"200", *ALLOWED["creates"]}),
     }
     figures["orders_ok"] = (
         not tally.failed
@@ -184,6 +222,8 @@ async def _orders(url: str, direct: str, tally: Tally, run: str) -> dict[str, An
         and figures["stripe_invoices_per_order_max"] == 1
         and not (figures["orders_charged_twice"] or orphans)
         and not (figures["answers_naming_another_invoice"] or figures["create_records_naming_another_invoice"])
+        and not (figures["invoices_without_their_one_item"] or figures["create_answers_not_allowed"])
+        and not (figures["orders_without_one_ok_audit_entry"] or figures["audit_attempts_written_twice"])
     )
     return figures
 

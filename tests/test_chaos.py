@@ -119,6 +119,9 @@ def test_two_postgres_failovers_under_load_lose_and_double_nothing() -> None:
     assert figures["stripe_invoices_per_order_max"] == 1
     assert figures["orders_charged_twice"] == figures["answers_naming_another_invoice"] == 0
     assert figures["orders_answered"] == figures["stripe_invoices"] > 0
+    assert figures["invoices_without_their_one_item"] == 0
+    assert figures["create_answers_not_allowed"] == []
+    assert figures["orders_without_one_ok_audit_entry"] == figures["audit_attempts_written_twice"] == 0
     # Callers were told "retry later" and nothing else, and only while Postgres failed over.
     assert figures["answers_not_allowed"] == figures["failures_outside_failovers"] == {}
     assert [(f["from"], f["to"], f["replication"]) for f in figures["failovers"]] == [
@@ -129,6 +132,8 @@ def test_two_postgres_failovers_under_load_lose_and_double_nothing() -> None:
         # Each kill struck the storm and the callers: it was not a quiet moment.
         assert failover["storm_running"]
         assert failover["webhooks"]["failed"] > 0 and failover["rest"]["failed"] > 0
+    # ...and Creates were cut off by them, and resumed with their keys.
+    assert sum(f["creates"]["failed"] for f in figures["failovers"]) > 0
 
 
 class _Rigged(random.Random):
