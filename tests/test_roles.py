@@ -49,6 +49,10 @@ async def as_service(database: str) -> AsyncIterator[asyncpg.Connection]:
         "DROP TABLE invoice_counts",
         "CREATE INDEX intruder ON invoices (amount)",
         "ALTER TABLE invoices DISABLE TRIGGER ALL",
+        # The audit trail is append-only to the service.
+        "UPDATE invoice_audit SET caller = 'someone else'",
+        "DELETE FROM invoice_audit",
+        "TRUNCATE invoice_audit",
     ],
 )
 async def test_the_service_role_cannot_change_the_schema(as_service: asyncpg.Connection, statement: str) -> None:
@@ -67,6 +71,12 @@ async def test_the_service_role_reads_and_writes_rows(as_service: asyncpg.Connec
         assert await as_service.fetchval("SELECT sum(n) FROM invoice_counts") == 1
         await as_service.execute("DELETE FROM invoices WHERE stripe_invoice_id = 'in_role1'")
     assert await as_service.fetchval("SELECT max(version) FROM schema_migrations") >= 3
+    # ...and appends to the audit trail and reads it.
+    async with as_service.transaction():
+        await as_service.execute(
+            "INSERT INTO invoice_audit (action, caller, attempt, outcome) VALUES ('create', 'role-test', 1, 'ok')"
+        )
+        assert await as_service.fetchval("SELECT count(*) FROM invoice_audit WHERE caller = 'role-test'") == 1
 
 
 async def test_a_migration_whose_grant_fails_is_not_applied(postgres: str) -> None:
