@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tools.stack import ROOT
 
@@ -30,14 +31,69 @@ SCENARIOS = {
 ENV = {"CHAOS_ROLLING_ROUNDS": "3"}
 
 
-def _figures(out: str, written: Path) -> str:
-    """The scenario's figures, indented: those a test wrote to `written`, else its last
-    line if that is JSON, else that line as it is."""
+def _figures(out: str, written: Path) -> dict[str, Any] | str:
+    """The scenario's figures: those a test wrote to `written`, else its last line if that
+    is JSON, else that line as it is."""
     last = out.strip().splitlines()[-1] if out.strip() else ""
     try:
-        return json.dumps(json.loads(written.read_text() if written.exists() else last), indent=2)
+        figures: dict[str, Any] = json.loads(written.read_text() if written.exists() else last)
     except ValueError:
         return last
+    return figures
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _failover_table(f: dict[str, Any]) -> list[str]:
+    def failing(kind: dict[str, Any]) -> str:
+        return f"{kind['failing_until_s']} s ({kind['failed']})" if kind["failed"] else "0 failed"
+
+    lines = [
+        _row("failover", "promoted after", "rejoined after", "REST", "Creates", "webhooks", "direct gRPC", "answers"),
+        _row(*["---"] * 8),
+    ]
+    for o in f["failovers"]:
+        kinds = ("rest", "creates", "webhooks", "grpc")
+        answers = sorted({a for k in kinds for a in o[k]["answers"]}) or ["none failed"]
+        lines.append(
+            _row(
+                f"{o['from']} -> {o['to']}",
+                f"{o['promoted_after_s']} s",
+                f"{o['rejoined_after_s']} s",
+                *(failing(o[k]) for k in kinds),
+                " / ".join(answers),
+            )
+        )
+    lines.append(
+        f"acknowledged events lost {f['acknowledged_events_lost']}, doubled {f['events_doubled']}"
+        f" ({f['events_recorded']} of {f['events_expected']} recorded); Creates {f['orders_answered']},"
+        f" Stripe invoices per order at most {f['stripe_invoices_per_order_max']},"
+        f" charged twice {f['orders_charged_twice']}"
+    )
+    return lines
+
+
+def _rolling_table(f: dict[str, Any]) -> list[str]:
+    header = ("rounds", "REST reads", "Creates", "direct gRPC reads", "deliveries", "events", "seen per watcher")
+    return [
+        _row(*header),
+        _row(*["---"] * len(header)),
+        _row(
+            f["rounds"],
+            f["rest_reads"],
+            f["creates"],
+            f["direct_grpc_reads"],
+            f["deliveries"],
+            f["events_sent"],
+            f["changes_seen_per_watcher"],
+        ),
+    ]
+
+
+# The scenarios whose figures are also printed as the README's table.
+TABLES = {"postgres failover": _failover_table, "rolling restart": _rolling_table}
 
 
 def main() -> None:
@@ -49,7 +105,13 @@ def main() -> None:
         written.unlink(missing_ok=True)
         env = os.environ | ENV | {"CHAOS_FIGURES": str(written)}
         run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-        print(_figures(run.stdout, written))
+        figures = _figures(run.stdout, written)
+        print(json.dumps(figures, indent=2) if isinstance(figures, dict) else figures)
+        if isinstance(figures, dict) and name in TABLES:
+            try:
+                print("\n".join(TABLES[name](figures)))
+            except KeyError as missing:  # a scenario that failed before it had every figure
+                print(f"(no table: the figures lack {missing})")
         print(
             f"-- {name}: {'ok' if run.returncode == 0 else 'FAILED'} in {time.monotonic() - started:.0f} s", flush=True
         )
