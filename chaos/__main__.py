@@ -76,19 +76,16 @@ def _failover_table(f: dict[str, Any]) -> list[str]:
 
 
 def _rolling_table(f: dict[str, Any]) -> list[str]:
+    def answers(counted: dict[str, int]) -> str:
+        return " + ".join(f"{n:,} {answer}" for answer, n in counted.items())
+
     header = ("rounds", "REST reads", "Creates", "direct gRPC reads", "deliveries", "events", "seen per watcher")
+    kinds = ("rest_reads", "creates", "direct_grpc_reads", "deliveries")
+    watched = ", ".join(f"{n:,}" for n in f["changes_seen_per_watcher"])
     return [
         _row(*header),
         _row(*["---"] * len(header)),
-        _row(
-            f["rounds"],
-            f["rest_reads"],
-            f["creates"],
-            f["direct_grpc_reads"],
-            f["deliveries"],
-            f["events_sent"],
-            f["changes_seen_per_watcher"],
-        ),
+        _row(f["rounds"], *(answers(f[k]) for k in kinds), f"{f['events_sent']:,}", watched),
     ]
 
 
