@@ -168,10 +168,6 @@ class CreateClaim:
     created_at: datetime
 
 
-# The calls that move money, each audited (storage migration 0007).
-AUDIT_ACTIONS = ("create", "pay", "void")
-
-
 @dataclass(frozen=True, slots=True)
 class Audited:
     """Who asked for a Create, Pay or Void, for the audit entry its attempt writes as it
@@ -203,11 +199,9 @@ class AuditEntry:
 AUDIT_OK = "ok"
 
 
-def audit_outcome(error: BaseException | None) -> tuple[str, str]:
-    """An ended attempt's outcome and detail: `ok`, the domain error's kind and message,
-    or `error` for anything else (whose message may hold what callers must not see)."""
-    if error is None:
-        return AUDIT_OK, ""
+def audit_outcome(error: BaseException) -> tuple[str, str]:
+    """A failed attempt's outcome and detail: the domain error's kind and message, or
+    `error` for anything else (whose message may hold what callers must not see)."""
     if isinstance(error, DomainError):
         return type(error).__name__, str(error)
     return "error", "internal error" if isinstance(error, Exception) else type(error).__name__

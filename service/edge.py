@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import logs
-from service.auth import CALLER, ApiKeys, Caller
+from service.auth import CALLER, ApiKeys
 from service.domain import DomainError, InvalidArgument
 from service.errors import status_of
 from service.logs import REQUEST_ID
@@ -97,7 +97,9 @@ class Edge:
         # serves the calls that still arrive.
         self.not_ready: str | None = None if ready else "starting"
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], metadata: Any, method: str) -> Caller:
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], metadata: Any, method: str) -> None:
+        """Names the caller (CALLER) and refuses it unless its key or certificate may call
+        `method` now."""
         offered = next((v for k, v in metadata if k == "api-key"), None)
         caller = self._keys.identify(offered, _subject(context) if offered is None else None)
         if caller is None:
@@ -113,7 +115,6 @@ class Edge:
             )
         if self.not_ready is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not ready: {self.not_ready}; retry later")
-        return caller
 
     def _recorder(self, method: str) -> Callable[[str, float, dict[str, Any]], None]:
         """Counts, times and logs one finished call of `method` by its final code, and by
