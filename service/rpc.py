@@ -200,9 +200,10 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         if self._audit is None:
             raise NotImplementedError("this server was built without an audit trail")
         # The trail is by Stripe's id: a Create's first entries come before its record.
-        stripe_id = key if key.startswith("in_") else (await self._store.get_invoice(key)).stripe_invoice_id
+        record = None if key.startswith("in_") else await self._store.get_invoice(key)
+        stripe_id = key if record is None else record.stripe_invoice_id
         entries = await self._audit.audit_of(stripe_id)
-        if not entries:
+        if not entries and record is None:
             await self._store.get_invoice(stripe_id)  # NOT_FOUND for an invoice the service never knew
         reply = pb.ListInvoiceAuditResponse()
         for entry in entries:
