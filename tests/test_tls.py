@@ -120,13 +120,18 @@ async def test_grpcurl_reaches_the_tls_server_with_the_ca_and_a_client_certifica
     assert plain.returncode != 0
 
 
+def _gateway_settings(tls_env: dict[str, str]) -> Settings:
+    """Envoy's settings from the TLS environment (the stack renders its configuration here)."""
+    return Settings.model_validate({k.lower(): v for k, v in tls_env.items() if k.startswith("GATEWAY_")})
+
+
 def test_envoy_refuses_a_server_certificate_that_does_not_name_the_upstream_host(
     database: str, tmp_path: Path, localstripe: str, ca: local_tls.LocalTls
 ) -> None:
     """Any certificate of the CA is not enough: here the server presents a client's
     (`cli`, named cli.local), and Envoy never routes to it."""
     tls_env = ca.env() | {"GRPC_TLS_CERT": str(ca.cert("cli")), "GRPC_TLS_KEY": str(ca.key("cli"))}
-    settings = Settings.model_validate({k.lower(): v for k, v in tls_env.items() if k.startswith("GATEWAY_")})
+    settings = _gateway_settings(tls_env)
     env = stack_env(database, tmp_path, localstripe) | tls_env
     context = ssl.create_default_context(cafile=str(ca.ca))
     with (tmp_path / "stack.log").open("w") as log, backend(env, tmp_path, log=log, settings=settings) as running:
@@ -156,7 +161,7 @@ def tls_stack(
     database: str, tmp_path: Path, localstripe: str, ca: local_tls.LocalTls
 ) -> Iterator[tuple[str, int, Path]]:
     tls_env = ca.env()
-    settings = Settings.model_validate({k.lower(): v for k, v in tls_env.items() if k.startswith("GATEWAY_")})
+    settings = _gateway_settings(tls_env)
     env = stack_env(database, tmp_path, localstripe) | tls_env | {"LOG_LEVEL": "DEBUG"}
     log_path = tmp_path / "stack.log"
     with log_path.open("w") as log, backend(env, tmp_path, log=log, settings=settings) as running:
