@@ -1,6 +1,8 @@
 """Sends signed Stripe invoice events to a webhook URL the way Stripe does: concurrently,
 shuffled, with a share of duplicates, retrying any non-2xx with backoff. Prints one JSON
-line: deliveries, retries, throughput and latency."""
+line: deliveries, retries, throughput and latency. With `--seconds` the deliveries are spread
+over that long, so that a chaos scenario can strike a storm that is sure to be still running
+however fast the machine answers."""
 
 from __future__ import annotations
 
@@ -81,19 +83,24 @@ def events(invoices: int, duplicates: float, seed: int, kind: str = "short") -> 
     return sent
 
 
-async def _send(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:
+async def _send(url: str, secret: str, payloads: list[str], concurrency: int, seconds: float, out: Any) -> None:
     """Delivers every payload, retrying non-2xx answers with capped exponential backoff
-    until it is accepted or two minutes have passed for it, as Stripe retries."""
+    until it is accepted or two minutes have passed for it, as Stripe retries. The n-th
+    payload's first attempt starts no sooner than n * seconds / len(payloads) in."""
     latencies: list[float] = []
     retries = 0
     answers: Counter[str] = Counter()
     failed_at: list[tuple[float, str]] = []  # wall-clock time and answer of every failed delivery
     queue = list(reversed(payloads))
+    begun = time.monotonic()
+    interval = seconds / max(1, len(payloads))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal retries
         while queue:
+            due = begun + (len(payloads) - len(queue)) * interval
             payload = queue.pop()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             give_up = time.monotonic() + 120
             attempt = 0
             while time.monotonic() < give_up:
@@ -120,8 +127,8 @@ async def _send(url: str, secret: str, payloads: list[str], concurrency: int, ou
     out.put((latencies, retries, dict(answers), failed_at))
 
 
-def _run(url: str, secret: str, payloads: list[str], concurrency: int, out: Any) -> None:
-    asyncio.run(_send(url, secret, payloads, concurrency, out))
+def _run(url: str, secret: str, payloads: list[str], concurrency: int, seconds: float, out: Any) -> None:
+    asyncio.run(_send(url, secret, payloads, concurrency, seconds, out))
 
 
 def main() -> None:
@@ -133,11 +140,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--lifecycle", choices=sorted(LIFECYCLES), default="short")
+    parser.add_argument("--seconds", type=float, default=0.0, help="spread the deliveries over this long")
     parser.add_argument("--failure-times", action="store_true", help="list each failed delivery's time and answer")
     args = parser.parse_args()
     payloads = events(args.invoices, args.duplicates, seed=1, kind=args.lifecycle)
     shares = [payloads[i :: args.processes] for i in range(args.processes)]
-    results, seconds = run_processes(_run, [(args.url, args.secret, share, args.concurrency) for share in shares])
+    arguments = [(args.url, args.secret, share, args.concurrency, args.seconds) for share in shares]
+    results, seconds = run_processes(_run, arguments)
     figures = summary([x for r in results for x in r[0]], 0, seconds)
     answers: Counter[str] = Counter()
     for r in results:
