@@ -184,6 +184,7 @@ class Audited:
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
+    seq: int  # its place in the trail, for paging
     at: datetime
     action: str
     caller: str
@@ -193,6 +194,15 @@ class AuditEntry:
     attempt: int
     outcome: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """Entries of one invoice's trail, oldest first; `next_after` is the last one's `seq`
+    when more follow."""
+
+    entries: list[AuditEntry]
+    next_after: int | None
 
 
 # An audit entry's outcome when the attempt answered.

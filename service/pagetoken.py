@@ -1,8 +1,9 @@
 """Page tokens (AIP-158) and watch resume tokens: opaque to callers. A page token carries
 the position after the last invoice of a page and a fingerprint of the filters, so it
-cannot be replayed with other filters; a resume token carries a change feed position,
-which means the same under any filters. Not signed: a forged token can only move its
-holder within a list or a feed it may read anyway."""
+cannot be replayed with other filters; an audit page token, the last entry's place and
+the invoice whose trail it pages; a resume token carries a change feed position, which
+means the same under any filters. Not signed: a forged token can only move its holder
+within a list or a feed it may read anyway."""
 
 from __future__ import annotations
 
@@ -62,8 +63,26 @@ def decode(token: str, filters: Filters) -> Cursor:
     return cursor
 
 
-# Feed positions are Postgres bigints, never negative.
+# Feed positions and audit entries' places are Postgres bigints, never negative.
 _POSITION_MAX = 2**63 - 1
+
+
+def encode_audit(stripe_invoice_id: str, after: int) -> str:
+    return _pack({"n": stripe_invoice_id, "q": after})
+
+
+def decode_audit(token: str, stripe_invoice_id: str) -> int:
+    """The place after which the next page of this invoice's trail starts."""
+    try:
+        data = _unpack(token)
+    except ValueError as exc:
+        raise InvalidArgument(FIELD, "not a token this service issued") from exc
+    after = _bigint(data.get("q"))
+    if after is None or set(data) != {"n", "q"}:
+        raise InvalidArgument(FIELD, "not a token this service issued")
+    if data["n"] != stripe_invoice_id:
+        raise InvalidArgument(FIELD, "was issued for another invoice's trail")
+    return after
 
 
 def encode_position(position: FeedPosition) -> str:

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
 from service.domain import (
-    AuditEntry,
+    AuditPage,
     Change,
     ChangeKind,
     FeedPosition,
@@ -34,7 +34,7 @@ class InvoiceStore(Protocol):
 
 
 class AuditTrail(Protocol):
-    async def audit_of(self, stripe_invoice_id: str) -> list[AuditEntry]: ...
+    async def audit_of(self, stripe_invoice_id: str, after: int, limit: int) -> AuditPage: ...
 
 
 class Watcher(Protocol):
@@ -197,16 +197,20 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ListInvoiceAuditRequest, pb.ListInvoiceAuditResponse],
     ) -> pb.ListInvoiceAuditResponse:
         key = validation.invoice_id(request.id)
+        limit = validation.page_size(request.limit if request.HasField("limit") else None)
         if self._audit is None:
             raise NotImplementedError("this server was built without an audit trail")
         # The trail is by Stripe's id: a Create's first entries come before its record.
         record = None if key.startswith("in_") else await self._store.get_invoice(key)
         stripe_id = key if record is None else record.stripe_invoice_id
-        entries = await self._audit.audit_of(stripe_id)
-        if not entries and record is None:
+        after = pagetoken.decode_audit(request.page_token, stripe_id) if request.page_token else 0
+        page = await self._audit.audit_of(stripe_id, after, limit)
+        if not page.entries and record is None and not after:
             await self._store.get_invoice(stripe_id)  # NOT_FOUND for an invoice the service never knew
         reply = pb.ListInvoiceAuditResponse()
-        for entry in entries:
+        if page.next_after is not None:
+            reply.next_page_token = pagetoken.encode_audit(stripe_id, page.next_after)
+        for entry in page.entries:
             target = reply.entries.add(
                 action=entry.action,
                 caller=entry.caller,

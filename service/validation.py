@@ -53,9 +53,7 @@ def page(
     """A page by number (the original API, which always sent `page`), or by token
     (AIP-158) when `page` is absent: the first page then has no token."""
     filters = filters or Filters()
-    limit = DEFAULT_PAGE_SIZE if limit is None else limit
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise InvalidArgument("limit", f"must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+    limit = page_size(limit)
     if token:
         if number is not None:
             raise InvalidArgument("page", "must be absent when page_token is given")
@@ -71,6 +69,14 @@ def page(
             "page with pageToken instead (leave page out; pass each answer's nextPageToken as pageToken)",
         )
     return Page(number=number, limit=limit, filters=filters)
+
+
+def page_size(limit: int | None) -> int:
+    """A page's `limit`, for every paged call alike."""
+    limit = DEFAULT_PAGE_SIZE if limit is None else limit
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidArgument("limit", f"must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+    return limit
 
 
 def filters(status: str, user_id: str, created_after: datetime | None, created_before: datetime | None) -> Filters:

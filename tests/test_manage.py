@@ -17,6 +17,7 @@ import stripe
 import yaml
 
 from gateway.render import render
+from service import pagetoken
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
@@ -224,6 +225,32 @@ async def test_the_audit_trail_names_who_created_paid_and_voided_in_order(
     assert [e["caller"] for e in rest.json()["entries"]] == ["key1", CONSOLE, "key1"]
     denied = await http.get(f"/admin/api/invoices/{created['id']}/audit", headers={"Api-Key": READ_KEY})
     assert denied.status_code == 403 and denied.json()["code"] == grpc.StatusCode.PERMISSION_DENIED.value[0]
+
+    # Paged by token, as ListInvoices is: the pages join into the whole trail.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = pb_grpc.InvoiceServiceStub(channel)
+        first = await stub.ListInvoiceAudit(pb.ListInvoiceAuditRequest(id=created["id"], limit=2), metadata=AUTH)
+        assert len(first.entries) == 2 and first.HasField("next_page_token")
+        request = pb.ListInvoiceAuditRequest(id=paid.json()["_id"], limit=2, page_token=first.next_page_token)
+        last = await stub.ListInvoiceAudit(request, metadata=AUTH)
+        assert [*first.entries, *last.entries] == list(trail.entries) and not last.HasField("next_page_token")
+        for bad in (
+            pb.ListInvoiceAuditRequest(id=created["id"], limit=0),
+            pb.ListInvoiceAuditRequest(id=created["id"], page_token="not-a-token"),
+            pb.ListInvoiceAuditRequest(id=created["id"], page_token=pagetoken.encode_audit("in_another", 1)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ListInvoiceAudit(bad, metadata=AUTH)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    path = f"/admin/api/invoices/{created['id']}/audit"
+    rest_first = await http.get(path, params={"limit": 1})
+    assert rest_first.status_code == 200, rest_first.text
+    rest_rest = await http.get(path, params={"limit": 5, "pageToken": rest_first.json()["nextPageToken"]})
+    joined = rest_first.json()["entries"] + rest_rest.json()["entries"]
+    assert [e["action"] for e in joined] == ["create", "pay", "void"]
+    assert "nextPageToken" not in rest_rest.json()
+    forged = await http.get(path, params={"pageToken": pagetoken.encode_audit("in_another", 1)})
+    assert forged.status_code == 400 and "another invoice" in forged.json()["message"], forged.text
 
 
 def test_envoy_retries_no_post_route() -> None:

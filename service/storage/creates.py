@@ -15,6 +15,7 @@ from service.domain import (
     AlreadyExists,
     Audited,
     AuditEntry,
+    AuditPage,
     CreateClaim,
     CreateInProgress,
 )
@@ -82,8 +83,8 @@ _RELEASE_CREATE = f"""
         RETURNING stripe_invoice_id, attempt)
     {_audited(3)}"""  # noqa: S608 - constants
 _AUDIT_OF = """
-    SELECT at, action, caller, request_id, idempotency_key, stripe_invoice_id, attempt, outcome, detail
-    FROM invoice_audit WHERE stripe_invoice_id = $1 ORDER BY seq"""
+    SELECT seq, at, action, caller, request_id, idempotency_key, stripe_invoice_id, attempt, outcome, detail
+    FROM invoice_audit WHERE stripe_invoice_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"""
 _NEW_STRIPE_KEYS = """
     UPDATE create_requests SET stripe_key_gen = stripe_key_gen + 1, updated_at = now()
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL
@@ -153,10 +154,13 @@ class CreateRequests(Pooled):
         async with self._connection() as conn:
             await conn.execute(_RELEASE_CREATE, key, attempt, *_entry(audited, *outcome))
 
-    async def audit_of(self, stripe_invoice_id: str) -> list[AuditEntry]:
+    async def audit_of(self, stripe_invoice_id: str, after: int, limit: int) -> AuditPage:
+        """Up to `limit` entries of the invoice's trail that follow entry `after` (0: from
+        the first); one more is read to tell whether another page follows."""
         async with self._connection() as conn:
-            rows = await conn.fetch(_AUDIT_OF, stripe_invoice_id)
-        return [AuditEntry(**dict(row)) for row in rows]
+            rows = await conn.fetch(_AUDIT_OF, stripe_invoice_id, after, limit + 1)
+        entries = [AuditEntry(**dict(row)) for row in rows[:limit]]
+        return AuditPage(entries, entries[-1].seq if len(rows) > limit else None)
 
     async def new_stripe_keys(self, key: str, attempt: int) -> int:
         """The next generation of the key's Stripe keys, for this attempt and those after."""

@@ -125,7 +125,8 @@ class InvoiceServiceStub:
     each Create, Pay and Void attempt that ended, with who called (the API
     key's name, or the client certificate's subject), when, its request id and
     idempotency key, and how it ended. It needs a write key. An unknown id
-    fails with NOT_FOUND.
+    fails with NOT_FOUND. Paged like ListInvoices by token: a caller retrying
+    a refused Void grows the trail without bound.
     """
     WatchInvoices: _grpc.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]
     """WatchInvoices streams the changes to invoice records as they are recorded:
@@ -246,7 +247,8 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     each Create, Pay and Void attempt that ended, with who called (the API
     key's name, or the client certificate's subject), when, its request id and
     idempotency key, and how it ended. It needs a write key. An unknown id
-    fails with NOT_FOUND.
+    fails with NOT_FOUND. Paged like ListInvoices by token: a caller retrying
+    a refused Void grows the trail without bound.
     """
     WatchInvoices: _aio.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]  # type: ignore[assignment]
     """WatchInvoices streams the changes to invoice records as they are recorded:
@@ -400,7 +402,8 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         each Create, Pay and Void attempt that ended, with who called (the API
         key's name, or the client certificate's subject), when, its request id and
         idempotency key, and how it ended. It needs a write key. An unknown id
-        fails with NOT_FOUND.
+        fails with NOT_FOUND. Paged like ListInvoices by token: a caller retrying
+        a refused Void grows the trail without bound.
         """
 
     @_abc_1.abstractmethod
