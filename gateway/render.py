@@ -104,6 +104,16 @@ def _is_address(host: str) -> bool:
     return True
 
 
+# What Envoy retries on wherever it retries: the upstream went away before answering.
+_GONE = ("reset", "connect-failure", "refused-stream")
+
+
+def retry_policy(*also: str) -> dict[str, object]:
+    """Two retries, backed off, for a route whose calls are safe to repeat."""
+    retry_back_off = {"base_interval": "0.1s", "max_interval": "0.5s"}
+    return {"retry_on": ",".join((*_GONE, *also)), "num_retries": 2, "retry_back_off": retry_back_off}
+
+
 def local_reply_config() -> dict[str, object]:
     """Mappers only, and only for errors: a body format for all replies would also wrap
     the direct responses (the OpenAPI document)."""
@@ -150,6 +160,9 @@ def render(
         "openapi_path": json.dumps(str(openapi)),
         # JSON is YAML: the generated part is inserted as one flow mapping.
         "local_reply_config": json.dumps(local_reply_config()),
+        "delivery_retries": json.dumps(retry_policy()),
+        # ...and a read also when a stopping server cancelled it or answered UNAVAILABLE.
+        "read_retries": json.dumps(retry_policy("cancelled", "unavailable")),
         "listener_tls": json.dumps(listener_tls(settings)),
         "upstream_tls": json.dumps(
             upstream_tls(settings, ca=settings.gateway_upstream_ca, alpn="h2", client_cert=True)
