@@ -207,6 +207,8 @@ class AuditPage:
 
 # An audit entry's outcome when the attempt answered.
 AUDIT_OK = "ok"
+# ...and when it never ended, written by the attempt that took its key over.
+AUDIT_ABANDONED = "abandoned"
 
 
 def audit_outcome(error: BaseException) -> tuple[str, str]:

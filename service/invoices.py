@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 class CreateRequests(Protocol):
     async def claim_create(
-        self, key: str, fingerprints: tuple[str, ...], lease_s: float
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited
     ) -> dict[str, Any] | CreateClaim: ...
     async def record_create_step(
         self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
@@ -149,13 +149,13 @@ class InvoiceCreator:
         if self._running:
             await asyncio.wait(set(self._running), timeout=timeout_s)
 
-    async def _claim(self, key: str, fingerprints: tuple[str, ...]) -> dict[str, Any] | CreateClaim:
+    async def _claim(self, key: str, fingerprints: tuple[str, ...], audited: Audited) -> dict[str, Any] | CreateClaim:
         """Claims the key, waiting a while for an attempt in progress to answer."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.wait_s
         while True:
             try:
-                return await self._requests.claim_create(key, fingerprints, self._timing.lease_s)
+                return await self._requests.claim_create(key, fingerprints, self._timing.lease_s, audited)
             except CreateInProgress:
                 if loop.time() >= deadline:
                     raise
@@ -212,9 +212,10 @@ class InvoiceCreator:
                 return
             except Unavailable:
                 continue
-        # The lease has ended the claim meanwhile; the attempt's audit entry is what is lost.
+        # The lease has ended the claim meanwhile; the attempt that takes the key over
+        # writes this one's audit entry (`abandoned`), without its outcome.
         log.warning(
-            "a failed attempt's key could not be released, nor its audit entry written, before its lease ran out",
+            "a failed attempt's key could not be released, nor its outcome audited, before its lease ran out",
             extra={"action": audited.action, "attempt": attempt, "invoice": audited.stripe_invoice_id},
         )
 
@@ -228,7 +229,7 @@ class InvoiceCreator:
             key = f"keyless:{uuid.uuid4().hex}"
             if self._timing.duplicate_window_s > 0:
                 key = await self._requests.claim_keyless(new.fingerprint(), key, self._timing.duplicate_window_s)
-        claim = await self._claim(key, (new.fingerprint(), new.legacy_fingerprint()))
+        claim = await self._claim(key, (new.fingerprint(), new.legacy_fingerprint()), audited)
         if not isinstance(claim, CreateClaim):
             return claim
         progress = _Progress(claim.stripe_invoice_id)
@@ -332,7 +333,8 @@ class InvoiceCreator:
         so that a GET right after shows it."""
         stripe_id = await self._stripe_id(invoice_id)
         key = idempotency_key or f"{operation}:{uuid.uuid4().hex}"
-        claim = await self._claim(key, (fingerprint(operation, {"invoice": stripe_id, **fields}),))
+        audited = _audited(operation, idempotency_key, stripe_id)
+        claim = await self._claim(key, (fingerprint(operation, {"invoice": stripe_id, **fields}),), audited)
         if not isinstance(claim, CreateClaim):
             return await self._records.get_invoice(stripe_id)
 
@@ -344,7 +346,6 @@ class InvoiceCreator:
             answer = await act(current, _stripe_key(key, generation, operation))
             return await self._records.record_stripe_invoice(invoice_from_stripe(answer), stripe_time=asked_at)
 
-        audited = _audited(operation, idempotency_key, stripe_id)
         return await self._detached(
             self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), lambda: audited)
         )

@@ -16,7 +16,15 @@ import pytest
 import stripe
 
 from service import validation
-from service.domain import Audited, CreateInProgress, FailedPrecondition, NewInvoice, Unavailable
+from service.domain import (
+    AUDIT_ABANDONED,
+    AUDIT_OK,
+    Audited,
+    CreateInProgress,
+    FailedPrecondition,
+    NewInvoice,
+    Unavailable,
+)
 from service.invoices import InvoiceCreator, Timing
 from service.payments import StripePayments
 from service.storage import Storage
@@ -228,9 +236,11 @@ async def test_an_attempt_that_died_holding_its_key_is_taken_over_after_its_leas
     store: Storage, stripe_client: stripe.StripeClient
 ) -> None:
     """A process killed mid-Create releases nothing: the next attempt waits out the lease,
-    then resumes the draft; the dead attempt, should it wake, can record nothing."""
+    then resumes the draft; the dead attempt, should it wake, can record nothing. The
+    attempt that took over wrote the dead one's audit entry, naming its caller."""
     customer, method = await customer_with_card(stripe_client)
-    claim = await store.claim_create("died", (request(customer, method).fingerprint(),), 0.5)
+    dead = Audited("create", "dead-caller", "dead-request", "died")
+    claim = await store.claim_create("died", (request(customer, method).fingerprint(),), 0.5, dead)
     assert not isinstance(claim, dict)
     stuck = Payments(stripe_client)
     draft = await stuck.create_draft(request(customer, method), "died", "died-draft")
@@ -244,6 +254,29 @@ async def test_an_attempt_that_died_holding_its_key_is_taken_over_after_its_leas
     with pytest.raises(CreateInProgress):
         await store.record_create_step("died", claim.attempt, "lined", None, 0.5)
     assert len(await stripe_invoices(stripe_client, customer)) == 1
+    assert await audit_rows(store, "died") == [(1, AUDIT_ABANDONED, draft["id"]), (2, AUDIT_OK, draft["id"])]
+    async with store._connection() as conn:
+        first = await conn.fetchrow("SELECT * FROM invoice_audit WHERE idempotency_key = 'died' ORDER BY seq LIMIT 1")
+    assert first is not None
+    assert (first["action"], first["caller"], first["request_id"]) == ("create", "dead-caller", "dead-request")
+
+
+async def test_a_takeover_notes_only_the_attempt_that_never_ended(store: Storage) -> None:
+    """A Pay's attempt that died names its invoice in the entry its takeover writes; one
+    whose release came after its lease ran out (but before a takeover) has the release's
+    entry, and the takeover writes no second one."""
+    pay = Audited("pay", "dead-payer", "pay-request", "pay-died", "in_paidbyone")
+    assert not isinstance(await store.claim_create("pay-died", ("pay-f",), 0.1, pay), dict)
+    late = Audited("void", "late-voider", "void-request", "void-late", "in_voidedlate")
+    claim = await store.claim_create("void-late", ("void-f",), 0.1, late)
+    assert not isinstance(claim, dict)
+    await asyncio.sleep(0.2)
+    await store.release_create("void-late", claim.attempt, late, ("Unavailable", "Stripe was away"))
+    retry = Audited("pay", "retrier", "retry-request", "pay-died", "in_paidbyone")
+    for key, fingerprint in (("pay-died", "pay-f"), ("void-late", "void-f")):
+        assert not isinstance(await store.claim_create(key, (fingerprint,), 30, retry), dict)
+    assert await audit_rows(store, "pay-died") == [(1, AUDIT_ABANDONED, "in_paidbyone")]
+    assert await audit_rows(store, "void-late") == [(1, "Unavailable", "in_voidedlate")]
 
 
 class StoreAway:

@@ -5,11 +5,13 @@ statement about create_requests and invoice_audit lives here."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
 
 from service.domain import (
+    AUDIT_ABANDONED,
     AUDIT_OK,
     CREATE_STEPS,
     AlreadyExists,
@@ -34,13 +36,23 @@ def _entry(audited: Audited, outcome: str, detail: str) -> tuple[str | None, ...
 
 
 _CLAIM_CREATE = """
-    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step)
-    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed')
+    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step, attempt_audited)
+    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed', $5::jsonb)
     ON CONFLICT (idempotency_key) DO UPDATE SET
-        attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, updated_at = now()
+        attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, attempt_audited = EXCLUDED.attempt_audited,
+        updated_at = now()
     WHERE r.fingerprint = ANY($4::text[]) AND r.response IS NULL
         AND (r.lease_until IS NULL OR r.lease_until < now())
     RETURNING attempt, stripe_key_gen, stripe_invoice_id, step, created_at"""
+# An attempt whose lease ran out with neither answer nor release (that sets lease_until
+# NULL) wrote no audit entry; the claim that takes its key over writes it. Locked before
+# the claim, in its transaction, so that a release arriving late or a racing claim cannot
+# change the row in between (one CTE would not do: a locking read of a row its own
+# statement updated skips it).
+_ABANDONED_ATTEMPT = """
+    SELECT attempt, stripe_invoice_id, attempt_audited FROM create_requests
+    WHERE idempotency_key = $1 AND response IS NULL AND lease_until < now() AND attempt_audited IS NOT NULL
+    FOR UPDATE"""
 _GET_CREATE = """
     SELECT fingerprint, response, coalesce(lease_until > now(), false) AS leased
     FROM create_requests WHERE idempotency_key = $1"""
@@ -67,6 +79,10 @@ def _audited(first: int) -> str:
     FROM ended"""  # noqa: S608 - parameter numbers only
 
 
+_ABANDONED_ENTRY = f"""
+    WITH ended AS (SELECT $1::text AS stripe_invoice_id, $2::integer AS attempt)
+    {_audited(3)}"""
+_ABANDONED = "its lease ran out with no answer (its process stopped, or lost the database); the next attempt took over"
 _FINISH_CREATE = f"""
     WITH ended AS (
         UPDATE create_requests SET stripe_invoice_id = $3, response = $4, step = 'done', completed_at = now(),
@@ -105,15 +121,21 @@ _GET_KEYLESS = "SELECT idempotency_key FROM keyless_creates WHERE fingerprint = 
 
 class CreateRequests(Pooled):
     async def claim_create(
-        self, key: str, fingerprints: tuple[str, ...], lease_s: float
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited
     ) -> dict[str, Any] | CreateClaim:
         """Claims `key` for an attempt of the request whose fingerprint is the first of
-        `fingerprints` (the others: the same request's older encodings). Answers the
-        finished request's stored answer, or the claim with what earlier attempts
-        recorded; refuses the key for another request, and while another attempt holds it."""
+        `fingerprints` (the others: the same request's older encodings), by `audited`.
+        Answers the finished request's stored answer, or the claim with what earlier
+        attempts recorded; refuses the key for another request, and while another attempt
+        holds it."""
+        who = json.dumps(dataclasses.asdict(audited))
         async with self._connection() as conn, conn.transaction(isolation="read_committed"):
-            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints))
+            abandoned = await conn.fetchrow(_ABANDONED_ATTEMPT, key)
+            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints), who)
             if row is not None:
+                if abandoned is not None:
+                    entry = _entry(Audited(**json.loads(abandoned["attempt_audited"])), AUDIT_ABANDONED, _ABANDONED)
+                    await conn.execute(_ABANDONED_ENTRY, abandoned["stripe_invoice_id"], abandoned["attempt"], *entry)
                 return CreateClaim(
                     row["attempt"], row["stripe_key_gen"], row["stripe_invoice_id"], row["step"], row["created_at"]
                 )

@@ -638,14 +638,18 @@ class AuditEntry(_message.Message):
     attempt: _builtins.int
     """Which attempt with that key this was (1 for the first)."""
     outcome: _builtins.str
-    """`ok`, or the kind of error it ended with (FailedPrecondition,
-    Unavailable, ...).
+    """`ok`; the kind of error it ended with (FailedPrecondition, Unavailable,
+    ...); or `abandoned`: it never ended (its process stopped, or lost the
+    database, before its lease ran out), and the attempt that took its key
+    over wrote this entry.
     """
     detail: _builtins.str
     """The error's message; empty for `ok`."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When the attempt ended."""
+        """When the attempt ended (for an `abandoned` one, when another took it
+        over).
+        """
 
     def __init__(
         self,
