@@ -173,7 +173,8 @@ class Audited:
     """Who asked for a Create, Pay or Void, for the audit entry its attempt writes as it
     ends: the caller's name, the call's request id, the caller's own idempotency key
     (None when it sent none), and the invoice when the call names one (a Create's comes
-    from its recorded progress)."""
+    from its recorded progress). Stored with the attempt's claim too, for the entry the
+    attempt taking its key over writes should it never end."""
 
     action: str
     caller: str

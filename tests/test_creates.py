@@ -11,6 +11,7 @@ import hashlib
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import stripe
@@ -27,8 +28,8 @@ from service.domain import (
 )
 from service.invoices import InvoiceCreator, Timing
 from service.payments import StripePayments
-from service.storage import Storage
-from tests.helpers import until
+from service.storage import Storage, creates
+from tests.helpers import poll_until, until
 from tools.stack import customer_with_card
 
 DECLINED_ON_CHARGE = "4000000000000341"  # attaches, then every charge is declined
@@ -277,6 +278,82 @@ async def test_a_takeover_notes_only_the_attempt_that_never_ended(store: Storage
         assert not isinstance(await store.claim_create(key, (fingerprint,), 30, retry), dict)
     assert await audit_rows(store, "pay-died") == [(1, AUDIT_ABANDONED, "in_paidbyone")]
     assert await audit_rows(store, "void-late") == [(1, "Unavailable", "in_voidedlate")]
+
+
+async def _until_waiting_for_a_lock(database: str, task: asyncio.Future[Any]) -> None:
+    """Until `task` ended or another backend of the database waits for a lock."""
+    watcher = await asyncpg.connect(database)
+    try:
+
+        async def waiting() -> bool | None:
+            query = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return task.done() or await watcher.fetchval(query) > 0 or None
+
+        await poll_until(waiting, "a statement waiting for a lock")
+    finally:
+        await watcher.close()
+
+
+async def test_a_release_that_comes_late_but_before_the_takeover_stays_the_attempts_only_entry(
+    store: Storage, database: str
+) -> None:
+    """The takeover reads the attempt it takes over under a lock: read without one, the
+    release committing meanwhile would be noted `abandoned` as well."""
+    late = Audited("void", "late-voider", "void-request", "held-release", "in_heldrelease")
+    claim = await store.claim_create("held-release", ("held-f",), 0.1, late)
+    assert not isinstance(claim, dict)
+    await asyncio.sleep(0.2)  # the lease runs out while the release is on its way
+    releasing = await asyncpg.connect(database)
+    try:
+        async with releasing.transaction():
+            await releasing.execute(
+                creates._RELEASE_CREATE, "held-release", claim.attempt, *creates._entry(late, "Unavailable", "away")
+            )
+            retry = Audited("void", "retrier", "retry-request", "held-release", "in_heldrelease")
+            takeover = asyncio.ensure_future(store.claim_create("held-release", ("held-f",), 30, retry))
+            await _until_waiting_for_a_lock(database, takeover)
+        assert not isinstance(await takeover, dict)
+    finally:
+        await releasing.close()
+    assert await audit_rows(store, "held-release") == [(1, "Unavailable", "in_heldrelease")]
+
+
+async def test_an_attempt_taken_over_by_a_replica_from_before_the_audit_of_claims_is_not_misnamed(
+    store: Storage,
+) -> None:
+    """That replica claims without saying who: the entry would name the attempt before."""
+    first = Audited("pay", "first-payer", "first-request", "old-replica", "in_oldreplica")
+    assert not isinstance(await store.claim_create("old-replica", ("old-f",), 30, first), dict)
+    async with store._connection() as conn:  # the old replica's takeover, then its death
+        await conn.execute(
+            "UPDATE create_requests SET attempt = attempt + 1, lease_until = now() - interval '1 second'"
+            " WHERE idempotency_key = 'old-replica'"
+        )
+    claim = await store.claim_create("old-replica", ("old-f",), 30, first)
+    assert not isinstance(claim, dict) and claim.attempt == 3
+    assert await audit_rows(store, "old-replica") == []
+
+
+async def test_one_invoices_audit_entries_are_written_one_transaction_at_a_time(store: Storage, database: str) -> None:
+    """So that their order is their commit order, and a page that ends at an entry never
+    skips one before it that commits later."""
+    writers = [Audited("pay", "payer", f"request-{n}", f"ordered-{n}", "in_ordered") for n in range(2)]
+    claims = [await store.claim_create(w.idempotency_key or "", (f"f-{n}",), 30, w) for n, w in enumerate(writers)]
+    first = await asyncpg.connect(database)
+    try:
+        async with first.transaction():
+            await first.execute(creates._RELEASE_CREATE, "ordered-0", 1, *creates._entry(writers[0], "error", ""))
+            second = asyncio.ensure_future(store.release_create("ordered-1", 1, writers[1], ("error", "")))
+            await _until_waiting_for_a_lock(database, second)
+            assert not second.done()
+        await second
+    finally:
+        await first.close()
+    assert all(not isinstance(c, dict) for c in claims)
+    page = await store.audit_of("in_ordered", 0, 10)
+    assert [e.idempotency_key for e in page.entries] == ["ordered-0", "ordered-1"]
 
 
 class StoreAway:

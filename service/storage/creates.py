@@ -36,22 +36,23 @@ def _entry(audited: Audited, outcome: str, detail: str) -> tuple[str | None, ...
 
 
 _CLAIM_CREATE = """
-    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step, attempt_audited)
-    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed', $5::jsonb)
+    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step, attempt_audited, audited_attempt)
+    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed', $5::jsonb, 1)
     ON CONFLICT (idempotency_key) DO UPDATE SET
         attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, attempt_audited = EXCLUDED.attempt_audited,
-        updated_at = now()
+        audited_attempt = r.attempt + 1, updated_at = now()
     WHERE r.fingerprint = ANY($4::text[]) AND r.response IS NULL
         AND (r.lease_until IS NULL OR r.lease_until < now())
     RETURNING attempt, stripe_key_gen, stripe_invoice_id, step, created_at"""
 # An attempt whose lease ran out with neither answer nor release (that sets lease_until
-# NULL) wrote no audit entry; the claim that takes its key over writes it. Locked before
-# the claim, in its transaction, so that a release arriving late or a racing claim cannot
-# change the row in between (one CTE would not do: a locking read of a row its own
-# statement updated skips it).
+# NULL) wrote no audit entry; the claim that takes its key over writes it, when the row
+# says who ran that very attempt (a replica from before migration 0008 claims without
+# saying). Locked before the claim, in its transaction, so that a release arriving late or
+# a racing claim cannot change the row in between (one CTE would not do: a locking read of
+# a row its own statement updated skips it).
 _ABANDONED_ATTEMPT = """
     SELECT attempt, stripe_invoice_id, attempt_audited FROM create_requests
-    WHERE idempotency_key = $1 AND response IS NULL AND lease_until < now() AND attempt_audited IS NOT NULL
+    WHERE idempotency_key = $1 AND response IS NULL AND lease_until < now() AND audited_attempt = attempt
     FOR UPDATE"""
 _GET_CREATE = """
     SELECT fingerprint, response, coalesce(lease_until > now(), false) AS leased
@@ -66,22 +67,47 @@ _RECORD_CREATE_STEP = """
     WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL"""
 
 
+# The advisory lock class (two-key form) of one invoice's audit entries.
+_AUDIT_LOCK = 0x1A7A0D1
+
+
 def _audited(first: int) -> str:
     """The audit row of the attempt the `ended` CTE names, from parameters `first`...
     (action, caller, request id, the caller's key, outcome, detail, invoice): one
     statement with the attempt's end, so neither is written without the other."""
-    action, caller, request_id, key, outcome, detail, invoice = (f"${n}" for n in range(first, first + 7))
-    return f"""
+    return _audit_row(*(f"${n}" for n in range(first, first + 7)))
+
+
+def _audit_row(action: str, caller: str, request_id: str, key: str, outcome: str, detail: str, invoice: str) -> str:
+    """The rest of a statement whose `ended` CTE names an attempt (its invoice, unless
+    `invoice` names one, and its number): inserts its audit row from these expressions.
+    One invoice's rows are inserted a transaction at a time (a lock on the invoice, held
+    to commit), so that their seq order is their commit order: a page of the trail that
+    ends at an entry can never skip an earlier one committed later. A CTE with a volatile
+    function is run, never inlined, and before the row it joins is formed."""
+    return f""",
+    ordered AS (
+        SELECT pg_advisory_xact_lock({_AUDIT_LOCK}, hashtext(coalesce({invoice}, ended.stripe_invoice_id))) FROM ended)
     INSERT INTO invoice_audit
         (action, caller, request_id, idempotency_key, outcome, detail, stripe_invoice_id, attempt)
     SELECT {action}, {caller}, {request_id}, {key}, {outcome}, {detail},
         coalesce({invoice}, ended.stripe_invoice_id), ended.attempt
-    FROM ended"""  # noqa: S608 - parameter numbers only
+    FROM ended, ordered"""  # noqa: S608 - expressions of this module only
 
 
+# The attempt that took over the key is of the same request, so of the same action.
+_ABANDONED_ROW = _audit_row(
+    "$4",
+    "coalesce(ended.who->>'caller', '-')",
+    "ended.who->>'request_id'",
+    "ended.who->>'idempotency_key'",
+    f"'{AUDIT_ABANDONED}'",
+    "$5",
+    "ended.who->>'stripe_invoice_id'",
+)
 _ABANDONED_ENTRY = f"""
-    WITH ended AS (SELECT $1::text AS stripe_invoice_id, $2::integer AS attempt)
-    {_audited(3)}"""
+    WITH ended AS (SELECT $1::text AS stripe_invoice_id, $2::integer AS attempt, $3::jsonb AS who)
+    {_ABANDONED_ROW}"""
 _ABANDONED = "its lease ran out with no answer (its process stopped, or lost the database); the next attempt took over"
 _FINISH_CREATE = f"""
     WITH ended AS (
@@ -134,8 +160,8 @@ class CreateRequests(Pooled):
             row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints), who)
             if row is not None:
                 if abandoned is not None:
-                    entry = _entry(Audited(**json.loads(abandoned["attempt_audited"])), AUDIT_ABANDONED, _ABANDONED)
-                    await conn.execute(_ABANDONED_ENTRY, abandoned["stripe_invoice_id"], abandoned["attempt"], *entry)
+                    dead = (abandoned["stripe_invoice_id"], abandoned["attempt"], abandoned["attempt_audited"])
+                    await conn.execute(_ABANDONED_ENTRY, *dead, audited.action, _ABANDONED)
                 return CreateClaim(
                     row["attempt"], row["stripe_key_gen"], row["stripe_invoice_id"], row["step"], row["created_at"]
                 )
