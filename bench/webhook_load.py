@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.0, help="spread the deliveries over this long")
     parser.add_argument("--failure-times", action="store_true", help="list each failed delivery's time and answer")
     args = parser.parse_args()
+    if args.seconds < 0:
+        parser.error("--seconds must not be negative")
     payloads = events(args.invoices, args.duplicates, seed=1, kind=args.lifecycle)
     shares = [payloads[i :: args.processes] for i in range(args.processes)]
     arguments = [(args.url, args.secret, share, args.concurrency, args.seconds) for share in shares]

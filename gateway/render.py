@@ -161,7 +161,6 @@ def render(
         # JSON is YAML: the generated part is inserted as one flow mapping.
         "local_reply_config": json.dumps(local_reply_config()),
         "delivery_retries": json.dumps(retry_policy()),
-        # ...and a read also when a stopping server cancelled it or answered UNAVAILABLE.
         "read_retries": json.dumps(retry_policy("cancelled", "unavailable")),
         "listener_tls": json.dumps(listener_tls(settings)),
         "upstream_tls": json.dumps(

@@ -16,7 +16,8 @@ from service.domain import RECORD_ID, Cursor, FeedPosition, Filters, InvalidArgu
 
 FIELD = "page_token"
 RESUME_FIELD = "resume_token"
-# An issued token is about 120 characters; anything much longer was not issued here.
+# An issued token is at most about 400 characters (an audit token of the longest Stripe
+# id); anything longer was not issued here.
 MAX_TOKEN = 512
 
 

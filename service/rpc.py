@@ -205,7 +205,7 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         stripe_id = key if record is None else record.stripe_invoice_id
         after = pagetoken.decode_audit(request.page_token, stripe_id) if request.page_token else 0
         page = await self._audit.audit_of(stripe_id, after, limit)
-        if not page.entries and record is None and not after:
+        if not page.entries and record is None:
             await self._store.get_invoice(stripe_id)  # NOT_FOUND for an invoice the service never knew
         reply = pb.ListInvoiceAuditResponse()
         if page.next_after is not None:

@@ -251,6 +251,9 @@ async def test_the_audit_trail_names_who_created_paid_and_voided_in_order(
     assert "nextPageToken" not in rest_rest.json()
     forged = await http.get(path, params={"pageToken": pagetoken.encode_audit("in_another", 1)})
     assert forged.status_code == 400 and "another invoice" in forged.json()["message"], forged.text
+    for params in ({"limit": 0}, {"limit": 101}, {"limit": "abc"}, {"pageToken": "garbage"}):
+        refused = await http.get(path, params=params)
+        assert refused.status_code == 400 and refused.json()["message"], (params, refused.text)
 
 
 def test_envoy_retries_no_post_route() -> None:

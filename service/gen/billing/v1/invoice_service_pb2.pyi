@@ -587,7 +587,7 @@ class ListInvoiceAuditResponse(_message.Message):
     """The token of the next page; absent on the last page."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
-        """One per attempt of a Create, Pay or Void that ended."""
+        """One per attempt of a Create, Pay or Void that ended or was abandoned."""
 
     def __init__(
         self,
@@ -607,9 +607,10 @@ Global___ListInvoiceAuditResponse: _TypeAlias = ListInvoiceAuditResponse  # noqa
 
 @_typing.final
 class AuditEntry(_message.Message):
-    """AuditEntry is one ended attempt of a call that moves money, written in the
-    transaction that stored its answer under its idempotency key (or released
-    the key when it failed).
+    """AuditEntry is one attempt of a call that moves money, written in the
+    transaction that stored its answer under its idempotency key, released the
+    key when it failed, or (for an `abandoned` one) claimed the key after its
+    lease ran out.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -186,11 +186,12 @@ class InvoiceServiceServicer:
 
     def ListInvoiceAudit(self, request, context):
         """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-        each Create, Pay and Void attempt that ended, with who called (the API
-        key's name, or the client certificate's subject), when, its request id and
-        idempotency key, and how it ended. It needs a write key. An unknown id
-        fails with NOT_FOUND. Paged like ListInvoices by token: a caller retrying
-        a refused Void grows the trail without bound.
+        each Create, Pay and Void attempt that ended (or that another attempt
+        found abandoned), with who called (the API key's name, or the client
+        certificate's subject), when, its request id and idempotency key, and how
+        it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+        by `limit` and `page_token` as ListInvoices pages by token: a caller
+        retrying a refused Void grows the trail without bound.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

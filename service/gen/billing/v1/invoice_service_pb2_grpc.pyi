@@ -122,11 +122,12 @@ class InvoiceServiceStub:
     """
     ListInvoiceAudit: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-    each Create, Pay and Void attempt that ended, with who called (the API
-    key's name, or the client certificate's subject), when, its request id and
-    idempotency key, and how it ended. It needs a write key. An unknown id
-    fails with NOT_FOUND. Paged like ListInvoices by token: a caller retrying
-    a refused Void grows the trail without bound.
+    each Create, Pay and Void attempt that ended (or that another attempt
+    found abandoned), with who called (the API key's name, or the client
+    certificate's subject), when, its request id and idempotency key, and how
+    it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+    by `limit` and `page_token` as ListInvoices pages by token: a caller
+    retrying a refused Void grows the trail without bound.
     """
     WatchInvoices: _grpc.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]
     """WatchInvoices streams the changes to invoice records as they are recorded:
@@ -244,11 +245,12 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     """
     ListInvoiceAudit: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]  # type: ignore[assignment]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-    each Create, Pay and Void attempt that ended, with who called (the API
-    key's name, or the client certificate's subject), when, its request id and
-    idempotency key, and how it ended. It needs a write key. An unknown id
-    fails with NOT_FOUND. Paged like ListInvoices by token: a caller retrying
-    a refused Void grows the trail without bound.
+    each Create, Pay and Void attempt that ended (or that another attempt
+    found abandoned), with who called (the API key's name, or the client
+    certificate's subject), when, its request id and idempotency key, and how
+    it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+    by `limit` and `page_token` as ListInvoices pages by token: a caller
+    retrying a refused Void grows the trail without bound.
     """
     WatchInvoices: _aio.UnaryStreamMultiCallable[_invoice_service_pb2.WatchInvoicesRequest, _invoice_service_pb2.InvoiceEvent]  # type: ignore[assignment]
     """WatchInvoices streams the changes to invoice records as they are recorded:
@@ -399,11 +401,12 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_invoice_service_pb2.ListInvoiceAuditResponse, _abc.Awaitable[_invoice_service_pb2.ListInvoiceAuditResponse]]:
         """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-        each Create, Pay and Void attempt that ended, with who called (the API
-        key's name, or the client certificate's subject), when, its request id and
-        idempotency key, and how it ended. It needs a write key. An unknown id
-        fails with NOT_FOUND. Paged like ListInvoices by token: a caller retrying
-        a refused Void grows the trail without bound.
+        each Create, Pay and Void attempt that ended (or that another attempt
+        found abandoned), with who called (the API key's name, or the client
+        certificate's subject), when, its request id and idempotency key, and how
+        it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+        by `limit` and `page_token` as ListInvoices pages by token: a caller
+        retrying a refused Void grows the trail without bound.
         """
 
     @_abc_1.abstractmethod
