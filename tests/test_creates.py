@@ -348,6 +348,11 @@ async def test_one_invoices_audit_entries_are_written_one_transaction_at_a_time(
             second = asyncio.ensure_future(store.release_create("ordered-1", 1, writers[1], ("error", "")))
             await _until_waiting_for_a_lock(database, second)
             assert not second.done()
+            # ...and waits before it draws its seq (a sequence is read outside transactions).
+            drawn = await first.fetchval(
+                "SELECT last_value FROM pg_sequences WHERE sequencename = 'invoice_audit_seq_seq'"
+            )
+            assert drawn == await first.fetchval("SELECT max(seq) FROM invoice_audit")
         await second
     finally:
         await first.close()
