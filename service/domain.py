@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -159,13 +160,15 @@ class CreateClaim:
     """An attempt's hold on an idempotency key: what earlier attempts recorded. `attempt`
     fences progress (only the attempt that holds the lease may record); `generation`
     names the Stripe Idempotency-Keys its calls use; `step` is the last step known done
-    (`legacy`: cut off before the service recorded progress)."""
+    (`legacy`: cut off before the service recorded progress); `claim_id`, chosen by the
+    claimer, ends the claim (release) even when the claimer never heard it was made."""
 
     attempt: int
     generation: int
     stripe_invoice_id: str | None
     step: str
     created_at: datetime
+    claim_id: uuid.UUID
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 class CreateRequests(Protocol):
     async def claim_create(
-        self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited, claim_id: uuid.UUID
     ) -> dict[str, Any] | CreateClaim: ...
     async def record_create_step(
         self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
@@ -49,7 +49,9 @@ class CreateRequests(Protocol):
     async def finish_create(
         self, key: str, attempt: int, stripe_invoice_id: str, response: dict[str, Any], audited: Audited
     ) -> None: ...
-    async def release_create(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None: ...
+    async def release_create(
+        self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]
+    ) -> None: ...
     async def new_stripe_keys(self, key: str, attempt: int) -> int: ...
     async def recorded_invoices(self, stripe_invoice_ids: list[str]) -> set[str]: ...
     async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str: ...
@@ -150,15 +152,23 @@ class InvoiceCreator:
             await asyncio.wait(set(self._running), timeout=timeout_s)
 
     async def _claim(self, key: str, fingerprints: tuple[str, ...], audited: Audited) -> dict[str, Any] | CreateClaim:
-        """Claims the key, waiting a while for an attempt in progress to answer."""
+        """Claims the key, waiting a while for an attempt in progress to answer. A claim
+        the store failed to confirm may still have been made (its commit reached Postgres
+        and the standby, and then a failover cut the connection): it is released like a
+        failed attempt's, or the caller's retries would wait out its lease. In the
+        failover chaos scenario one Create's retries got 503 for 45 s before this."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.wait_s
         while True:
+            claim_id = uuid.uuid4()
             try:
-                return await self._requests.claim_create(key, fingerprints, self._timing.lease_s, audited)
+                return await self._requests.claim_create(key, fingerprints, self._timing.lease_s, audited, claim_id)
             except CreateInProgress:
                 if loop.time() >= deadline:
                     raise
+            except Unavailable as exc:
+                await self._release(key, claim_id, audited, audit_outcome(exc))
+                raise
             await asyncio.sleep(self._timing.poll_s)
 
     async def _attempt(
@@ -185,30 +195,30 @@ class InvoiceCreator:
             stripe_invoice_id, response = answer(result)
             await self._requests.finish_create(key, claim.attempt, stripe_invoice_id, response, audited())
         except BaseException as exc:
-            await self._release(key, claim.attempt, audited(), audit_outcome(exc))
+            await self._release(key, claim.claim_id, audited(), audit_outcome(exc))
             raise
         return result
 
-    async def _release(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
+    async def _release(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
         """Ends a failed attempt's claim. When the store is away as well (a failover cut
         the attempt), the claim is ended once it answers again, so that the caller's retry
         need not wait out the lease: in the failover chaos scenario, retries of the Creates
         a failover cut off waited 35 s before this. Ending it late is safe: the statement
         ends only this attempt's claim, and only while it has no answer stored."""
         try:
-            await self._requests.release_create(key, attempt, audited, outcome)
+            await self._requests.release_create(key, claim_id, audited, outcome)
         except Unavailable:
-            task = asyncio.ensure_future(self._release_later(key, attempt, audited, outcome))
+            task = asyncio.ensure_future(self._release_later(key, claim_id, audited, outcome))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _release_later(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
+    async def _release_later(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.lease_s  # after that the lease has ended it
         while loop.time() < deadline:
             await asyncio.sleep(self._timing.release_retry_s)
             try:
-                await self._requests.release_create(key, attempt, audited, outcome)
+                await self._requests.release_create(key, claim_id, audited, outcome)
                 return
             except Unavailable:
                 continue
@@ -216,7 +226,7 @@ class InvoiceCreator:
         # writes this one's audit entry (`abandoned`), without its outcome.
         log.warning(
             "a failed attempt's key could not be released, nor its outcome audited, before its lease ran out",
-            extra={"action": audited.action, "attempt": attempt, "invoice": audited.stripe_invoice_id},
+            extra={"action": audited.action, "claim": str(claim_id), "invoice": audited.stripe_invoice_id},
         )
 
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]:

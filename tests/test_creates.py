@@ -21,6 +21,7 @@ from service.domain import (
     AUDIT_ABANDONED,
     AUDIT_OK,
     Audited,
+    CreateClaim,
     CreateInProgress,
     FailedPrecondition,
     NewInvoice,
@@ -95,6 +96,13 @@ def request(customer: str, method: str, amounts: list[int] | None = None) -> New
 
 def creator(store: Storage, stripe_payments: StripePayments, **timing: float) -> InvoiceCreator:
     return InvoiceCreator(store, store, stripe_payments, Timing(**{"lease_s": 40.0, **timing}))
+
+
+async def claim_key(store: Storage, key: str, fingerprint: str, lease_s: float, audited: Audited) -> CreateClaim:
+    """A claim of `key` made directly, as an attempt makes it."""
+    claim = await store.claim_create(key, (fingerprint,), lease_s, audited, uuid.uuid4())
+    assert isinstance(claim, CreateClaim), claim
+    return claim
 
 
 def test_the_fingerprint_is_a_pinned_canonical_encoding() -> None:
@@ -241,8 +249,7 @@ async def test_an_attempt_that_died_holding_its_key_is_taken_over_after_its_leas
     attempt that took over wrote the dead one's audit entry, naming its caller."""
     customer, method = await customer_with_card(stripe_client)
     dead = Audited("create", "dead-caller", "dead-request", "died")
-    claim = await store.claim_create("died", (request(customer, method).fingerprint(),), 0.5, dead)
-    assert not isinstance(claim, dict)
+    claim = await claim_key(store, "died", request(customer, method).fingerprint(), 0.5, dead)
     stuck = Payments(stripe_client)
     draft = await stuck.create_draft(request(customer, method), "died", "died-draft")
     await store.record_create_step("died", claim.attempt, "drafted", str(draft["id"]), 0.5)
@@ -267,15 +274,14 @@ async def test_a_takeover_notes_only_the_attempt_that_never_ended(store: Storage
     whose release came after its lease ran out (but before a takeover) has the release's
     entry, and the takeover writes no second one."""
     pay = Audited("pay", "dead-payer", "pay-request", "pay-died", "in_paidbyone")
-    assert not isinstance(await store.claim_create("pay-died", ("pay-f",), 0.1, pay), dict)
+    await claim_key(store, "pay-died", "pay-f", 0.1, pay)
     late = Audited("void", "late-voider", "void-request", "void-late", "in_voidedlate")
-    claim = await store.claim_create("void-late", ("void-f",), 0.1, late)
-    assert not isinstance(claim, dict)
+    claim = await claim_key(store, "void-late", "void-f", 0.1, late)
     await asyncio.sleep(0.2)
-    await store.release_create("void-late", claim.attempt, late, ("Unavailable", "Stripe was away"))
+    await store.release_create("void-late", claim.claim_id, late, ("Unavailable", "Stripe was away"))
     retry = Audited("pay", "retrier", "retry-request", "pay-died", "in_paidbyone")
     for key, fingerprint in (("pay-died", "pay-f"), ("void-late", "void-f")):
-        assert not isinstance(await store.claim_create(key, (fingerprint,), 30, retry), dict)
+        await claim_key(store, key, fingerprint, 30, retry)
     assert await audit_rows(store, "pay-died") == [(1, AUDIT_ABANDONED, "in_paidbyone")]
     assert await audit_rows(store, "void-late") == [(1, "Unavailable", "in_voidedlate")]
 
@@ -302,19 +308,18 @@ async def test_a_release_that_comes_late_but_before_the_takeover_stays_the_attem
     """The takeover reads the attempt it takes over under a lock: read without one, the
     release committing meanwhile would be noted `abandoned` as well."""
     late = Audited("void", "late-voider", "void-request", "held-release", "in_heldrelease")
-    claim = await store.claim_create("held-release", ("held-f",), 0.1, late)
-    assert not isinstance(claim, dict)
+    claim = await claim_key(store, "held-release", "held-f", 0.1, late)
     await asyncio.sleep(0.2)  # the lease runs out while the release is on its way
     releasing = await asyncpg.connect(database)
     try:
         async with releasing.transaction():
             await releasing.execute(
-                creates._RELEASE_CREATE, "held-release", claim.attempt, *creates._entry(late, "Unavailable", "away")
+                creates._RELEASE_CREATE, "held-release", claim.claim_id, *creates._entry(late, "Unavailable", "away")
             )
             retry = Audited("void", "retrier", "retry-request", "held-release", "in_heldrelease")
-            takeover = asyncio.ensure_future(store.claim_create("held-release", ("held-f",), 30, retry))
+            takeover = asyncio.ensure_future(claim_key(store, "held-release", "held-f", 30, retry))
             await _until_waiting_for_a_lock(database, takeover)
-        assert not isinstance(await takeover, dict)
+        await takeover
     finally:
         await releasing.close()
     assert await audit_rows(store, "held-release") == [(1, "Unavailable", "in_heldrelease")]
@@ -325,14 +330,13 @@ async def test_an_attempt_taken_over_by_a_replica_from_before_the_audit_of_claim
 ) -> None:
     """That replica claims without saying who: the entry would name the attempt before."""
     first = Audited("pay", "first-payer", "first-request", "old-replica", "in_oldreplica")
-    assert not isinstance(await store.claim_create("old-replica", ("old-f",), 30, first), dict)
+    await claim_key(store, "old-replica", "old-f", 30, first)
     async with store._connection() as conn:  # the old replica's takeover, then its death
         await conn.execute(
             "UPDATE create_requests SET attempt = attempt + 1, lease_until = now() - interval '1 second'"
             " WHERE idempotency_key = 'old-replica'"
         )
-    claim = await store.claim_create("old-replica", ("old-f",), 30, first)
-    assert not isinstance(claim, dict) and claim.attempt == 3
+    assert (await claim_key(store, "old-replica", "old-f", 30, first)).attempt == 3
     assert await audit_rows(store, "old-replica") == []
 
 
@@ -340,12 +344,15 @@ async def test_one_invoices_audit_entries_are_written_one_transaction_at_a_time(
     """So that their order is their commit order, and a page that ends at an entry never
     skips one before it that commits later."""
     writers = [Audited("pay", "payer", f"request-{n}", f"ordered-{n}", "in_ordered") for n in range(2)]
-    claims = [await store.claim_create(w.idempotency_key or "", (f"f-{n}",), 30, w) for n, w in enumerate(writers)]
+    claims = [await claim_key(store, f"ordered-{n}", f"f-{n}", 30, w) for n, w in enumerate(writers)]
     first = await asyncpg.connect(database)
     try:
         async with first.transaction():
-            await first.execute(creates._RELEASE_CREATE, "ordered-0", 1, *creates._entry(writers[0], "error", ""))
-            second = asyncio.ensure_future(store.release_create("ordered-1", 1, writers[1], ("error", "")))
+            entry = creates._entry(writers[0], "error", "")
+            await first.execute(creates._RELEASE_CREATE, "ordered-0", claims[0].claim_id, *entry)
+            second = asyncio.ensure_future(
+                store.release_create("ordered-1", claims[1].claim_id, writers[1], ("error", ""))
+            )
             await _until_waiting_for_a_lock(database, second)
             assert not second.done()
             # ...and waits before it draws its seq (a sequence is read outside transactions).
@@ -356,7 +363,6 @@ async def test_one_invoices_audit_entries_are_written_one_transaction_at_a_time(
         await second
     finally:
         await first.close()
-    assert all(not isinstance(c, dict) for c in claims)
     page = await store.audit_of("in_ordered", 0, 10)
     assert [e.idempotency_key for e in page.entries] == ["ordered-0", "ordered-1"]
 
@@ -373,13 +379,13 @@ class StoreAway:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def release_create(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
+    async def release_create(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
         if self.left > 0:
             self.left -= 1
             if self.committed:
-                await self._store.release_create(key, attempt, audited, outcome)
+                await self._store.release_create(key, claim_id, audited, outcome)
             raise Unavailable("the invoice store is unavailable; retry later")
-        await self._store.release_create(key, attempt, audited, outcome)
+        await self._store.release_create(key, claim_id, audited, outcome)
 
     async def record_create_step(
         self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
@@ -449,6 +455,41 @@ async def test_a_claim_the_store_could_not_release_is_released_once_it_answers(
     invoices = await stripe_invoices(stripe_client, customer)
     assert [i.id for i in invoices] == [answer["id"]]
     assert answer["status"] == "paid"
+
+
+class ClaimUnheard(StoreAway):
+    """The store away as its first claim commits: the claim is made (on the primary and
+    its synchronous standby) and its answer lost, as a failover does; the first release
+    fails too."""
+
+    def __init__(self, store: Storage) -> None:
+        super().__init__(store, n=1)
+        self.unheard = 1
+
+    async def claim_create(
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited, claim_id: uuid.UUID
+    ) -> dict[str, Any] | CreateClaim:
+        claim = await self._store.claim_create(key, fingerprints, lease_s, audited, claim_id)
+        if self.unheard > 0:
+            self.unheard -= 1
+            raise Unavailable("the invoice store is unavailable; retry later")
+        return claim
+
+
+async def test_a_claim_made_but_unheard_is_released_once_the_store_answers(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """Its claimer never knew it held the key: the caller's retry waited out the lease."""
+    customer, method = await customer_with_card(stripe_client)
+    away = ClaimUnheard(store)
+    cut = InvoiceCreator(away, away, Payments(stripe_client), Timing(lease_s=40.0, release_retry_s=0.1))
+    with pytest.raises(Unavailable):
+        await cut.create(request(customer, method), "claim-unheard")
+    await until(lambda: away.left == 0, "the release sent again")
+    await cut.drain(5)
+    answer = await creator(store, Payments(stripe_client), wait_s=0).create(request(customer, method), "claim-unheard")
+    assert [i.id for i in await stripe_invoices(stripe_client, customer)] == [answer["id"]]
+    assert await audit_rows(store, "claim-unheard") == [(1, "Unavailable", None), (2, AUDIT_OK, answer["id"])]
 
 
 async def test_ten_identical_keyless_creates_at_once_make_one_invoice(

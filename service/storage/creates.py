@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import uuid
 from typing import Any
 
 from service.domain import (
@@ -36,14 +37,15 @@ def _entry(audited: Audited, outcome: str, detail: str) -> tuple[str | None, ...
 
 
 _CLAIM_CREATE = """
-    INSERT INTO create_requests AS r (idempotency_key, fingerprint, lease_until, step, attempt_audited, audited_attempt)
-    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed', $5::jsonb, 1)
+    INSERT INTO create_requests AS r
+        (idempotency_key, fingerprint, lease_until, step, attempt_audited, audited_attempt, claim_id)
+    VALUES ($1, $2, now() + make_interval(secs => $3), 'claimed', $5::jsonb, 1, $6)
     ON CONFLICT (idempotency_key) DO UPDATE SET
         attempt = r.attempt + 1, lease_until = EXCLUDED.lease_until, attempt_audited = EXCLUDED.attempt_audited,
-        audited_attempt = r.attempt + 1, updated_at = now()
+        audited_attempt = r.attempt + 1, claim_id = EXCLUDED.claim_id, updated_at = now()
     WHERE r.fingerprint = ANY($4::text[]) AND r.response IS NULL
         AND (r.lease_until IS NULL OR r.lease_until < now())
-    RETURNING attempt, stripe_key_gen, stripe_invoice_id, step, created_at"""
+    RETURNING attempt, stripe_key_gen, stripe_invoice_id, step, created_at, claim_id"""
 # An attempt whose lease ran out with neither answer nor release (that sets lease_until
 # NULL) wrote no audit entry; the claim that takes its key over writes it, when the row
 # says who ran that very attempt (a replica from before migration 0008 claims without
@@ -117,11 +119,12 @@ _FINISH_CREATE = f"""
         RETURNING stripe_invoice_id, attempt)
     {_audited(5)}"""  # noqa: S608 - constants
 # Once only: a release that committed while its caller saw an error (a timeout) and is sent
-# again finds the lease already ended, and writes no second audit row.
+# again finds the lease already ended, and writes no second audit row. By the claim's id,
+# which its claimer knows even when it never heard the claim was made.
 _RELEASE_CREATE = f"""
     WITH ended AS (
         UPDATE create_requests SET lease_until = NULL, updated_at = now()
-        WHERE idempotency_key = $1 AND attempt = $2 AND response IS NULL AND lease_until IS NOT NULL
+        WHERE idempotency_key = $1 AND claim_id = $2 AND response IS NULL AND lease_until IS NOT NULL
         RETURNING stripe_invoice_id, attempt)
     {_audited(3)}"""  # noqa: S608 - constants
 _AUDIT_OF = """
@@ -147,7 +150,7 @@ _GET_KEYLESS = "SELECT idempotency_key FROM keyless_creates WHERE fingerprint = 
 
 class CreateRequests(Pooled):
     async def claim_create(
-        self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited
+        self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited, claim_id: uuid.UUID
     ) -> dict[str, Any] | CreateClaim:
         """Claims `key` for an attempt of the request whose fingerprint is the first of
         `fingerprints` (the others: the same request's older encodings), by `audited`.
@@ -157,13 +160,18 @@ class CreateRequests(Pooled):
         who = json.dumps(dataclasses.asdict(audited))
         async with self._connection() as conn, conn.transaction(isolation="read_committed"):
             abandoned = await conn.fetchrow(_ABANDONED_ATTEMPT, key)
-            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints), who)
+            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints), who, claim_id)
             if row is not None:
                 if abandoned is not None:
                     dead = (abandoned["stripe_invoice_id"], abandoned["attempt"], abandoned["attempt_audited"])
                     await conn.execute(_ABANDONED_ENTRY, *dead, audited.action, _ABANDONED)
                 return CreateClaim(
-                    row["attempt"], row["stripe_key_gen"], row["stripe_invoice_id"], row["step"], row["created_at"]
+                    row["attempt"],
+                    row["stripe_key_gen"],
+                    row["stripe_invoice_id"],
+                    row["step"],
+                    row["created_at"],
+                    row["claim_id"],
                 )
             row = await conn.fetchrow(_GET_CREATE, key)
         if row is None or row["fingerprint"] not in fingerprints:
@@ -196,11 +204,11 @@ class CreateRequests(Pooled):
         if status == "INSERT 0 0":
             log.warning("a finished attempt had lost its key", extra={"invoice": stripe_invoice_id})
 
-    async def release_create(self, key: str, attempt: int, audited: Audited, outcome: tuple[str, str]) -> None:
+    async def release_create(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
         """Ends an attempt that failed, with its audit entry, so that the caller's retry may
         claim the key now."""
         async with self._connection() as conn:
-            await conn.execute(_RELEASE_CREATE, key, attempt, *_entry(audited, *outcome))
+            await conn.execute(_RELEASE_CREATE, key, claim_id, *_entry(audited, *outcome))
 
     async def audit_of(self, stripe_invoice_id: str, after: int, limit: int) -> AuditPage:
         """Up to `limit` entries of the invoice's trail that follow entry `after` (0: from

@@ -8,4 +8,10 @@
 --   audited_attempt  which attempt attempt_audited is of: a replica from before this
 --                    migration takes a key over without saying who, and must not lend its
 --                    attempt the previous caller's name
-ALTER TABLE create_requests ADD COLUMN attempt_audited jsonb, ADD COLUMN audited_attempt integer;
+--   claim_id         chosen by the claimer, which ends the claim by it: also a claim whose
+--                    commit it never heard of (a failover cut the connection as it committed),
+--                    else the caller's retries waited out the lease
+ALTER TABLE create_requests
+    ADD COLUMN attempt_audited jsonb,
+    ADD COLUMN audited_attempt integer,
+    ADD COLUMN claim_id uuid;
