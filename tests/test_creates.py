@@ -340,6 +340,25 @@ async def test_an_attempt_taken_over_by_a_replica_from_before_the_audit_of_claim
     assert await audit_rows(store, "old-replica") == []
 
 
+async def test_a_late_release_leaves_alone_the_attempt_a_replica_from_before_claim_ids_took_over(
+    store: Storage,
+) -> None:
+    """That replica's claim keeps the row's claim id of the attempt before: released by it,
+    its running attempt would lose the key to a retry."""
+    first = Audited("void", "first-voider", "first-request", "old-claimer", "in_oldclaimer")
+    claim = await claim_key(store, "old-claimer", "old-f", 0.1, first)
+    await asyncio.sleep(0.2)
+    async with store._connection() as conn:  # the old replica's takeover, running
+        await conn.execute(
+            "UPDATE create_requests SET attempt = attempt + 1, lease_until = now() + interval '30 seconds'"
+            " WHERE idempotency_key = 'old-claimer'"
+        )
+    await store.release_create("old-claimer", claim.claim_id, first, ("Unavailable", "late"))
+    with pytest.raises(CreateInProgress):
+        await store.claim_create("old-claimer", ("old-f",), 30, first, uuid.uuid4())
+    assert await audit_rows(store, "old-claimer") == []
+
+
 async def test_one_invoices_audit_entries_are_written_one_transaction_at_a_time(store: Storage, database: str) -> None:
     """So that their order is their commit order, and a page that ends at an entry never
     skips one before it that commits later."""

@@ -120,11 +120,13 @@ _FINISH_CREATE = f"""
     {_audited(5)}"""  # noqa: S608 - constants
 # Once only: a release that committed while its caller saw an error (a timeout) and is sent
 # again finds the lease already ended, and writes no second audit row. By the claim's id,
-# which its claimer knows even when it never heard the claim was made.
+# which its claimer knows even when it never heard the claim was made, while that claim is
+# the key's latest (a replica from before migration 0008 takes over without a claim id).
 _RELEASE_CREATE = f"""
     WITH ended AS (
         UPDATE create_requests SET lease_until = NULL, updated_at = now()
-        WHERE idempotency_key = $1 AND claim_id = $2 AND response IS NULL AND lease_until IS NOT NULL
+        WHERE idempotency_key = $1 AND claim_id = $2 AND audited_attempt = attempt AND response IS NULL
+            AND lease_until IS NOT NULL
         RETURNING stripe_invoice_id, attempt)
     {_audited(3)}"""  # noqa: S608 - constants
 _AUDIT_OF = """
