@@ -251,6 +251,11 @@ class Unavailable(DomainError):
     """A dependency (Postgres, Stripe) cannot be reached now; retrying later may work."""
 
 
+class ClaimUnconfirmed(Unavailable):
+    """A claim of an idempotency key whose commit broke off with the connection (a
+    failover): it may have been made, and then holds the key for nobody."""
+
+
 class StripeFailed(Unavailable):
     """Stripe replayed a 5xx it saved under the call's idempotency key (it would do so for
     a day): the step must find out what exists and go on with keys of a new generation."""

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 from service.auth import CALLER
 from service.domain import (
     Audited,
+    ClaimUnconfirmed,
     CreateClaim,
     CreateInProgress,
     FailedPrecondition,
@@ -52,6 +53,7 @@ class CreateRequests(Protocol):
     async def release_create(
         self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]
     ) -> None: ...
+    async def settle_claim(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> bool: ...
     async def new_stripe_keys(self, key: str, attempt: int) -> int: ...
     async def recorded_invoices(self, stripe_invoice_ids: list[str]) -> set[str]: ...
     async def claim_keyless(self, fingerprint: str, key: str, window_s: float) -> str: ...
@@ -133,17 +135,21 @@ class InvoiceCreator:
         self._records = records
         self._payments = payments
         self._timing = timing
-        # Attempts run as tasks of their own: a caller that goes away (Envoy's route
-        # timeout, a client deadline) must not cut an attempt between Stripe charging and
-        # the row recording it. Held here so that they are not garbage-collected, and so
-        # that shutdown can wait for them (`drain`).
+        # Attempts run as tasks of their own, from their claim on: a caller that goes away
+        # (Envoy's route timeout, a client deadline) must not cut an attempt between Stripe
+        # charging and the row recording it, nor a claim as it commits (it would hold the
+        # key for nobody). Held here so that they are not garbage-collected, and so that
+        # shutdown can wait for them (`drain`).
         self._running: set[asyncio.Task[Any]] = set()
 
-    async def _detached(self, work: Awaitable[T]) -> T:
+    def _in_background(self, work: Awaitable[T]) -> asyncio.Future[T]:
         task = asyncio.ensure_future(work)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-        return await asyncio.shield(task)
+        return task
+
+    async def _detached(self, work: Awaitable[T]) -> T:
+        return await asyncio.shield(self._in_background(work))
 
     async def drain(self, timeout_s: float) -> None:
         """Waits for the attempts still running (their callers may have gone), so that
@@ -153,10 +159,10 @@ class InvoiceCreator:
 
     async def _claim(self, key: str, fingerprints: tuple[str, ...], audited: Audited) -> dict[str, Any] | CreateClaim:
         """Claims the key, waiting a while for an attempt in progress to answer. A claim
-        the store failed to confirm may still have been made (its commit reached Postgres
-        and the standby, and then a failover cut the connection): it is released like a
-        failed attempt's, or the caller's retries would wait out its lease. In the
-        failover chaos scenario one Create's retries got 503 for 45 s before this."""
+        whose commit broke off may have been made (it reached Postgres and the standby,
+        and then a failover cut the connection): it is ended in the background if so, or
+        the caller's retries would wait out its lease. In the failover chaos scenario one
+        Create's retries got 503 for 45 s before this."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.wait_s
         while True:
@@ -166,10 +172,23 @@ class InvoiceCreator:
             except CreateInProgress:
                 if loop.time() >= deadline:
                     raise
-            except Unavailable as exc:
-                await self._release(key, claim_id, audited, audit_outcome(exc))
+            except ClaimUnconfirmed as exc:
+                self._in_background(self._settle(key, claim_id, audited, (Unavailable.__name__, str(exc))))
                 raise
             await asyncio.sleep(self._timing.poll_s)
+
+    async def _settle(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
+        """Ends an unconfirmed claim once the store answers, if it was made: until the
+        lease would have ended it, while the store cannot tell (settle_claim)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timing.lease_s
+        while loop.time() < deadline:
+            try:
+                if await self._requests.settle_claim(key, claim_id, audited, outcome):
+                    return
+            except Unavailable:
+                pass
+            await asyncio.sleep(self._timing.release_retry_s)
 
     async def _attempt(
         self,
@@ -204,13 +223,12 @@ class InvoiceCreator:
         the attempt), the claim is ended once it answers again, so that the caller's retry
         need not wait out the lease: in the failover chaos scenario, retries of the Creates
         a failover cut off waited 35 s before this. Ending it late is safe: the statement
-        ends only this attempt's claim, and only while it has no answer stored."""
+        ends only this attempt's claim (by its id), and only while it has no answer stored
+        and no other claim took the key over."""
         try:
             await self._requests.release_create(key, claim_id, audited, outcome)
         except Unavailable:
-            task = asyncio.ensure_future(self._release_later(key, claim_id, audited, outcome))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._in_background(self._release_later(key, claim_id, audited, outcome))
 
     async def _release_later(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
         loop = asyncio.get_running_loop()
@@ -239,18 +257,19 @@ class InvoiceCreator:
             key = f"keyless:{uuid.uuid4().hex}"
             if self._timing.duplicate_window_s > 0:
                 key = await self._requests.claim_keyless(new.fingerprint(), key, self._timing.duplicate_window_s)
+        return await self._detached(self._claimed_create(new, key, audited))
+
+    async def _claimed_create(self, new: NewInvoice, key: str, audited: Audited) -> dict[str, Any]:
         claim = await self._claim(key, (new.fingerprint(), new.legacy_fingerprint()), audited)
         if not isinstance(claim, CreateClaim):
             return claim
         progress = _Progress(claim.stripe_invoice_id)
-        return await self._detached(
-            self._attempt(
-                key,
-                claim,
-                lambda gen: self._run(new, key, claim, progress, gen),
-                lambda i: (str(i["id"]), i),
-                lambda: dataclasses.replace(audited, stripe_invoice_id=progress.invoice_id),
-            )
+        return await self._attempt(
+            key,
+            claim,
+            lambda gen: self._run(new, key, claim, progress, gen),
+            lambda i: (str(i["id"]), i),
+            lambda: dataclasses.replace(audited, stripe_invoice_id=progress.invoice_id),
         )
 
     async def _find(self, new: NewInvoice, key: str, claim: CreateClaim, known: str | None) -> dict[str, Any] | None:
@@ -344,9 +363,6 @@ class InvoiceCreator:
         stripe_id = await self._stripe_id(invoice_id)
         key = idempotency_key or f"{operation}:{uuid.uuid4().hex}"
         audited = _audited(operation, idempotency_key, stripe_id)
-        claim = await self._claim(key, (fingerprint(operation, {"invoice": stripe_id, **fields}),), audited)
-        if not isinstance(claim, CreateClaim):
-            return await self._records.get_invoice(stripe_id)
 
         async def run(generation: int) -> Invoice:
             # What Stripe answers is true as of the second before the call: an event of the
@@ -356,9 +372,13 @@ class InvoiceCreator:
             answer = await act(current, _stripe_key(key, generation, operation))
             return await self._records.record_stripe_invoice(invoice_from_stripe(answer), stripe_time=asked_at)
 
-        return await self._detached(
-            self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), lambda: audited)
-        )
+        async def claimed() -> Invoice:
+            claim = await self._claim(key, (fingerprint(operation, {"invoice": stripe_id, **fields}),), audited)
+            if not isinstance(claim, CreateClaim):
+                return await self._records.get_invoice(stripe_id)
+            return await self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), lambda: audited)
+
+        return await self._detached(claimed())
 
     async def _stripe_id(self, invoice_id: str) -> str:
         """Stripe's id of the invoice named by the service's `_id` or by `in_...`; an

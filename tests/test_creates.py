@@ -16,11 +16,12 @@ import httpx
 import pytest
 import stripe
 
-from service import validation
+from service import storage, validation
 from service.domain import (
     AUDIT_ABANDONED,
     AUDIT_OK,
     Audited,
+    ClaimUnconfirmed,
     CreateClaim,
     CreateInProgress,
     FailedPrecondition,
@@ -476,14 +477,16 @@ async def test_a_claim_the_store_could_not_release_is_released_once_it_answers(
     assert answer["status"] == "paid"
 
 
-class ClaimUnheard(StoreAway):
+class ClaimUnheard:
     """The store away as its first claim commits: the claim is made (on the primary and
-    its synchronous standby) and its answer lost, as a failover does; the first release
-    fails too."""
+    its synchronous standby) and its answer lost, as a failover does; the first try to
+    settle it fails too."""
 
     def __init__(self, store: Storage) -> None:
-        super().__init__(store, n=1)
-        self.unheard = 1
+        self._store, self.unheard, self.settles = store, 1, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
     async def claim_create(
         self, key: str, fingerprints: tuple[str, ...], lease_s: float, audited: Audited, claim_id: uuid.UUID
@@ -491,11 +494,17 @@ class ClaimUnheard(StoreAway):
         claim = await self._store.claim_create(key, fingerprints, lease_s, audited, claim_id)
         if self.unheard > 0:
             self.unheard -= 1
-            raise Unavailable("the invoice store is unavailable; retry later")
+            raise ClaimUnconfirmed("the invoice store is unavailable; retry later")
         return claim
 
+    async def settle_claim(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> bool:
+        self.settles += 1
+        if self.settles == 1:
+            raise Unavailable("the invoice store is unavailable; retry later")
+        return await self._store.settle_claim(key, claim_id, audited, outcome)
 
-async def test_a_claim_made_but_unheard_is_released_once_the_store_answers(
+
+async def test_a_claim_made_but_unheard_is_ended_once_the_store_answers(
     store: Storage, stripe_client: stripe.StripeClient
 ) -> None:
     """Its claimer never knew it held the key: the caller's retry waited out the lease."""
@@ -504,11 +513,61 @@ async def test_a_claim_made_but_unheard_is_released_once_the_store_answers(
     cut = InvoiceCreator(away, away, Payments(stripe_client), Timing(lease_s=40.0, release_retry_s=0.1))
     with pytest.raises(Unavailable):
         await cut.create(request(customer, method), "claim-unheard")
-    await until(lambda: away.left == 0, "the release sent again")
     await cut.drain(5)
+    assert away.settles == 2
     answer = await creator(store, Payments(stripe_client), wait_s=0).create(request(customer, method), "claim-unheard")
     assert [i.id for i in await stripe_invoices(stripe_client, customer)] == [answer["id"]]
     assert await audit_rows(store, "claim-unheard") == [(1, "Unavailable", None), (2, AUDIT_OK, answer["id"])]
+
+
+async def test_an_unconfirmed_claim_is_settled_only_once_the_store_shows_the_key(store: Storage) -> None:
+    """A claim's INSERT still committing is not seen: until the key has a row, nothing
+    tells a claim never made from one about to be."""
+    audited = Audited("create", "settler", "settle-request", "settled")
+    claim_id = uuid.uuid4()
+    assert not await store.settle_claim("settled", claim_id, audited, ("Unavailable", "away"))
+    await store.claim_create("settled", ("settle-f",), 30, audited, claim_id)
+    assert await store.settle_claim("settled", claim_id, audited, ("Unavailable", "away"))
+    assert await audit_rows(store, "settled") == [(1, "Unavailable", None)]
+    # Another's claim settles it too, and is left alone.
+    assert await store.settle_claim("settled", uuid.uuid4(), audited, ("Unavailable", "away"))
+    await claim_key(store, "settled", "settle-f", 30, audited)
+    assert await store.settle_claim("settled", uuid.uuid4(), audited, ("Unavailable", "away"))
+    with pytest.raises(CreateInProgress):
+        await store.claim_create("settled", ("settle-f",), 30, audited, uuid.uuid4())
+
+
+# Slow on purpose, for keys of these prefixes: at the claim's INSERT, or only as it commits
+# (a deferred constraint trigger runs at COMMIT).
+_SLOW_CLAIMS = """
+CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
+CREATE TRIGGER slow_insert AFTER INSERT ON create_requests
+    FOR EACH ROW WHEN (NEW.idempotency_key LIKE 'slow-insert-%') EXECUTE FUNCTION slow_claim();
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON create_requests DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN (NEW.idempotency_key LIKE 'slow-commit-%') EXECUTE FUNCTION slow_claim();
+"""
+
+
+async def test_only_a_claim_cut_off_as_it_commits_is_unconfirmed(database: str) -> None:
+    """A claim cut off before its COMMIT was rolled back: nothing to settle. One cut off
+    during it may have been made."""
+    admin = await asyncpg.connect(database)
+    try:
+        await admin.execute(_SLOW_CLAIMS)
+    finally:
+        await admin.close()
+    pool = await storage.connect(database, max_size=2, command_timeout=0.5)
+    try:
+        cut = Storage(pool)
+        audited = Audited("create", "cut", "cut-request", None)
+        with pytest.raises(ClaimUnconfirmed):
+            await cut.claim_create("slow-commit-1", ("f",), 30, audited, uuid.uuid4())
+        with pytest.raises(Unavailable) as info:
+            await cut.claim_create("slow-insert-1", ("f",), 30, audited, uuid.uuid4())
+        assert not isinstance(info.value, ClaimUnconfirmed)
+    finally:
+        await pool.close()
 
 
 async def test_ten_identical_keyless_creates_at_once_make_one_invoice(

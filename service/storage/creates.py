@@ -1,7 +1,8 @@
 """The Create idempotency keys on Postgres: claiming a key for one attempt at a time (a
-lease fenced by the attempt number), recording each step's progress, the answer, and the
-keyless duplicate window; and the audit trail each attempt's end appends to. Every
-statement about create_requests and invoice_audit lives here."""
+lease; progress fenced by the attempt number, releases by the claimer's claim id),
+recording each step's progress, the answer, and the keyless duplicate window; and the
+audit trail each attempt's end appends to. Every statement about create_requests and
+invoice_audit lives here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import logging
 import uuid
 from typing import Any
 
+import asyncpg
+
 from service.domain import (
     AUDIT_ABANDONED,
     AUDIT_OK,
@@ -19,10 +22,11 @@ from service.domain import (
     Audited,
     AuditEntry,
     AuditPage,
+    ClaimUnconfirmed,
     CreateClaim,
     CreateInProgress,
 )
-from service.storage.pool import Pooled
+from service.storage.pool import CONNECTION_ERRORS, Pooled
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,7 @@ _CLAIM_KEYLESS = """
             WHERE r.idempotency_key = k.idempotency_key AND r.response IS NULL AND r.lease_until > now())
     RETURNING idempotency_key"""
 _GET_KEYLESS = "SELECT idempotency_key FROM keyless_creates WHERE fingerprint = $1"
+_KEY_KNOWN = "SELECT EXISTS (SELECT 1 FROM create_requests WHERE idempotency_key = $1)"
 
 
 class CreateRequests(Pooled):
@@ -158,24 +163,26 @@ class CreateRequests(Pooled):
         `fingerprints` (the others: the same request's older encodings), by `audited`.
         Answers the finished request's stored answer, or the claim with what earlier
         attempts recorded; refuses the key for another request, and while another attempt
-        holds it."""
+        holds it. A claim whose commit broke off with the connection may have been made:
+        ClaimUnconfirmed, for the claimer to end it by its id (settle_claim)."""
         who = json.dumps(dataclasses.asdict(audited))
-        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
-            abandoned = await conn.fetchrow(_ABANDONED_ATTEMPT, key)
-            row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints), who, claim_id)
-            if row is not None:
-                if abandoned is not None:
-                    dead = (abandoned["stripe_invoice_id"], abandoned["attempt"], abandoned["attempt_audited"])
-                    await conn.execute(_ABANDONED_ENTRY, *dead, audited.action, _ABANDONED)
-                return CreateClaim(
-                    row["attempt"],
-                    row["stripe_key_gen"],
-                    row["stripe_invoice_id"],
-                    row["step"],
-                    row["created_at"],
-                    row["claim_id"],
-                )
-            row = await conn.fetchrow(_GET_CREATE, key)
+        async with self._connection() as conn:
+            transaction = conn.transaction(isolation="read_committed")
+            await transaction.start()
+            try:
+                claim = await self._claim(conn, key, fingerprints, lease_s, audited, who, claim_id)
+                row = None if claim else await conn.fetchrow(_GET_CREATE, key)
+            except BaseException:
+                await transaction.rollback()
+                raise
+            try:
+                await transaction.commit()
+            except CONNECTION_ERRORS as exc:
+                if claim is None:
+                    raise
+                raise ClaimUnconfirmed("the invoice store is unavailable; retry later") from exc
+        if claim is not None:
+            return claim
         if row is None or row["fingerprint"] not in fingerprints:
             raise AlreadyExists("this Idempotency-Key was already used for a different request")
         if row["response"] is not None:
@@ -183,6 +190,27 @@ class CreateRequests(Pooled):
         if row["leased"]:
             raise CreateInProgress("a request with this Idempotency-Key is in progress; retry later")
         raise CreateInProgress("this Idempotency-Key was just released; retry")
+
+    @staticmethod
+    async def _claim(
+        conn: asyncpg.pool.PoolConnectionProxy,
+        key: str,
+        fingerprints: tuple[str, ...],
+        lease_s: float,
+        audited: Audited,
+        who: str,
+        claim_id: uuid.UUID,
+    ) -> CreateClaim | None:
+        abandoned = await conn.fetchrow(_ABANDONED_ATTEMPT, key)
+        row = await conn.fetchrow(_CLAIM_CREATE, key, fingerprints[0], lease_s, list(fingerprints), who, claim_id)
+        if row is None:
+            return None
+        if abandoned is not None:
+            dead = (abandoned["stripe_invoice_id"], abandoned["attempt"], abandoned["attempt_audited"])
+            await conn.execute(_ABANDONED_ENTRY, *dead, audited.action, _ABANDONED)
+        return CreateClaim(
+            row["attempt"], row["stripe_key_gen"], row["stripe_invoice_id"], row["step"], row["created_at"], claim_id
+        )
 
     async def record_create_step(
         self, key: str, attempt: int, step: str, stripe_invoice_id: str | None, lease_s: float
@@ -211,6 +239,14 @@ class CreateRequests(Pooled):
         claim the key now."""
         async with self._connection() as conn:
             await conn.execute(_RELEASE_CREATE, key, claim_id, *_entry(audited, *outcome))
+
+    async def settle_claim(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> bool:
+        """Ends a ClaimUnconfirmed claim if it was made, as release_create does; whether that
+        is settled: False while the key has no row at all, for the claim's INSERT may still
+        be committing (a row being updated is waited for, one being inserted is not seen)."""
+        async with self._connection() as conn:
+            status = await conn.execute(_RELEASE_CREATE, key, claim_id, *_entry(audited, *outcome))
+            return status == "INSERT 0 1" or bool(await conn.fetchval(_KEY_KNOWN, key))
 
     async def audit_of(self, stripe_invoice_id: str, after: int, limit: int) -> AuditPage:
         """Up to `limit` entries of the invoice's trail that follow entry `after` (0: from
