@@ -114,6 +114,11 @@ def retry_policy(*also: str) -> dict[str, object]:
     return {"retry_on": ",".join((*_GONE, *also)), "num_retries": 2, "retry_back_off": retry_back_off}
 
 
+# At most as many retries in flight as requests (each failing call retried once at a time),
+# and never fewer than this many, for a small deployment whose every call fails together.
+RETRY_BUDGET = {"budget_percent": {"value": 100.0}, "min_retry_concurrency": 64}
+
+
 def local_reply_config() -> dict[str, object]:
     """Mappers only, and only for errors: a body format for all replies would also wrap
     the direct responses (the OpenAPI document)."""
@@ -162,6 +167,7 @@ def render(
         "local_reply_config": json.dumps(local_reply_config()),
         "delivery_retries": json.dumps(retry_policy()),
         "read_retries": json.dumps(retry_policy("cancelled", "unavailable")),
+        "retry_budget": json.dumps(RETRY_BUDGET),
         "listener_tls": json.dumps(listener_tls(settings)),
         "upstream_tls": json.dumps(
             upstream_tls(settings, ca=settings.gateway_upstream_ca, alpn="h2", client_cert=True)

@@ -10,6 +10,7 @@ import asyncio
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def _grpc_load(port: int, stop: threading.Event, seen: Counter[str]) -> None:
                 time.sleep(0.05)
 
 
+def _envoy_stat(admin_port: int, name: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=^{name}$", timeout=5) as reply:
+        line = reply.read().decode().strip()
+    return int(line.rsplit(":", 1)[1])
+
+
 def _wait_for_200(url: str, timeout: float = 20) -> None:
     def served() -> bool | None:
         return True if httpx.get(url, headers={"Api-Key": API_KEY}).status_code == 200 else None
@@ -60,7 +67,7 @@ def test_sigterm_under_load_drains_then_the_restarted_server_serves(database: st
     log = (tmp_path / "stack.log").open("w")
     service, _ = start_service(env, log=log)
     config = render(Settings(), gateway_port=0, admin_port=0, grpc_port=port, webhook_port=free_port())
-    envoy, gateway_port, _ = start_envoy(config, tmp_path / "envoy", log=log)
+    envoy, gateway_port, admin_port = start_envoy(config, tmp_path / "envoy", log=log)
     url = f"http://127.0.0.1:{gateway_port}/admin/api/invoices?page=1&limit=5"
     try:
         _wait_for_200(url)
@@ -84,6 +91,9 @@ def test_sigterm_under_load_drains_then_the_restarted_server_serves(database: st
             w.join()
         assert before["200"] > 0
         assert set(rest) <= {"200", "503"}, rest
+        # ...each failure retried as its route allows: Envoy's default limit of 3 retries at
+        # a time passed the rest on unretried, and a CANCELLED reached a caller as 499.
+        assert _envoy_stat(admin_port, "cluster.invoice_grpc.upstream_rq_retry_overflow") == 0
         assert rest["200"] > during["200"], "the restarted server serves REST calls"
         # Direct gRPC callers have no health-checking proxy in front: while no server is up
         # they see UNAVAILABLE, and a call that lands in the instant the listener closes is
