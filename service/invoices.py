@@ -178,17 +178,23 @@ class InvoiceCreator:
             await asyncio.sleep(self._timing.poll_s)
 
     async def _settle(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
-        """Ends an unconfirmed claim once the store answers, if it was made: until the
-        lease would have ended it, while the store cannot tell (settle_claim)."""
+        """Ends an unconfirmed claim once the store answers, if it was made (while the
+        store cannot tell, settle_claim says so)."""
+        await self._until_done(lambda: self._requests.settle_claim(key, claim_id, audited, outcome))
+
+    async def _until_done(self, step: Callable[[], Awaitable[bool]]) -> bool:
+        """Repeats `step` while the store is away or it says it is not done, until the
+        lease would have ended the claim it ends anyway; whether it got done."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.lease_s
         while loop.time() < deadline:
             try:
-                if await self._requests.settle_claim(key, claim_id, audited, outcome):
-                    return
+                if await step():
+                    return True
             except Unavailable:
                 pass
             await asyncio.sleep(self._timing.release_retry_s)
+        return False
 
     async def _attempt(
         self,
@@ -231,15 +237,13 @@ class InvoiceCreator:
             self._in_background(self._release_later(key, claim_id, audited, outcome))
 
     async def _release_later(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timing.lease_s  # after that the lease has ended it
-        while loop.time() < deadline:
-            await asyncio.sleep(self._timing.release_retry_s)
-            try:
-                await self._requests.release_create(key, claim_id, audited, outcome)
-                return
-            except Unavailable:
-                continue
+        async def release() -> bool:
+            await self._requests.release_create(key, claim_id, audited, outcome)
+            return True
+
+        await asyncio.sleep(self._timing.release_retry_s)  # it failed a moment ago
+        if await self._until_done(release):
+            return
         # The lease has ended the claim meanwhile; the attempt that takes the key over
         # writes this one's audit entry (`abandoned`), without its outcome.
         log.warning(
