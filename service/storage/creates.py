@@ -25,8 +25,9 @@ from service.domain import (
     ClaimUnconfirmed,
     CreateClaim,
     CreateInProgress,
+    Unavailable,
 )
-from service.storage.pool import CONNECTION_ERRORS, Pooled
+from service.storage.pool import Pooled
 
 log = logging.getLogger(__name__)
 
@@ -166,21 +167,15 @@ class CreateRequests(Pooled):
         holds it. A claim whose commit broke off with the connection may have been made:
         ClaimUnconfirmed, for the claimer to end it by its id (settle_claim)."""
         who = json.dumps(dataclasses.asdict(audited))
-        async with self._connection() as conn:
-            transaction = conn.transaction(isolation="read_committed")
-            await transaction.start()
-            try:
+        claim = None
+        try:
+            async with self._connection() as conn, conn.transaction(isolation="read_committed"):
                 claim = await self._claim(conn, key, fingerprints, lease_s, audited, who, claim_id)
                 row = None if claim else await conn.fetchrow(_GET_CREATE, key)
-            except BaseException:
-                await transaction.rollback()
+        except Unavailable as exc:  # with a claim in hand, what failed is its COMMIT
+            if claim is None:
                 raise
-            try:
-                await transaction.commit()
-            except CONNECTION_ERRORS as exc:
-                if claim is None:
-                    raise
-                raise ClaimUnconfirmed("the invoice store is unavailable; retry later") from exc
+            raise ClaimUnconfirmed(str(exc)) from exc
         if claim is not None:
             return claim
         if row is None or row["fingerprint"] not in fingerprints:
