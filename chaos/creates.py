@@ -198,6 +198,15 @@ def invoices_by_order(invoices: list[dict[str, Any]], run: str) -> tuple[dict[st
     return by_order, orphans
 
 
+def charged_twice(by_order: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The orders more than one of whose Stripe invoices was paid."""
+    return [k for k, found in by_order.items() if sum(1 for i in found if i.get("amount_paid")) > 1]
+
+
+def most_invoices_per_order(by_order: dict[str, list[dict[str, Any]]]) -> int:
+    return max((len(found) for found in by_order.values()), default=0)
+
+
 def without_their_one_item(by_order: dict[str, list[dict[str, Any]]], expected: dict[str, int]) -> list[str]:
     """The orders whose invoice does not hold exactly its one item at its amount (lines
     added twice by a resumed Create would show here, not in the count of invoices)."""
@@ -223,7 +232,7 @@ def verify(
     expected = {f"{run}-{n}": expected_amount(n) for n in range(creates)}
     expected |= {f"keyless-{n}": expected_amount(n) for n in range(keyless)}
     doubled = [k for k, found in by_order.items() if len(found) > 1]
-    charged_twice = [k for k, found in by_order.items() if sum(1 for i in found if i.get("amount_paid")) > 1]
+    paid_twice = charged_twice(by_order)
     missing = [k for k in expected if k not in by_order]
     wrong_items = without_their_one_item(by_order, expected)
     stripe_id = {k: found[0]["id"] for k, found in by_order.items()}
@@ -235,8 +244,8 @@ def verify(
     figures = {
         "stripe_invoices": len(invoices),
         "orders": len(expected),
-        "stripe_invoices_per_order_max": max((len(found) for found in by_order.values()), default=0),
-        "orders_charged_twice": len(charged_twice),
+        "stripe_invoices_per_order_max": most_invoices_per_order(by_order),
+        "orders_charged_twice": len(paid_twice),
         "keys_with_one_invoice": sum(1 for k, found in by_order.items() if len(found) == 1 and k.startswith(run)),
         "keys_with_several_invoices": len([k for k in doubled if k.startswith(run)]),
         "keyless_orders_with_one_invoice": sum(1 for k, f in by_order.items() if len(f) == 1 and k[:8] == "keyless-"),
@@ -251,7 +260,7 @@ def verify(
     }
     figures["ok"] = (
         len(invoices) == len(expected)
-        and not (doubled or charged_twice or missing or orphans or wrong_items)
+        and not (doubled or paid_twice or missing or orphans or wrong_items)
         and not (answered_other or recorded_other or disagree)
         and len(rows) == len(expected)
         and not tally.failed

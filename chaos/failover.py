@@ -35,15 +35,17 @@ import asyncpg
 import grpc
 import httpx
 
-from bench.webhook_load import lifecycle
+from bench.webhook_load import unique_events
 from chaos import API_KEY, stack_env
 from chaos.creates import (
     Tally,
+    charged_twice,
     create,
     customers_of,
     database_state,
     expected_amount,
     invoices_by_order,
+    most_invoices_per_order,
     order_body,
     stripe_invoices,
     without_their_one_item,
@@ -207,8 +209,8 @@ async def _orders(url: str, direct: str, tally: Tally, run: str) -> dict[str, An
         "orders": len(answered) + len(tally.failed),
         "orders_answered": len(answered),
         "stripe_invoices": len(invoices),
-        "stripe_invoices_per_order_max": max((len(found) for found in by_order.values()), default=0),
-        "orders_charged_twice": sum(1 for found in by_order.values() if sum(1 for i in found if i["amount_paid"]) > 1),
+        "stripe_invoices_per_order_max": most_invoices_per_order(by_order),
+        "orders_charged_twice": len(charged_twice(by_order)),
         "invoices_without_one_order": orphans,
         "answers_naming_another_invoice": sum(1 for k, i in answered.items() if stripe_id.get(k) != i),
         "create_records_naming_another_invoice": sum(1 for k, i in answered.items() if keys.get(k) != i),
@@ -269,7 +271,7 @@ def main() -> None:
     pair = Pair(work / "pg")
     pair.start()
     run = f"failover-{uuid.uuid4().hex[:8]}"
-    unique = sum(len(lifecycle("long", n)) for n in range(invoices))
+    unique = unique_events(invoices, "long")
     stripe_port = free_port()
     try:
         url = asyncio.run(storage.fresh_database(pair.dsn(), "chaos_failover"))

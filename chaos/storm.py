@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.webhook_load import lifecycle
+from bench.webhook_load import lifecycle, unique_events
 from chaos import API_KEY, prepare, stack_env
 from service import embedded
 from service.domain import Outcome
@@ -104,7 +104,7 @@ async def verify(url: str, invoices: int, applications: int) -> dict[str, Any]:
     expected = {f"{STORM_PREFIX}{n:07d}": lifecycle("long", n)[-1][1:] for n in range(invoices)}
     wrong = {k: (rows.get(k), v) for k, v in expected.items() if rows.get(k) != v}
     not_created_once = [k for k in expected if created.get(k, 0) != 1]
-    unique = sum(len(lifecycle("long", n)) for n in range(invoices))
+    unique = unique_events(invoices, "long")
     figures = {
         "events_recorded": recorded,
         "events_expected": unique,
@@ -141,7 +141,7 @@ def main() -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
-        unique = sum(len(lifecycle("long", n)) for n in range(invoices))
+        unique = unique_events(invoices, "long")
         while asyncio.run(events_recorded(url)) < unique // 2 and sender.poll() is None:
             time.sleep(0.2)
         halfway = asyncio.run(events_recorded(url))
