@@ -144,6 +144,14 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = 20)
     await poll_until(check, what, timeout_s)
 
 
+def envoy_hosts(admin_port: int) -> dict[str, bool]:
+    """Envoy's own view of its upstreams (admin /clusters): `cluster::host:port`, and
+    whether its health checks pass (no health flag but `healthy`)."""
+    clusters = httpx.get(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).text
+    flags = [line.rsplit("::health_flags::", 1) for line in clusters.splitlines() if "::health_flags::" in line]
+    return {host: flag == "healthy" for host, flag in flags}
+
+
 def wait_until(check: Callable[[], T | None], what: str, timeout_s: float = 20, interval_s: float = 0.2) -> T:
     """poll_until for code without an event loop (subprocesses, blocking clients)."""
     deadline = time.monotonic() + timeout_s

@@ -35,9 +35,10 @@ from tests.helpers import (
     AUTH,
     ResumingWatch,
     deliver,
+    envoy_hosts,
     event,
-    poll_until,
     stack_env,
+    until_caught_up,
     until_watching,
     wait_until,
 )
@@ -56,9 +57,8 @@ from tools.stack import (
 
 
 def _routed(admin_port: int, cluster: str, port: int) -> bool | None:
-    """Envoy's own view: the host is in its cluster and healthy (no health flag but healthy)."""
-    clusters = httpx.get(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).text
-    return True if f"{cluster}::127.0.0.1:{port}::health_flags::healthy" in clusters else None
+    """Envoy's own view: the host is in its cluster and healthy."""
+    return True if envoy_hosts(admin_port).get(f"{cluster}::127.0.0.1:{port}") else None
 
 
 def _reads(url: str, stop: threading.Event, seen: Counter[str]) -> None:
@@ -134,10 +134,7 @@ async def _async_callers(target: str, base: str, ready: threading.Event, stop: t
 
     await asyncio.gather(direct(), hooks())
 
-    async def seen_all() -> bool | None:
-        return True if all(len(w.changes) >= len(out.sent) for w in watchers) else None
-
-    await poll_until(seen_all, "every watcher seeing every recorded event")
+    await until_caught_up(watchers, len(out.sent))
     for w in watchers:
         await w.stop()
     out.watched = [w.ids for w in watchers]
