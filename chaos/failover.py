@@ -63,6 +63,7 @@ from tools.stack import (
     direct_channel,
     free_port,
     start_localstripe,
+    wait_for,
     wait_until_routed,
 )
 
@@ -149,11 +150,7 @@ async def _callers(base: str, target: str, customers: list[tuple[str, str]], run
 
 
 def _when(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    wait_for(lambda: condition() or None, what, timeout)
 
 
 def _gaps(load: Load, webhooks: list[tuple[float, str]], failovers: list[dict[str, Any]]) -> dict[str, Any]:

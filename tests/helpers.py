@@ -27,7 +27,7 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
 from service.storage.postgres import INSERT_RECORD, record_time
 from tools import signing
-from tools.stack import LOCALSTRIPE_KEY, local_env
+from tools.stack import LOCALSTRIPE_KEY, local_env, wait_for
 
 T = TypeVar("T")
 
@@ -154,14 +154,7 @@ def envoy_hosts(admin_port: int) -> dict[str, bool]:
 
 def wait_until(check: Callable[[], T | None], what: str, timeout_s: float = 20, interval_s: float = 0.2) -> T:
     """poll_until for code without an event loop (subprocesses, blocking clients)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never saw {what} within {timeout_s} s")
-        time.sleep(interval_s)
+    return wait_for(check, what, timeout_s, interval_s, error=AssertionError)
 
 
 async def until_envoy_routes(http: httpx.AsyncClient, path: str) -> httpx.Response:

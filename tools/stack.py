@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import grpc
 import stripe
@@ -33,6 +33,7 @@ from service import announce
 from service.config import Settings
 from tools import tls as local_tls
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY = Path(sys.executable).parent / "envoy"
 # Several Envoys may run at once (tests, a second stack): each picks its own shared-memory id.
@@ -108,12 +109,26 @@ def serving(port: int) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def wait_until_serving(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not serving(port):
+def wait_for(
+    check: Callable[[], T | None],
+    what: str,
+    timeout_s: float,
+    interval_s: float = 0.2,
+    error: type[Exception] = RuntimeError,
+) -> T:
+    """`check`'s first answer that is not None, polled until `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found is not None:
+            return found
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the server on port {port} did not become SERVING")
-        time.sleep(0.2)
+            raise error(f"never saw {what} within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def wait_until_serving(port: int, timeout: float = 30) -> None:
+    wait_for(lambda: serving(port) or None, f"the server on port {port} SERVING", timeout)
 
 
 def wait_until_routed(base_url: str, api_key: str, timeout: float = 20, *, ca: Path | None = None) -> None:
