@@ -116,7 +116,10 @@ async def test_webhook_outcomes_are_counted(stack: Stack, http: httpx.AsyncClien
     assert (await deliver(http, paid)).status_code == 200
     assert (await deliver(http, paid)).status_code == 200  # the same event again
     assert (await deliver(http, paid, sign(paid, "whsec_someone_else"))).status_code == 400
-    other = json.dumps({"id": "evt_metrics_other", "object": "event", "type": "customer.created", "created": now})
+    # A type the emulator never sends itself: its own customer.created, for a customer an
+    # earlier test made, may land in this window (it did once on a fresh clone).
+    kind = "radar.early_fraud_warning.created"
+    other = json.dumps({"id": "evt_metrics_other", "object": "event", "type": kind, "created": now})
     assert (await deliver(http, other)).status_code == 200
     after = scrape(sidecar)
 
@@ -128,7 +131,7 @@ async def test_webhook_outcomes_are_counted(stack: Stack, http: httpx.AsyncClien
     assert delta("invoice.paid", "duplicate") == 1
     # A delivery that fails verification is not trusted to name its type.
     assert delta("unknown", "invalid") == 1
-    assert delta("customer.created", "ignored") == 1
+    assert delta(kind, "ignored") == 1
 
 
 async def test_a_rest_calls_request_id_is_echoed_and_in_the_servers_log_line(
