@@ -583,6 +583,22 @@ async def test_ten_identical_keyless_creates_at_once_make_one_invoice(
     assert other["id"] != invoices[0].id
 
 
+async def test_a_keyless_create_retried_past_the_window_after_its_charge_resumes_it(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """Stripe charged, the answer never came; the caller's retries went on past the window
+    from the first request (an outage): each retry within the window of the last attempt
+    stays the same Create, which finds the paid invoice instead of charging again."""
+    customer, method = await customer_with_card(stripe_client)
+    with pytest.raises(Interrupted):
+        await creator(store, Payments(stripe_client, cut_after="pay")).create(request(customer, method), None)
+    async with store._connection() as conn:  # the first request was two windows ago
+        await conn.execute("UPDATE keyless_creates SET claimed_at = claimed_at - interval '240 seconds'")
+    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), None)
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert [i.id for i in invoices] == [answer["id"]] and answer["status"] == "paid"
+
+
 async def test_without_a_duplicate_window_identical_keyless_creates_bill_each(
     store: Storage, stripe_client: stripe.StripeClient
 ) -> None:

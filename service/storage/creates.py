@@ -143,14 +143,17 @@ _NEW_STRIPE_KEYS = """
     RETURNING stripe_key_gen"""
 _RECORDED_INVOICES = "SELECT stripe_invoice_id FROM create_requests WHERE stripe_invoice_id = ANY($1::text[])"
 # The first of identical keyless requests within the window holds the fingerprint.
-# ... and keeps it past the window while that key's attempt still runs.
+# ... and keeps it past the window while that key's Create is unanswered and was tried within
+# the window: a keyless caller retrying through an outage longer than the window resumes its
+# draft (charged already, perhaps) rather than billing again under a new key.
 _CLAIM_KEYLESS = """
     INSERT INTO keyless_creates AS k (fingerprint, idempotency_key) VALUES ($1, $2)
     ON CONFLICT (fingerprint) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key, claimed_at = now()
     WHERE k.claimed_at < now() - make_interval(secs => $3)
         AND NOT EXISTS (
             SELECT 1 FROM create_requests r
-            WHERE r.idempotency_key = k.idempotency_key AND r.response IS NULL AND r.lease_until > now())
+            WHERE r.idempotency_key = k.idempotency_key AND r.response IS NULL
+                AND (r.lease_until > now() OR r.updated_at > now() - make_interval(secs => $3)))
     RETURNING idempotency_key"""
 _GET_KEYLESS = "SELECT idempotency_key FROM keyless_creates WHERE fingerprint = $1"
 _KEY_KNOWN = "SELECT EXISTS (SELECT 1 FROM create_requests WHERE idempotency_key = $1)"
