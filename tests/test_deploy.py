@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,11 @@ CHECKOV = next((ROOT / ".tools").glob("checkov-*/bin/checkov"), None)
 SECRET = "invoice-service"
 SECRET_ENV = {"DATABASE_URL", "MIGRATION_DATABASE_URL", "ADMIN_API_KEYS", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRETS"}
 HEADLESS_SERVICE = "invoice-service-grpc"
-SERVICE_IMAGE = "ghcr.io/example/invoice-service"
+# The images `make image` builds (the Containerfile's targets), tagged with the project's
+# version: the base names them with that tag, an environment's overlay with its registry.
+SERVICE_IMAGE = "invoice-service"
+GATEWAY_IMAGE = "invoice-gateway"
+EXAMPLE_REGISTRY = "registry.example.com/billing"
 CONFIG_MOUNT = "/config"
 
 Obj = dict[str, Any]
@@ -195,7 +200,24 @@ def test_the_overlay_sets_what_an_environment_sets(rendered: dict[str, list[Obj]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 10)
     assert _one(docs, "Deployment", "envoy")["spec"]["replicas"] == 3
     images = {c["image"] for _, spec in _pod_specs(docs) for c in _containers(spec)}
-    assert images == {f"{SERVICE_IMAGE}:0.1.1", "envoyproxy/envoy:v1.40.0"}
+    version = _project_version()
+    assert images == {f"{EXAMPLE_REGISTRY}/{SERVICE_IMAGE}:{version}", f"{EXAMPLE_REGISTRY}/{GATEWAY_IMAGE}:{version}"}
+
+
+def _project_version() -> str:
+    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
+def test_the_base_names_the_images_make_image_builds(rendered: dict[str, list[Obj]]) -> None:
+    """The server, sidecar and Job run the service image; both of Envoy's containers the
+    gateway image; each with the tag `make image` gives it, the project's version."""
+    docs = rendered["base"]
+    version = _project_version()
+    service = _one(docs, "Deployment", "invoice-service")["spec"]["template"]["spec"]
+    job = _one(docs, "Job", "invoice-service-migrate")["spec"]["template"]["spec"]
+    envoy = _one(docs, "Deployment", "envoy")["spec"]["template"]["spec"]
+    assert {c["image"] for spec in (service, job) for c in _containers(spec)} == {f"{SERVICE_IMAGE}:{version}"}
+    assert {c["image"] for c in _containers(envoy)} == {f"{GATEWAY_IMAGE}:{version}"}
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -270,7 +292,7 @@ def test_the_job_migrates_with_the_owner_role(rendered: dict[str, list[Obj]], na
     (container,) = spec["containers"]
     assert container["command"] == ["python", "-m", "service", "migrate"]
     assert {"MIGRATION_DATABASE_URL", "DATABASE_URL"} <= {v["name"] for v in container["env"]}
-    assert container["image"].startswith(f"{SERVICE_IMAGE}:")
+    assert container["image"].rsplit(":", 1)[0].endswith(SERVICE_IMAGE)
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -283,10 +305,9 @@ def test_envoys_init_container_renders_a_valid_config_for_the_headless_service(
     pod = _one(docs, "Deployment", "envoy")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     envoy = _container(pod, "envoy")
-    assert (
-        init["image"]
-        == _container(_one(docs, "Deployment", "invoice-service")["spec"]["template"]["spec"], "server")["image"]
-    )
+    # The gateway image renders its own configuration: no step needs the service image.
+    assert init["image"] == envoy["image"]
+    assert init["image"].rsplit(":", 1)[0].endswith(GATEWAY_IMAGE)
     mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (init, envoy)}
     assert mounts[init["name"]] == {"config": CONFIG_MOUNT}
     # Envoy's other mounts are Secrets of type kubernetes.io/tls: real ones here, of a local CA.
@@ -383,7 +404,10 @@ def test_the_ha_postgres_keeps_each_acknowledged_commit_on_two_nodes() -> None:
     it: three instances on three nodes, one synchronous standby required for every commit,
     the roles and database the Secret's URLs name, and what pg_rewind needs."""
     docs = list(yaml.safe_load_all(_kustomize(DEPLOY / "postgres")))
-    assert [(d["apiVersion"], d["kind"]) for d in docs] == [("postgresql.cnpg.io/v1", "Cluster")]
+    assert [(d["apiVersion"], d["kind"]) for d in docs] == [
+        ("postgresql.cnpg.io/v1", "Cluster"),
+        ("postgresql.cnpg.io/v1", "Pooler"),
+    ]
     spec = docs[0]["spec"]
     assert spec["instances"] == 3
     assert spec["postgresql"]["synchronous"] == {"method": "any", "number": 1, "dataDurability": "required"}
@@ -404,3 +428,23 @@ def test_the_ha_postgres_keeps_each_acknowledged_commit_on_two_nodes() -> None:
     rw = f"{docs[0]['metadata']['name']}-rw"
     assert f"postgresql://invoice_app:…@{rw}:5432/invoices?target_session_attrs=read-write" in readme
     assert f"postgresql://invoice_owner:…@{rw}:5432/invoices?target_session_attrs=read-write" in readme
+
+
+def test_the_pooler_is_the_transaction_mode_pgbouncer_the_example_expects(rendered: dict[str, list[Obj]]) -> None:
+    """The example overlay's DATABASE_POOLER=pgbouncer needs a PgBouncer in transaction mode
+    in front of the Cluster's primary; deploy/postgres ships it as CloudNativePG's Pooler,
+    and deploy/README.md's Secret points DATABASE_URL at its Service (which has its name)."""
+    cluster, pooler = yaml.safe_load_all(_kustomize(DEPLOY / "postgres"))
+    spec = pooler["spec"]
+    assert spec["cluster"] == {"name": cluster["metadata"]["name"]}
+    assert (spec["type"], spec["pgbouncer"]["poolMode"]) == ("rw", "transaction")
+    assert spec["instances"] >= 2
+    assert pooler["metadata"]["name"] != cluster["metadata"]["name"]
+    settings = _config_map(rendered["example"], "invoice-service-settings")["data"]
+    assert settings["DATABASE_POOLER"] == "pgbouncer"
+    # Every client connection the example can open fits PgBouncer's client limit.
+    hpa = _one(rendered["example"], "HorizontalPodAutoscaler", "invoice-service")["spec"]
+    clients = hpa["maxReplicas"] * 2 * int(settings["DB_POOL_MAX_SIZE"])
+    assert clients <= int(spec["pgbouncer"]["parameters"]["max_client_conn"]) // spec["instances"] * 2
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"DATABASE_URL='postgresql://invoice_app:…@{pooler['metadata']['name']}:5432/invoices'" in readme
