@@ -23,9 +23,8 @@ import asyncpg
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from service import announce, embedded, payments, storage, webhooks
+from service import announce, embedded, payments, reflection, storage, webhooks
 from service.cache import CachedReads, ForgettingWrites, RecordCache
 from service.config import Settings, default
 from service.domain import InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
@@ -127,7 +126,7 @@ async def start_grpc(
     invoice_service_pb2_grpc.add_InvoiceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable([SERVICE_NAME, health.SERVICE_NAME], server)
     port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     await server.start()
     running = GrpcServer(server, port, health_servicer, edge, watches, metrics)

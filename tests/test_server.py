@@ -55,6 +55,15 @@ async def test_grpcurl_lists_by_reflection_and_calls_get(server: GrpcServer, sto
     assert SERVICE_NAME in listed.stdout.split()
     described = await asyncio.to_thread(_grpcurl, server.port, "describe", SERVICE_NAME)
     assert "rpc GetInvoice" in described.stdout
+    # A method by its name, as a person debugging one types it (grpc/grpc#34743).
+    method = await asyncio.to_thread(_grpcurl, server.port, "describe", f"{SERVICE_NAME}.GetInvoice")
+    assert method.returncode == 0, method.stderr
+    assert f"{SERVICE_NAME}.GetInvoice is a method:" in method.stdout
+    assert "rpc GetInvoice ( .billing.v1.GetInvoiceRequest ) returns ( .billing.v1.Invoice )" in method.stdout
+    # A name that is nothing is still NOT_FOUND, not an error of the server's.
+    unknown = await asyncio.to_thread(_grpcurl, server.port, "describe", f"{SERVICE_NAME}.NoSuchMethod")
+    assert unknown.returncode != 0
+    assert "Symbol not found" in unknown.stderr
 
     flags = ("-H", f"api-key: {API_KEY}", "-d", json.dumps({"id": saved.id}))
     got = await asyncio.to_thread(_grpcurl, server.port, f"{SERVICE_NAME}/GetInvoice", flags=flags)
