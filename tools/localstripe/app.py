@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from tools.localstripe import (
     customers,
@@ -20,6 +21,7 @@ from tools.localstripe import (
     version,
 )
 from tools.localstripe.config import HOOKS, Hooks, add_routes
+from tools.localstripe.recorder import Recorder
 from tools.localstripe.stock import resources, set_route
 
 DEFAULT_PUBLIC_BASE = "http://127.0.0.1:8420"
@@ -73,12 +75,16 @@ def build_app(public_base: str = DEFAULT_PUBLIC_BASE) -> web.Application:
     # call is never counted, remembered or replayed; calls are counted before the
     # idempotency layer (replays count), faults come inside it (their 500s are saved).
     position = app.middlewares.index(server.auth_middleware) + 1
-    ours = (
+    ours: list[Middleware] = [
         hooks.calls.middleware,
         hooks.idempotency.middleware,
         hooks.faults.middleware,
         errors.stripe_shaped_errors,
-    )
+    ]
+    recorder = Recorder.from_env()
+    if recorder is not None:  # outermost of ours: it sees replays and faults as the caller does
+        recorder.record_events()
+        ours.insert(0, recorder.middleware)
     for offset, middleware in enumerate(ours):
         app.middlewares.insert(position + offset, middleware)
     add_routes(app)
