@@ -18,6 +18,7 @@ from tools.localstripe import (
     invoice_lifecycle,
     invoices,
     payment_methods,
+    shapes,
     version,
 )
 from tools.localstripe.config import HOOKS, Hooks, add_routes
@@ -48,6 +49,7 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
     invoice_items.patch()
     customers.patch()
     payment_methods.patch()
+    shapes.patch()
 
     # Only the routes change: localstripe's subscriptions keep calling the stock
     # Invoice._api_pay_invoice, which must not raise on a decline.
