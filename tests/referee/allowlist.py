@@ -23,13 +23,46 @@ class Allowed:
 
     def matches(self, difference: Difference) -> bool:
         return (
-            self.problem == difference.problem
+            fnmatchcase(difference.problem, self.problem)
             and fnmatchcase(difference.subject, self.subject)
             and fnmatchcase(difference.at, self.at)
         )
 
 
-ALLOWED: tuple[Allowed, ...] = ()
+_UNREAD = (
+    "the emulator's payment objects keep stock localstripe's 2017 shape: they reach the"
+    " service only as payment_intent.* / charge.* events, which its sidecar ignores"
+    " (service/webhooks.py applies invoice events only), and it never requests them"
+)
+
+ALLOWED: tuple[Allowed, ...] = (
+    Allowed(
+        "*",
+        "*total_count",
+        "unknown",
+        "Stripe answers a list's total_count only when include[]=total_count asks for it;"
+        " tests/test_localstripe.py counts an invoice's 250 lines with it (a list embeds at"
+        " most 10), and the service never reads it",
+    ),
+    Allowed(
+        "invoice",
+        "payment_intent",
+        "unknown",
+        "removed from Invoice by 2025-03-31.basil (now under `payments`); tests/test_localstripe.py"
+        " tells one charge from two by it, and the service never reads it (service/payments.py"
+        " reads id, status, total, currency, customer, customer_name, metadata, invoice_pdf,"
+        " created, subtotal and the lines' description and amount)",
+    ),
+    Allowed("charge", "*", "*", _UNREAD),
+    Allowed("payment_intent", "*", "*", _UNREAD),
+    Allowed(
+        "POST /v1/customers/{customer}",
+        "invoice_settings",
+        "type",
+        "tests/test_localstripe.py crashes the emulator on purpose with this invalid parameter, to"
+        " test its Stripe-shaped 500 (Stripe would refuse it with a 400 before running)",
+    ),
+)
 
 
 def reason_for(difference: Difference) -> str | None:
