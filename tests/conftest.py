@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -23,6 +24,8 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import changes, with_database
 from service.watch import Watches, WatchLimits
 from tests.helpers import API_KEY, ROTATED_KEY, WEBHOOK_SECRET, Stack, stack_env
+from tests.referee.judge import Referee, records
+from tools.localstripe.recorder import RECORD_DIR
 from tools.stack import (
     LOCALSTRIPE_KEY,
     backend,
@@ -95,6 +98,20 @@ async def channel(server: GrpcServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> pb_grpc.InvoiceServiceAsyncStub:
     return pb_grpc.InvoiceServiceStub(channel)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stripe_referee(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every emulator the session starts records what it is asked and answers (its
+    environment is this one's); at the end all of it is judged against Stripe's published
+    API (tests/referee), and a difference not in the allowlist fails the session."""
+    folder = tmp_path_factory.mktemp("stripe-exchanges")
+    os.environ[RECORD_DIR] = str(folder)
+    yield folder
+    del os.environ[RECORD_DIR]
+    verdict = Referee().judge(records(folder))
+    if verdict.failing:
+        pytest.fail(verdict.report(), pytrace=False)
 
 
 @pytest.fixture(scope="session")

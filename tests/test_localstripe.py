@@ -424,7 +424,10 @@ async def test_add_lines_makes_the_items_of_a_draft_in_order(client: stripe.Stri
     assert added.lines.data[0].metadata.to_dict() == {"resource": "all"}
     assert added.metadata is not None  # merged; an empty value unsets its key, as on Stripe
     assert added.metadata.to_dict() == {"invoice_service_user_id": "u-42", "invoice_service_key": "k1"}
-    items = [await client.v1.invoice_items.retrieve_async(line["invoice_item"]) for line in added.lines.data]
+    items = [
+        await client.v1.invoice_items.retrieve_async(line["parent"]["invoice_item_details"]["invoice_item"])
+        for line in added.lines.data
+    ]
     assert [(item.invoice, item.amount, item.currency) for item in items] == [
         (draft.id, 3300, "eur"),
         (draft.id, 700, "eur"),

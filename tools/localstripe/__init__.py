@@ -42,6 +42,13 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
 - errors: errors look like Stripe's: card_error with decline_code for 402s,
   resource_missing for 404s, "Received unknown parameters" instead of crashes for the
   invoice calls, and an api_error 500 for a crash in the emulator.
+- shapes: objects are exported as API 2026-10-28.endive shows them (the version the
+  service's SDK pins), not as stock localstripe's 2017 ones: removed fields go
+  (invoice.charge, line.invoice_item, now line.parent.invoice_item_details...), fields
+  Stripe always answers come; events carry pending_webhooks.
+- recorder: with LOCALSTRIPE_RECORD_DIR set (the tests set it), every /v1 exchange and
+  every event is appended to a JSON-lines file there, for the Stripe referee
+  (tests/referee).
 - config (with faults): test hooks under /_config/: POST /_config/idempotency/forget
   (Stripe's 24 h expiry, now); POST and DELETE /_config/faults (the next matching
   requests answer a 500, before or after running, saved under their idempotency key);

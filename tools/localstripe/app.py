@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from tools.localstripe import (
     customers,
@@ -17,9 +18,11 @@ from tools.localstripe import (
     invoice_lifecycle,
     invoices,
     payment_methods,
+    shapes,
     version,
 )
 from tools.localstripe.config import HOOKS, Hooks, add_routes
+from tools.localstripe.recorder import Recorder
 from tools.localstripe.stock import resources, set_route
 
 DEFAULT_PUBLIC_BASE = "http://127.0.0.1:8420"
@@ -46,6 +49,7 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
     invoice_items.patch()
     customers.patch()
     payment_methods.patch()
+    shapes.patch()
 
     # Only the routes change: localstripe's subscriptions keep calling the stock
     # Invoice._api_pay_invoice, which must not raise on a decline.
@@ -73,12 +77,16 @@ def build_app(public_base: str = DEFAULT_PUBLIC_BASE) -> web.Application:
     # call is never counted, remembered or replayed; calls are counted before the
     # idempotency layer (replays count), faults come inside it (their 500s are saved).
     position = app.middlewares.index(server.auth_middleware) + 1
-    ours = (
+    ours: list[Middleware] = [
         hooks.calls.middleware,
         hooks.idempotency.middleware,
         hooks.faults.middleware,
         errors.stripe_shaped_errors,
-    )
+    ]
+    recorder = Recorder.from_env()
+    if recorder is not None:  # outermost of ours: it sees replays and faults as the caller does
+        recorder.record_events()
+        ours.insert(0, recorder.middleware)
     for offset, middleware in enumerate(ours):
         app.middlewares.insert(position + offset, middleware)
     add_routes(app)
