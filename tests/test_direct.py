@@ -23,8 +23,8 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.metrics import Metrics
 from service.storage import Storage
 from tests.helpers import API_KEY, AUTH, poll_until
-from tools.direct import DIRECT_CHANNEL_OPTIONS, DIRECT_SERVICE_CONFIG
-from tools.stack import direct_channel, wait_until_available
+from tools.direct import DIRECT_CHANNEL_OPTIONS, DIRECT_SERVICE_CONFIG, direct_channel
+from tools.stack import wait_until_available
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Failed connection attempts forced on the caller before the replica comes back. gRPC's

@@ -43,11 +43,11 @@ from tests.helpers import (
     until_watching,
     wait_until,
 )
+from tools.direct import direct_channel
 from tools.stack import (
     LOCALSTRIPE_KEY,
     Part,
     customer_with_card,
-    direct_channel,
     free_port,
     start_envoy,
     start_service,

@@ -33,7 +33,7 @@ from service import announce
 from service.config import Settings
 from tools import tls as local_tls
 from tools.direct import MIN_READY_S, held_for
-from tools.direct import direct_channel as direct_channel  # where chaos and the tests import it
+from tools.direct import direct_channel as direct_channel  # where chaos/failover.py imports it
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
