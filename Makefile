@@ -10,7 +10,7 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract
+.PHONY: help install debian-tools lock generate check-generated lint format typecheck test run bench chaos clean release-contract
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
@@ -19,6 +19,7 @@ help:
 	@echo "make format    apply ruff and buf formatting"
 	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
 	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts"
+	@echo "make lock      requirements/*.lock, the images' Python dependencies with their hashes, from .venv's versions"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml
@@ -43,6 +44,11 @@ install: $(BIN)/.installed $(BUF) $(CHECKOV)
 debian-tools:
 	@(command -v wrk && test -x /usr/sbin/pgbouncer) >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq wrk pgbouncer)
+
+# The images' Python dependencies with hashes (tools/lock.py); tests/test_image.py fails
+# when they drift from pyproject.toml and .venv.
+lock: install
+	$(BIN)/python -m tools.lock
 
 generate: install
 	$(BIN)/python -m tools.generate
