@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from packaging.utils import canonicalize_name
 
+from service import announce
 from tests.helpers import checkov
 from tools import image, lock
 
@@ -114,13 +115,17 @@ def _ref(target: str) -> str:
     return ref
 
 
-def _run(ref: str, uid: int, *command: str, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """As the manifests run a container: read-only root, /tmp the only writable place, its
-    UID, no capability, no network."""
+def _run_args(ref: str, uid: int, options: tuple[str, ...] = ()) -> list[str]:
+    """`podman run` as the manifests run a container: read-only root, /tmp the only
+    writable place, its UID, no capability; and no network."""
     # podman's --read-only would also leave /run and /var/tmp writable: not here.
     args = ["podman", "run", "--rm", "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp"]  # noqa: S108
     args += ["--user", f"{uid}:{uid}", "--cap-drop", "ALL"]
-    args += ["--security-opt", "no-new-privileges", "--network", "none", *options, ref, *command]
+    return [*args, "--security-opt", "no-new-privileges", "--network", "none", *options, ref]
+
+
+def _run(ref: str, uid: int, *command: str, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    args = [*_run_args(ref, uid, options), *command]
     return subprocess.run(args, env=image.podman_env(), capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -158,6 +163,48 @@ def test_smoke_the_service_image_runs_its_commands_and_carries_no_local_or_build
     assert _run(ref, SERVICE_UID, "python", "-c", upb).stdout.strip() == "upb"
     compilers = _run(ref, SERVICE_UID, "sh", "-c", "command -v gcc cc c++ clang || echo none")
     assert compilers.stdout.strip() == "none"
+
+
+@pytest.mark.parametrize(
+    ("command", "env"),
+    [
+        ("serve", {"ADMIN_API_KEYS": "smoke-key", "STRIPE_API_KEY": "sk_test_smoke", "MIGRATE_ON_START": "false"}),
+        ("webhooks", {"STRIPE_WEBHOOK_SECRETS": "whsec_smoke", "STRIPE_MODE": "test"}),
+    ],
+)
+def test_smoke_the_service_image_starts_listening_and_stops_cleanly_on_sigterm(
+    command: str, env: dict[str, str]
+) -> None:
+    """Up to the point where each starts to listen, and its SIGTERM path: every import a
+    start needs (stripe's HTTP client is imported only when it is made), on a read-only
+    root. The database is unreachable (no network), which a starting process must survive:
+    it waits, unready."""
+    ref, name = _ref("service"), f"invoice-smoke-{command}-{os.getpid()}"
+    env = env | {"DATABASE_URL": "postgresql://invoice_app@127.0.0.1:1/invoices", "SHUTDOWN_DRAIN_S": "0"}
+    env_args = tuple(arg for key, value in env.items() for arg in ("--env", f"{key}={value}"))
+    # --timeout: podman kills it after 120 s whatever happens here.
+    args = _run_args(ref, SERVICE_UID, options=("--name", name, "--timeout", "120", *env_args))
+    proc = subprocess.Popen(
+        [*args, "python", "-m", "service", command],
+        env=image.podman_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    part = "server" if command == "serve" else command
+    try:
+        announced = next((line for line in proc.stdout if announce.ports_of(line, part) is not None), None)
+        assert announced is not None, proc.stderr.read() if proc.stderr else ""
+    finally:
+        subprocess.run(
+            ["podman", "stop", "--time", "20", name],
+            env=image.podman_env(),
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+    assert proc.wait(timeout=60) == 0
 
 
 def test_smoke_the_gateway_image_renders_its_config_and_envoy_accepts_it(tmp_path: Path) -> None:
