@@ -129,22 +129,32 @@ def _run(ref: str, uid: int, *command: str, options: tuple[str, ...] = ()) -> su
     return subprocess.run(args, env=image.podman_env(), capture_output=True, text=True, timeout=120, check=False)
 
 
-def _config(ref: str) -> dict[str, Any]:
+def _inspect(ref: str) -> dict[str, Any]:
     out = subprocess.run(
         ["podman", "image", "inspect", ref], env=image.podman_env(), capture_output=True, text=True, check=True
     )
-    config: dict[str, Any] = json.loads(out.stdout)[0]["Config"]
-    return config
+    found: dict[str, Any] = json.loads(out.stdout)[0]
+    return found
 
 
 @pytest.mark.parametrize(("target", "uid"), [("service", SERVICE_UID), ("gateway", GATEWAY_UID)])
 def test_smoke_each_image_is_labelled_and_runs_as_its_non_root_user(target: str, uid: int) -> None:
-    config = _config(_ref(target))
-    assert config["User"] == f"{uid}:{uid}"
-    labels = config["Labels"]
+    name = image.TARGETS[target]
+    found = _inspect(_ref(target))
+    assert found["Config"]["User"] == f"{uid}:{uid}"
+    labels = found["Config"]["Labels"]
     assert labels["org.opencontainers.image.version"] == image.version()
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", labels["org.opencontainers.image.revision"])
-    assert labels["org.opencontainers.image.title"] == image.TARGETS[target].split("/")[-1]
+    assert labels["org.opencontainers.image.title"] == name.split("/")[-1]
+    revision = labels["org.opencontainers.image.revision"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", revision)
+    # This build's revision, not a cached build's: every `VERSION-<short revision>` tag on
+    # this image (make image tags each build so) names the same commit.
+    prefix = f"{name}:{image.version()}-"
+    shorts = [tag.removeprefix(prefix) for tag in found["RepoTags"] if tag.startswith(prefix)]
+    assert shorts, found["RepoTags"]
+    for short in shorts:
+        assert revision.startswith(short.removesuffix("-dirty")), (revision, short)
+        assert revision.endswith("-dirty") == short.endswith("-dirty"), (revision, short)
 
 
 def test_smoke_the_service_image_runs_its_commands_and_carries_no_local_or_build_tools() -> None:
