@@ -10,10 +10,11 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract
+.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
+	@echo "make cluster   the service from its images, as deploy/overlays/local says, on podman (Ctrl-C removes it)"
 	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
@@ -84,6 +85,10 @@ run: check-generated
 
 bench: check-generated debian-tools
 	$(BIN)/python -m bench.run
+
+# The images' service as the manifests run it, each container under podman (tools/cluster).
+cluster: check-generated
+	$(BIN)/python -m tools.cluster
 
 # Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
 chaos: check-generated
