@@ -1,7 +1,8 @@
 """A rolling restart of two servers and two webhook sidecars behind one Envoy, under REST
 reads and keyed Creates, direct gRPC reads (round robin with retries, as the README asks of
 direct callers), watchers that resume, and signed webhook deliveries: each replica in turn
-gets SIGTERM, drains, exits, is restarted and is routed again by Envoy before the next.
+gets SIGTERM, drains, exits, is restarted and is available again (SERVING for MIN_READY_S,
+so direct callers see it, tools/direct.py) and routed again by Envoy before the next.
 With a replica always up, the rule is no failed call, no delivery answered anything but
 200, every event recorded once, and every watcher seeing every change once, in order.
 Envoy does not retry writes (a POST), so a server that skipped its drain would fail this
@@ -51,6 +52,7 @@ from tools.stack import (
     start_envoy,
     start_service,
     start_webhooks,
+    wait_until_available,
     wait_until_routed,
     wait_until_serving,
 )
@@ -178,8 +180,9 @@ def _roll(database: str, tmp_path: Path, localstripe: str, drain_s: str, rounds:
                 servers[i].process.send_signal(signal.SIGTERM)
                 assert servers[i].process.wait(timeout=30) == 0
                 servers[i] = start_service(env, log=log)[0]
-                wait_until_serving(ports[i])
-                # Ready is when the load balancer sends it calls again, not when it says SERVING.
+                # The next goes down only once every caller routes to this one again: direct
+                # callers see it within MIN_READY_S (tools/direct.py), Envoy says so itself.
+                wait_until_available(ports[i])
                 wait_until(partial(_routed, admin_port, "invoice_grpc", ports[i]), f"Envoy routing to {ports[i]}")
             for i, env in enumerate(hook_envs):
                 sidecars[i].process.send_signal(signal.SIGTERM)

@@ -32,6 +32,8 @@ from gateway.render import render
 from service import announce
 from service.config import Settings
 from tools import tls as local_tls
+from tools.direct import MIN_READY_S, held_for
+from tools.direct import direct_channel as direct_channel  # where chaos and the tests import it
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,36 +50,6 @@ LOCAL_WEBHOOK_SECRET = "whsec_local_development_only"  # noqa: S105 - local emul
 
 # The emulator takes raw card numbers; real Stripe wants tokens (pm_card_visa).
 VISA = "4242424242424242"
-
-
-# What the README asks direct gRPC callers to use: every replica's address, round robin
-# over those whose health says SERVING (a draining one says NOT_SERVING before it stops:
-# without the health watch, a call that raced its stop was answered CANCELLED in 1 of
-# 1,000), and reads retried on UNAVAILABLE (a replica that went away under the call).
-DIRECT_SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": "billing.v1.InvoiceService"},
-        "methodConfig": [
-            {
-                "name": [{"service": "billing.v1.InvoiceService", "method": m} for m in ("ListInvoices", "GetInvoice")],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-)
-
-
-def direct_channel(target: str) -> grpc.aio.Channel:
-    """A channel to every replica in `target`, as the README asks direct callers to open one."""
-    options = [("grpc.service_config", DIRECT_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
-    return grpc.aio.insecure_channel(target, options=options)
 
 
 def free_port() -> int:
@@ -129,6 +101,14 @@ def wait_for(
 
 def wait_until_serving(port: int, timeout: float = 30) -> None:
     wait_for(lambda: serving(port) or None, f"the server on port {port} SERVING", timeout)
+
+
+def wait_until_available(port: int, timeout: float = 60) -> None:
+    """The roll's rule (tools/direct.py): a restarted replica is available, and the next may go
+    down, once it has said SERVING for MIN_READY_S without a break: direct callers see it by then."""
+    wait_for(
+        held_for(MIN_READY_S, lambda: serving(port)), f"the server on port {port} SERVING for {MIN_READY_S} s", timeout
+    )
 
 
 def wait_until_routed(base_url: str, api_key: str, timeout: float = 20, *, ca: Path | None = None) -> None:
