@@ -245,7 +245,7 @@ def register_webhook(localstripe: int | str, url: str, secret: str) -> None:
     (the emulator: its port on loopback, or its base URL)."""
     base = localstripe if isinstance(localstripe, str) else f"http://127.0.0.1:{localstripe}"
     data = urllib.parse.urlencode({"url": url, "secret": secret}).encode()
-    request = urllib.request.Request(f"{base}/_config/webhooks/invoice-service", data=data)
+    request = urllib.request.Request(f"{base}/_config/webhooks/invoice-service", data=data)  # noqa: S310
     with urllib.request.urlopen(request, timeout=5):  # noqa: S310
         pass
 

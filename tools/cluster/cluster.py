@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tools.cluster.front import Front
 from tools.cluster.kubelet import Kubelet, Pod
 from tools.cluster.plan import Plan, Workload, load
 from tools.cluster.podman import Podman
+from tools.direct import MIN_READY_S, held_for
 from tools.stack import LOCALSTRIPE_KEY, register_webhook, wait_for
 
 log = logging.getLogger(__name__)
@@ -216,15 +218,26 @@ class Cluster:
 
     def roll(self, workload_name: str) -> list[dict[str, int]]:
         """A rollout as the Deployment's strategy says (maxSurge 1, maxUnavailable 0): a new
-        pod, ready, then an old one terminated; every old pod in turn. Exit codes of the old."""
+        pod; once it is available (ready without a break for minReadySeconds, and never less
+        than the project's roll rule, tools/direct.py MIN_READY_S, which direct gRPC callers
+        need), an old one is terminated and the next new pod is started meanwhile, as the
+        Deployment controller does (a terminating pod no longer counts). Exit codes of the old."""
         workload = self.plan.workloads[workload_name]
         if (workload.max_surge, workload.max_unavailable) != (1, 0):
             raise NotImplementedError(f"strategy surge {workload.max_surge} unavailable {workload.max_unavailable}")
-        codes = []
-        for old in list(self.pods[workload_name]):
-            self.wait_ready(self.create(workload_name))
-            codes.append(self.terminate(old))
-        return codes
+        hold = max(workload.min_ready_s, MIN_READY_S)
+        with ThreadPoolExecutor(len(self.pods[workload_name])) as terminations:
+            pending = []
+            for old in list(self.pods[workload_name]):
+                new = self.create(workload_name)
+                self.wait_ready(new)
+
+                def ready(pod: Pod = new) -> bool:
+                    return pod.is_ready
+
+                wait_for(held_for(hold, ready), f"{new.name} available", hold + 60, 0.1)
+                pending.append(terminations.submit(self.terminate, old))
+            return [p.result() for p in pending]
 
     def down(self) -> None:
         self.front.stop()

@@ -88,8 +88,11 @@ class Front:
                 reply = web.StreamResponse(status=upstream.status)
                 reply.headers.update({k: v for k, v in upstream.headers.items() if k.lower() not in HOP})
                 await reply.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await reply.write(chunk)
-                await reply.write_eof()
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await reply.write(chunk)
+                    await reply.write_eof()
+                except ConnectionResetError:  # the caller left (a watch it stopped reading)
+                    pass
                 return reply
         return web.json_response({"code": 14, "message": "no ready envoy pod", "details": []}, status=503)

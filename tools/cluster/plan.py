@@ -79,6 +79,7 @@ class Workload:
     replicas: int = 1
     max_surge: int = 1
     max_unavailable: int = 0
+    min_ready_s: float = 0
     backoff_limit: int = 0
 
 
@@ -98,9 +99,7 @@ class Plan:
 
 def render(overlay: Path = OVERLAY) -> list[Obj]:
     """The overlay as kubectl would apply it."""
-    result = subprocess.run(
-        [str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {overlay} failed: {result.stderr.strip()}")
     return [d for d in yaml.safe_load_all(result.stdout) if d]
@@ -231,6 +230,7 @@ def _workload(doc: Obj, docs: list[Obj], config_maps: Mapping[str, Mapping[str, 
         replicas=_replicas(doc, docs) if doc["kind"] == "Deployment" else 1,
         max_surge=int(rolling.get("maxSurge", 1)),
         max_unavailable=int(rolling.get("maxUnavailable", 0)),
+        min_ready_s=_seconds(doc["spec"].get("minReadySeconds"), 0),
         backoff_limit=int(doc["spec"].get("backoffLimit", 0)) if doc["kind"] == "Job" else 0,
     )
 
