@@ -10,7 +10,7 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
+.PHONY: help install debian-tools container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
@@ -20,12 +20,14 @@ help:
 	@echo "make format    apply ruff and buf formatting"
 	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
 	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts"
+	@echo "make image     the service and gateway images (localhost/invoice-{service,gateway}:VERSION), built offline on a Debian base"
+	@echo "make lock      requirements/*.lock, the images' Python dependencies with their hashes, from .venv's versions"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,local]'
 	touch $@
 
 $(BUF): package.json package-lock.json
@@ -44,6 +46,28 @@ install: $(BIN)/.installed $(BUF) $(CHECKOV)
 debian-tools:
 	@(command -v wrk && test -x /usr/sbin/pgbouncer) >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq wrk pgbouncer)
+
+# From Debian: podman (with runc; crun fails here) and mmdebstrap, for the images.
+container-tools:
+	@(command -v podman && command -v runc && command -v mmdebstrap) >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq podman runc mmdebstrap)
+
+# The images' Python dependencies with hashes (tools/lock.py); tests/test_image.py fails
+# when they drift from pyproject.toml and .venv.
+lock: install
+	$(BIN)/python -m tools.lock
+
+# localhost/invoice-base:bookworm, Debian's bookworm with python3 (made once, then kept).
+base-image: install container-tools
+	$(BIN)/python -m tools.image --base-only
+
+# check-generated writes the descriptor set the gateway image carries. NO_CACHE=1: a cold build.
+image: check-generated container-tools
+	$(BIN)/python -m tools.image $(if $(NO_CACHE),--no-cache)
+
+# The built images run: the service's CLI, the gateway's render step and Envoy's validation.
+image-smoke: install container-tools
+	REQUIRE_IMAGES=1 $(BIN)/pytest tests/test_image.py -k smoke
 
 generate: install
 	$(BIN)/python -m tools.generate
@@ -87,11 +111,11 @@ bench: check-generated debian-tools
 	$(BIN)/python -m bench.run
 
 # The images' service as the manifests run it, each container under podman (tools/cluster).
-cluster: check-generated
+cluster: image
 	$(BIN)/python -m tools.cluster
 
 # Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
-chaos: check-generated
+chaos: check-generated image
 	$(BIN)/python -m chaos
 
 clean:

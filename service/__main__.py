@@ -31,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
+    settings.require(args.command or "serve")
     logs.configure(settings.log_level)
     # uvloop: asyncpg's protocol and aiohttp run measurably faster on it (make bench).
     if args.command == "webhooks":

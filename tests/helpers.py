@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -30,6 +32,27 @@ from tools import signing
 from tools.stack import LOCALSTRIPE_KEY, local_env, wait_for
 
 T = TypeVar("T")
+
+# checkov has a venv of its own, made by `make install` (it pins packaging<24, pytest 9
+# needs >=24); the Makefile's CHECKOV_VERSION says which.
+CHECKOV = next((Path(__file__).resolve().parent.parent / ".tools").glob("checkov-*/bin/checkov"), None)
+
+
+def checkov(directory: Path, framework: str) -> dict[str, Any]:
+    """checkov's JSON report on the files of one `framework` in `directory` (one run: it
+    takes seconds to start)."""
+    assert CHECKOV is not None, "checkov is missing: `make install` puts it under .tools/"
+    command = [str(CHECKOV), "--directory", str(directory), "--framework", framework]
+    command += ["--output", "json", "--soft-fail", "--skip-download"]
+    # LOG_LEVEL is also checkov's own logging setting.
+    env = {**os.environ, "LOG_LEVEL": "ERROR"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    # One framework: one report object (several would be a list of them).
+    assert isinstance(report, dict), result.stdout[:2000]
+    return report
+
 
 API_KEY = "test-admin-key-current"
 ROTATED_KEY = "test-admin-key-next"

@@ -1,24 +1,16 @@
 """Every podman command the cluster runs, and the one translation of a planned container
 into `podman run` arguments (names only: values travel in the podman process's
-environment, so no secret is on a command line). Podman here needs runc and explicit
-ulimits (GUIDE.md, facts of 2026-12-05): a containers.conf of the run's own says so."""
+environment, so no secret is on a command line)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 from tools.cluster.plan import Container, SecretRef
-
-CONTAINERS_CONF = """[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
-
-[engine]
-runtime = "runc"
-"""
+from tools.image import podman_env
 
 
 class Podman:
@@ -26,9 +18,7 @@ class Podman:
 
     def __init__(self, workdir: Path, run: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        conf = (workdir / "containers.conf").resolve()
-        conf.write_text(CONTAINERS_CONF)
-        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self.env = podman_env()  # the containers.conf `make image` writes (runc, ulimits)
         self.run, self.workdir = run, workdir.resolve()
         self.label = f"invoice-cluster-run={run}"
 
