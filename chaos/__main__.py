@@ -1,8 +1,9 @@
 """`make chaos`: every scenario at full size, one after another, each in its own process
 (its own Postgres, emulator and stack): the webhook storm through a Postgres restart,
 Creates under Stripe faults, two Postgres failovers under load, SIGTERM to the lone
-server under load, and a rolling restart of two servers and two sidecars. Prints each one's figures and
-exits 1 if any scenario fails."""
+server under load, a rolling restart of two servers and two sidecars, and the same callers
+against the service run from its images under podman while every pod is replaced (the
+cluster). Prints each one's figures and exits 1 if any scenario fails."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ SCENARIOS = {
         *PYTEST,
         "tests/test_rolling.py::test_a_rolling_restart_under_load_fails_no_call_and_loses_nothing",
     ],
+    # The same callers, against the service run from its images (make image) under podman.
+    "cluster": [sys.executable, "-m", "chaos.cluster"],
 }
 ENV = {"CHAOS_ROLLING_ROUNDS": "3"}
 
@@ -89,8 +92,20 @@ def _rolling_table(f: dict[str, Any]) -> list[str]:
     ]
 
 
+def _cluster_table(f: dict[str, Any]) -> list[str]:
+    """The rolling table, then each kind's seconds from `podman run` to ready (first start;
+    the replacements under load)."""
+
+    def seconds(values: list[float]) -> str:
+        return ", ".join(f"{s}" for s in values) or "-"
+
+    starts = [_row("container", "start to ready, s", "replaced under load, s"), _row("---", "---", "---")]
+    starts += [_row(k, seconds(v), seconds(f["replaced_start_s"].get(k, []))) for k, v in f["start_s"].items()]
+    return [*_rolling_table(f), "", *starts]
+
+
 # The scenarios whose figures are also printed as the README's table.
-TABLES = {"postgres failover": _failover_table, "rolling restart": _rolling_table}
+TABLES = {"postgres failover": _failover_table, "rolling restart": _rolling_table, "cluster": _cluster_table}
 
 
 def main() -> None:

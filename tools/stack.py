@@ -240,10 +240,12 @@ def start_localstripe(
     raise RuntimeError("localstripe did not answer in time")
 
 
-def register_webhook(localstripe_port: int, url: str, secret: str) -> None:
-    """Points the emulator's signed webhooks at `url`, as a Stripe dashboard endpoint would."""
+def register_webhook(localstripe: int | str, url: str, secret: str) -> None:
+    """Points the emulator's signed webhooks at `url`, as a Stripe dashboard endpoint would
+    (the emulator: its port on loopback, or its base URL)."""
+    base = localstripe if isinstance(localstripe, str) else f"http://127.0.0.1:{localstripe}"
     data = urllib.parse.urlencode({"url": url, "secret": secret}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{localstripe_port}/_config/webhooks/invoice-service", data=data)
+    request = urllib.request.Request(f"{base}/_config/webhooks/invoice-service", data=data)  # noqa: S310
     with urllib.request.urlopen(request, timeout=5):  # noqa: S310
         pass
 
