@@ -256,9 +256,11 @@ class ClaimUnconfirmed(Unavailable):
     failover): it may have been made, and then holds the key for nobody."""
 
 
-class StripeFailed(Unavailable):
-    """Stripe replayed a 5xx it saved under the call's idempotency key (it would do so for
-    a day): the step must find out what exists and go on with keys of a new generation."""
+class StripeReplayed(Unavailable):
+    """Stripe replayed an error it saved under the call's idempotency key for an earlier
+    call (a 5xx, a decline, a refusal; it would do so for a day): that call has ended, and
+    its answer is stale. The step must find out what exists and go on with keys of a new
+    generation (service/attempts.py)."""
 
 
 class CreateInProgress(Unavailable):
