@@ -257,10 +257,8 @@ class ClaimUnconfirmed(Unavailable):
 
 
 class StripeReplayed(Unavailable):
-    """Stripe replayed an error it saved under the call's idempotency key for an earlier
-    call (a 5xx, a decline, a refusal; it would do so for a day): that call has ended, and
-    its answer is stale. The step must find out what exists and go on with keys of a new
-    generation (service/attempts.py)."""
+    """Stripe replayed an error (5xx, decline, refusal) saved under the call's key by an
+    earlier call, now ended: go on with a new generation of keys (service/attempts.py)."""
 
 
 class CreateInProgress(Unavailable):
