@@ -24,7 +24,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service import announce, embedded, payments, reflection, storage, webhooks
+from service import announce, embedded, payments, reflection, storage, stripe_objects, webhooks
 from service.cache import CachedReads, ForgettingWrites, RecordCache
 from service.config import Settings, default
 from service.domain import InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
@@ -467,7 +467,7 @@ async def reconcile_from(listed: AsyncIterator[tuple[dict[str, Any], int]], stor
     outcomes: Counter[str] = Counter()
     async for obj, asked_at in listed:
         try:
-            invoice = payments.invoice_from_stripe(obj)
+            invoice = stripe_objects.invoice_from_stripe(obj)
             outcomes[await store.apply_stripe_invoice(invoice, stripe_time=asked_at)] += 1
         except (InvalidArgument, Unrecordable) as error:
             log.error("invoice not reconciled", extra={"invoice": str(obj.get("id")), "reason": str(error)})

@@ -261,9 +261,9 @@ class ClaimUnconfirmed(Unavailable):
     failover): it may have been made, and then holds the key for nobody."""
 
 
-class StripeFailed(Unavailable):
-    """Stripe replayed a 5xx it saved under the call's idempotency key (it would do so for
-    a day): the step must find out what exists and go on with keys of a new generation."""
+class StripeReplayed(Unavailable):
+    """Stripe replayed an error (5xx, decline, refusal) saved under the call's key by an
+    earlier call, now ended: go on with a new generation of keys (service/attempts.py)."""
 
 
 class CreateInProgress(Unavailable):

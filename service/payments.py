@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
 from stripe.params import InvoiceAddLinesParamsLine, InvoiceListParams, InvoicePayParams
 
-from service import validation
 from service.domain import (
-    STATUSES,
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -27,17 +25,13 @@ from service.domain import (
     NewItem,
     ResourceExhausted,
     Status,
-    StripeFailed,
-    StripeInvoice,
+    StripeReplayed,
     Unavailable,
-    User,
 )
+from service.stripe_objects import USER_ID, USER_NAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Metadata keys that carry the invoice's owner to Stripe and back through webhooks.
-USER_ID, USER_NAME = "invoice_service_user_id", "invoice_service_user_name"
 
 
 def client(api_key: str, *, api_base: str | None, timeout_s: float, max_retries: int) -> stripe.StripeClient:
@@ -49,63 +43,15 @@ def client(api_key: str, *, api_base: str | None, timeout_s: float, max_retries:
     )
 
 
-# What a bigint column holds; Stripe's totals stay far inside (250 lines of 8 digits).
-_INT64 = 2**63
-# Where Python's datetime (and Postgres's timestamp range, for our purposes) ends.
-_YEAR_10000 = 253_402_300_800
-
-
-def _text(value: object) -> str:
-    """What Postgres text can hold: no NUL (dropped) and no lone surrogate (JSON can
-    escape one, UTF-8 cannot encode it: replaced), so that no invoice Stripe sends is
-    unrecordable for a character of a customer's name."""
-    return str(value).replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
-
-
-def invoice_from_stripe(obj: Mapping[str, Any]) -> StripeInvoice:
-    """Reads a Stripe invoice object of any API version since the seed's 2023 sample.
-    The owner is the user named at creation (metadata) or, failing that, the Stripe
-    customer with Stripe's customer name."""
-    try:
-        metadata = obj.get("metadata") or {}
-        user_id, user_name = metadata.get(USER_ID), metadata.get(USER_NAME)
-        if user_id:
-            user = User(id=_text(user_id), name=_text(user_name or ""))
-        elif isinstance(obj.get("customer"), str) and obj["customer"]:
-            user = User(id=_text(obj["customer"]), name=_text(obj.get("customer_name") or ""))
-        else:
-            raise ValueError("no owner: neither metadata names a user nor is there a customer id")
-        total, created = obj.get("total") or 0, obj.get("created")
-        if isinstance(total, bool) or not isinstance(total, int) or not -_INT64 <= total < _INT64:
-            raise ValueError(f"total {total!r} is not a 64-bit integer")
-        if created is not None and (
-            isinstance(created, bool) or not isinstance(created, int) or not 0 <= created < _YEAR_10000
-        ):
-            raise ValueError(f"created {created!r} is not a Unix time")
-        currency = obj.get("currency")
-        if currency is not None and not (isinstance(currency, str) and validation.CURRENCY.fullmatch(currency)):
-            raise ValueError(f"currency {currency!r} is not a lowercase ISO 4217 code")
-        invoice = StripeInvoice(
-            stripe_invoice_id=_text(obj["id"]),
-            status=str(obj["status"]),
-            amount=total,
-            invoice_pdf=_text(obj.get("invoice_pdf") or ""),
-            user=user,
-            currency=currency,
-            created=created,
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidArgument("data.object", f"not a Stripe invoice: {type(exc).__name__} {exc}") from exc
-    if not validation.STRIPE_ID["in"].fullmatch(invoice.stripe_invoice_id):
-        raise InvalidArgument("data.object.id", "not a Stripe invoice id")
-    if invoice.status not in STATUSES:
-        raise InvalidArgument("data.object.status", f"unknown invoice status {invoice.status!r}")
-    return invoice
-
-
 def _domain_error(exc: stripe.StripeError) -> DomainError:
     """Stripe's error classes, mapped so that callers can act: their own mistakes are
-    INVALID_ARGUMENT naming the field, Stripe's trouble is retryable."""
+    INVALID_ARGUMENT naming the field, Stripe's trouble is retryable. An error Stripe
+    replays for the call's key (a 5xx, a decline, a refusal) is StripeReplayed: proof that
+    Stripe saved it, for an earlier call that has ended, so that the caller may move on to
+    new keys (service/attempts.py). A first 5xx proves neither: a proxy may have answered
+    it, or Stripe may not have saved it."""
+    if _replayed(exc):
+        return StripeReplayed(f"Stripe replayed an earlier answer to this key ({type(exc).__name__}); retry later")
     if isinstance(exc, stripe.InvalidRequestError):
         field = exc.param or "request"
         if exc.code == "resource_missing":
@@ -119,11 +65,6 @@ def _domain_error(exc: stripe.StripeError) -> DomainError:
         return Internal("the service's Stripe credentials were refused")
     # APIError includes Stripe's 409 "another request with this key is in progress" (a
     # caller's retry overtaking its first attempt): retrying later is right for it too.
-    if isinstance(exc, stripe.APIError) and (exc.http_status or 0) >= 500 and _replayed(exc):
-        # A 5xx that Stripe replays for this key: proof that Stripe saved it, and that no
-        # call with the key is still running (a first 5xx proves neither: a proxy may have
-        # answered it, or Stripe may not have saved it).
-        return StripeFailed("Stripe is failing; retry later with the same idempotency key")
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return Unavailable("Stripe is unreachable or failing; retry later with the same idempotency key")
     if isinstance(exc, stripe.CardError):
@@ -154,6 +95,9 @@ def _outcome(exc: BaseException | None) -> str:
 # invoice (changelog 2016-02-22); a Create has at most validation.MAX_ITEMS (100), so one
 # call carries them all. Batches of this size are sent beyond it.
 LINES_PER_CALL = 250
+# The statuses in which Stripe pays (a draft: finalized first) and voids an invoice.
+PAYABLE = (Status.DRAFT, Status.OPEN, Status.UNCOLLECTIBLE)
+VOIDABLE = (Status.OPEN, Status.UNCOLLECTIBLE)
 # Metadata key on the Stripe invoice: the idempotency key of the Create that made it, so
 # that a retry that never learned the draft's id finds it in the customer's invoices.
 CREATE_KEY = "invoice_service_key"
@@ -320,9 +264,8 @@ class StripePayments:
     ) -> dict[str, Any]:
         """Charges the invoice now. A decline leaves it `open`: answered as it is when
         `declined_ok` (a Create: the failure also arrives by webhook), else
-        FAILED_PRECONDITION with the decline (the admin's Pay). Any refusal is checked
-        against the invoice itself: one already paid (by credit at finalize, or a
-        concurrent payment) is answered paid, whatever Stripe's message says."""
+        FAILED_PRECONDITION with the decline (the admin's Pay). A refusal because the
+        invoice is no longer payable answers the invoice as it is now (`_after_refusal`)."""
         params: InvoicePayParams = {"payment_method": payment_method} if payment_method else {}
         try:
             paid = await self._call(
@@ -331,23 +274,44 @@ class StripePayments:
             )
         except DomainError as error:
             cause = error.__cause__
-            if isinstance(cause, stripe.CardError):
+            if isinstance(cause, stripe.CardError) and not isinstance(error, StripeReplayed):
                 log.info("card declined", extra={"invoice": invoice_id, "decline_code": cause.code})
                 if declined_ok:
                     return await self.retrieve(invoice_id)
-            if isinstance(cause, stripe.InvalidRequestError):
-                current = await self.retrieve(invoice_id)
-                if current.get("status") == Status.PAID:
-                    return current
-            raise
+            return await self._after_refusal(invoice_id, error, PAYABLE)
         return paid.to_dict(for_json=True)
 
     async def void(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
-        invoice = await self._call(
-            "invoices.void",
-            self._stripe.v1.invoices.void_invoice_async(invoice_id, options={"idempotency_key": stripe_key}),
-        )
+        """Voids the invoice; as pay, a refusal because it is no longer open or
+        uncollectible answers the invoice as it is now."""
+        try:
+            invoice = await self._call(
+                "invoices.void",
+                self._stripe.v1.invoices.void_invoice_async(invoice_id, options={"idempotency_key": stripe_key}),
+            )
+        except DomainError as error:
+            return await self._after_refusal(invoice_id, error, VOIDABLE)
         return invoice.to_dict(for_json=True)
+
+    async def _after_refusal(self, invoice_id: str, error: DomainError, acted_on: tuple[str, ...]) -> dict[str, Any]:
+        """Stripe's invoice as it is after Stripe refused (400) to pay or void it, when its
+        status no longer allows that: it changed between the caller's read and the call
+        (paid or voided from Stripe's dashboard, or by a concurrent call). The caller
+        answers from the status and records it. Any other error, or a refusal of an
+        invoice still in a status that allows the call (the payment method, say), is
+        raised as it is."""
+        cause = error.__cause__
+        if (
+            isinstance(error, StripeReplayed)
+            or not isinstance(cause, stripe.InvalidRequestError)
+            or cause.code == "resource_missing"
+        ):
+            raise error
+        current = await self.retrieve(invoice_id)
+        if current.get("status") in acted_on:
+            raise error
+        log.info("stripe refused a call on an invoice whose status changed", extra={"invoice": invoice_id})
+        return current
 
     async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
         """Every Stripe invoice object created at or after `since`, newest first, each with

@@ -26,7 +26,7 @@ from service.domain import DomainError, Internal, InvalidArgument, Outcome, Stri
 from service.errors import status_of
 from service.logs import REQUEST_ID, request_id
 from service.metrics import METRICS, WEBHOOK_OUTCOMES, Metrics, add_routes
-from service.payments import invoice_from_stripe
+from service.stripe_objects import invoice_from_stripe
 
 log = logging.getLogger(__name__)
 

@@ -158,6 +158,24 @@ async def test_an_invoice_under_the_minimum_charge_is_answered_paid(
     assert [i.status for i in await stripe_invoices(stripe_client, customer)] == ["paid"]
 
 
+async def test_a_create_in_another_currency_than_the_customers_credit_is_charged_in_full(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """Stripe applies a customer's balance only to invoices in its currency: a customer
+    with euro credit is charged the whole of a dollar invoice, and keeps the credit."""
+    customer, method = await customer_with_card(stripe_client)
+    await stripe_client.v1.customers.update_async(customer, {"balance": -1000})
+    euros = await creator(store, Payments(stripe_client)).create(request(customer, method), uuid.uuid4().hex)
+    assert (euros["currency"], euros["total"], euros["amount_paid"]) == ("eur", 4000, 3000)  # the credit applied
+    await stripe_client.v1.customers.update_async(customer, {"balance": -1000})  # euro credit again
+    items = [("item 0", 3300), ("item 1", 700)]
+    dollars = validation.new_invoice(items, customer, method, currency="usd")
+    answer = await creator(store, Payments(stripe_client)).create(dollars, uuid.uuid4().hex)
+    assert (answer["status"], answer["currency"], answer["total"]) == ("paid", "usd", 4000)
+    assert (answer["starting_balance"], answer["amount_due"], answer["amount_paid"]) == (0, 4000, 4000)
+    assert (await stripe_client.v1.customers.retrieve_async(customer)).balance == -1000
+
+
 @pytest.mark.parametrize("step", ["draft", "lines", "finalize", "pay"])
 async def test_a_create_cut_off_after_each_step_and_retried_after_stripe_forgot_its_keys_bills_once(
     store: Storage, stripe_client: stripe.StripeClient, localstripe: str, step: str

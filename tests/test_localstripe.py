@@ -550,6 +550,36 @@ async def test_an_amount_due_below_the_minimum_charge_is_carried_to_the_next_inv
     assert await balance_of(client, customer) == 49
 
 
+async def test_a_balance_applies_only_to_invoices_in_its_currency(client: stripe.StripeClient) -> None:
+    customer, method = await customer_with_card(client)
+    await client.v1.customers.update_async(customer, {"balance": -1000})
+    first = await draft_with_items(client, customer, method)  # eur, 4000: fixes the customer's currency
+    await client.v1.invoices.finalize_invoice_async(first, {"auto_advance": False}, key("finalize"))
+    assert (await client.v1.customers.retrieve_async(customer)).currency == "eur"
+    await client.v1.customers.update_async(customer, {"balance": -1000})  # eur credit again
+
+    dollars = await client.v1.invoices.create_async(draft_params(customer, method, currency="usd"), key("invoice"))
+    assert dollars.id is not None
+    await client.v1.invoices.add_lines_async(dollars.id, {"lines": [{"amount": 4000}]}, key("add_lines"))
+    assert (await client.v1.invoices.retrieve_async(dollars.id)).amount_due == 4000
+    paid = await client.v1.invoices.pay_async(dollars.id, {"payment_method": method}, key("pay"))
+    assert (paid.status, paid.starting_balance, paid.amount_due, paid.amount_paid) == ("paid", 0, 4000, 4000)
+    assert (paid.ending_balance, await balance_of(client, customer)) == (0, -1000)
+
+    # An amount under the minimum charge is carried in its own currency, for its invoices.
+    tiny = await client.v1.invoices.create_async(draft_params(customer, method, currency="usd"), key("invoice"))
+    assert tiny.id is not None
+    await client.v1.invoices.add_lines_async(tiny.id, {"lines": [{"amount": 30}]}, key("add_lines"))
+    carried = await client.v1.invoices.finalize_invoice_async(tiny.id, {"auto_advance": False}, key("finalize"))
+    assert (carried.status, carried.ending_balance, await balance_of(client, customer)) == ("paid", 30, -1000)
+    euros = await draft_with_items(client, customer, method)
+    assert (await client.v1.invoices.retrieve_async(euros)).amount_due == 3000  # eur credit only
+    more = await client.v1.invoices.create_async(draft_params(customer, method, currency="usd"), key("invoice"))
+    assert more.id is not None
+    await client.v1.invoices.add_lines_async(more.id, {"lines": [{"amount": 100}]}, key("add_lines"))
+    assert (await client.v1.invoices.retrieve_async(more.id)).amount_due == 130  # usd 0.30 carried
+
+
 @pytest.mark.parametrize(
     ("currency", "amount", "status"),
     [("gbp", 40, "open"), ("gbp", 29, "paid"), ("jpy", 49, "paid"), ("jpy", 50, "open"), ("xts", 49, "paid")],
@@ -639,7 +669,7 @@ async def test_a_500_after_running_is_saved_and_forgetting_keys_runs_the_call_ag
     assert isinstance(forgotten["forgotten"], int) and forgotten["forgotten"] >= 1
     with pytest.raises(stripe.InvalidRequestError, match="already finalized"):  # runs anew
         await client.v1.invoices.finalize_invoice_async(invoice_id, {"auto_advance": False}, options)
-    assert (await config.post("/idempotency/forget")).json() == {"forgotten": 0}
+    assert (await config.post("/idempotency/forget")).json() == {"forgotten": 1}  # that refusal: it ran, and is saved
 
 
 async def test_validation_errors_are_not_saved_under_their_key(client: stripe.StripeClient) -> None:
@@ -650,6 +680,32 @@ async def test_validation_errors_are_not_saved_under_their_key(client: stripe.St
     created = await client.v1.invoices.create_async(draft_params(customer, method), options)
     assert created.status == "draft"
     assert created.last_response is not None and created.last_response.headers.get("Idempotent-Replayed") is None
+
+
+async def test_a_refusal_of_a_request_that_ran_is_saved_and_replayed(client: stripe.StripeClient) -> None:
+    """Stripe saves the answer of every request whose execution began, its refusals too:
+    once the cause is fixed, the same key still answers the refusal, for 24 hours."""
+    customer, _ = await customer_with_card(client)
+    card: Any = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+    loose = await client.v1.payment_methods.create_async({"type": "card", "card": card})  # not attached
+    assert loose.id is not None
+    options, params = key("invoice"), draft_params(customer, loose.id)
+    for attempt in range(2):
+        with pytest.raises(stripe.InvalidRequestError) as refused:
+            await client.v1.invoices.create_async(params, options)
+        assert (refused.value.param, replayed(refused.value)) == ("default_payment_method", attempt == 1)
+    await client.v1.payment_methods.attach_async(loose.id, {"customer": customer})
+    with pytest.raises(stripe.InvalidRequestError) as stale:
+        await client.v1.invoices.create_async(params, options)
+    assert replayed(stale.value)
+    with pytest.raises(stripe.InvalidRequestError) as missing:  # a missing object: it ran, and is saved
+        await client.v1.invoices.pay_async("in_doesnotexist", {}, options := key("pay"))
+    assert missing.value.http_status == 404 and not replayed(missing.value)
+    with pytest.raises(stripe.InvalidRequestError) as again:
+        await client.v1.invoices.pay_async("in_doesnotexist", {}, options)
+    assert replayed(again.value)
+    assert (await client.v1.invoices.list_async({"customer": customer})).data == []
+    assert (await client.v1.invoices.create_async(params, key("invoice"))).status == "draft"
 
 
 async def test_faults_are_cleared_and_checked(client: stripe.StripeClient, config: httpx.AsyncClient) -> None:

@@ -1,4 +1,4 @@
-"""Reading Stripe's invoice object (service/payments.py), without I/O: who the invoice
+"""Reading Stripe's invoice object (service/stripe_objects.py), without I/O: who the invoice
 belongs to, and what is not an invoice."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.domain import InvalidArgument, User
-from service.payments import USER_ID, USER_NAME, invoice_from_stripe
+from service.stripe_objects import USER_ID, USER_NAME, invoice_from_stripe
 
 
 def test_the_owner_is_the_named_user_or_else_the_customer() -> None:

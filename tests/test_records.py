@@ -20,7 +20,7 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from service import payments
+from service import stripe_objects
 from service.app import reconcile_from, webhook_secrets
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
@@ -312,7 +312,7 @@ async def test_reconcile_carries_on_past_an_invoice_it_cannot_read(store: Storag
 async def test_reconcile_moves_a_stale_record_forward(store: Storage) -> None:
     at = int(time.time()) - 600
     await store.apply_stripe_invoice(
-        payments.invoice_from_stripe(invoice_object("in_stale00001", status="open")), stripe_time=at
+        stripe_objects.invoice_from_stripe(invoice_object("in_stale00001", status="open")), stripe_time=at
     )
     outcomes = await reconcile_from(listed((invoice_object("in_stale00001"), at + 300)), store)
     assert outcomes == {"updated": 1}
@@ -328,7 +328,10 @@ async def test_a_webhook_between_stripes_list_answer_and_its_application_wins(st
 
     async def listing() -> AsyncIterator[tuple[dict[str, Any], int]]:
         await store.apply_stripe_invoice(
-            payments.invoice_from_stripe(lines_added), stripe_time=asked_at + 3, event_id="evt_between", event_type="x"
+            stripe_objects.invoice_from_stripe(lines_added),
+            stripe_time=asked_at + 3,
+            event_id="evt_between",
+            event_type="x",
         )
         yield draft, asked_at
 

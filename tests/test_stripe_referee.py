@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from service import payments
+from service import payments, stripe_objects
 from service.domain import NewInvoice, NewItem, User
 from tests.referee.judge import Referee, Verdict, records
 from tools.localstripe.recorder import RECORD_DIR
@@ -57,7 +57,7 @@ async def every_call(base: str) -> None:
     assert (await stripe_api.find_draft(customer, "key-1", since) or {}).get("id") == draft["id"]
     # An invoice a Create made before keys went into metadata: found by its lines.
     params: Any = {"customer": customer, "currency": "eur", "pending_invoice_items_behavior": "exclude"}
-    params["metadata"] = {payments.USER_ID: "u-1", payments.USER_NAME: "Ada"}
+    params["metadata"] = {stripe_objects.USER_ID: "u-1", stripe_objects.USER_NAME: "Ada"}
     unmarked = await client.v1.invoices.create_async(params)
     await stripe_api.add_lines(str(unmarked.id), new.items, "old:lines")
     await stripe_api.finalize(str(unmarked.id), "old:finalize")

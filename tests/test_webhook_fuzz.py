@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from service import storage, webhooks
 from service.domain import STATUSES, Outcome
-from service.payments import USER_ID, USER_NAME, invoice_from_stripe
+from service.stripe_objects import USER_ID, USER_NAME, invoice_from_stripe
 from tests.helpers import WEBHOOK_SECRET, sign
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

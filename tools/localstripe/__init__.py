@@ -38,7 +38,9 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
   4000000000000341 attaches and declines when charged.
 - idempotency: every POST with an Idempotency-Key is replayed, or refused with
   idempotency_error when its parameters differ, as Stripe does (kept in memory only):
-  2xx, 402 and 5xx answers are saved, 4xx validation errors are not.
+  the answer of every request that ran is saved, refusals included (a 400 of an invoice
+  already paid, a 402 decline, a 404); failed parameter validation (errors.invalid_param)
+  and 409s are not.
 - errors: errors look like Stripe's: card_error with decline_code for 402s,
   resource_missing for 404s, "Received unknown parameters" instead of crashes for the
   invoice calls, and an api_error 500 for a crash in the emulator.
@@ -52,7 +54,9 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
 - config (with faults): test hooks under /_config/: POST /_config/idempotency/forget
   (Stripe's 24 h expiry, now); POST and DELETE /_config/faults (the next matching
   requests answer a 500, before or after running, saved under their idempotency key);
-  GET and DELETE /_config/calls (how many /v1 calls, by method and route).
+  GET and DELETE /_config/calls (how many /v1 calls, by method and route); POST, GET and
+  DELETE /_config/races (races: before the next matching request runs, the emulator
+  makes another request of its own, e.g. pays the invoice out of band).
 - version: the guard. Every patch relies on localstripe's internals, so nothing is
   patched unless the installed localstripe is the one pinned in pyproject.toml; any
   other version is a RuntimeError naming both.

@@ -75,12 +75,14 @@ def build_app(public_base: str = DEFAULT_PUBLIC_BASE) -> web.Application:
     hooks = app[HOOKS] = Hooks()
     # Stock order: errors, auth, store saving. Ours go after auth, so an unauthenticated
     # call is never counted, remembered or replayed; calls are counted before the
-    # idempotency layer (replays count), faults come inside it (their 500s are saved).
+    # idempotency layer (replays count), faults come inside it (their 500s are saved),
+    # and races inside those (a replay or a fault runs no race).
     position = app.middlewares.index(server.auth_middleware) + 1
     ours: list[Middleware] = [
         hooks.calls.middleware,
         hooks.idempotency.middleware,
         hooks.faults.middleware,
+        hooks.races.middleware,
         errors.stripe_shaped_errors,
     ]
     recorder = Recorder.from_env()

@@ -1,12 +1,20 @@
 """Customers with Stripe's `balance` (negative is credit for the next invoices, positive is
-owed): POST /v1/customers and /v1/customers/{id} take it, and customers show it."""
+owed): POST /v1/customers and /v1/customers/{id} take it, and customers show it. A balance
+is in one currency: Stripe applies it only to invoices in that currency ("A CAD invoice
+doesn't apply a customer credit balance denominated in USD or any other currency",
+https://docs.stripe.com/invoicing/multiple-currencies; "Stripe only applies a balance in a
+specific currency to an invoice ... in the same currency", Customer.invoice_credit_balance).
+`balance` is the one in the customer's currency, which Stripe fixes with the customer's
+first invoice; the emulator takes a balance set before then to be in that currency. The
+balances in other currencies (what an invoice in another currency carries forward: an
+amount under its minimum charge) are kept apart and applied to that currency's invoices."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from tools.localstripe.errors import bad_request
+from tools.localstripe.errors import invalid_param
 from tools.localstripe.stock import resources
 
 
@@ -15,7 +23,9 @@ def _with_int_balance(data: dict[str, Any]) -> dict[str, Any]:
     if "balance" in data:
         value = resources.try_convert_to_int(data["balance"])
         if not isinstance(value, int) or isinstance(value, bool):
-            raise bad_request(f"Invalid integer: {data['balance']}", param="balance", code="parameter_invalid_integer")
+            raise invalid_param(
+                f"Invalid integer: {data['balance']}", param="balance", code="parameter_invalid_integer"
+            )
         data["balance"] = value
     return data
 
@@ -46,15 +56,53 @@ def _set_customer_balance(self: Any, value: int) -> None:
     self.account_balance = -int(value)
 
 
-def balance_of(customer_id: str) -> int:
-    """The customer's Stripe balance; 0 for one the store does not hold."""
+def _currency_with(stock: Any) -> Any:
+    def currency(self: Any) -> Any:
+        """The currency the customer's first invoice fixed; before, stock's guess."""
+        return self.__dict__.get("_currency") or stock.fget(self)
+
+    return property(currency)
+
+
+def _in_its_currency(customer: Any, currency: str) -> bool:
+    fixed = customer.__dict__.get("_currency")
+    return fixed is None or fixed == currency
+
+
+def _other_balances(customer: Any) -> dict[str, int]:
+    """The customer's balances in currencies other than its own (Stripe's sign)."""
+    others: dict[str, int] = customer.__dict__.setdefault("_other_balances", {})
+    return others
+
+
+def balance_of(customer_id: str, currency: str) -> int:
+    """The customer's Stripe balance in `currency`; 0 for one the store does not hold."""
     customer = resources.store.get(f"customer:{customer_id}")
-    return 0 if customer is None else int(customer.balance)
+    if customer is None:
+        return 0
+    if _in_its_currency(customer, currency):
+        return int(customer.balance)
+    return _other_balances(customer).get(currency, 0)
+
+
+def settle_balance(customer_id: str, currency: str, balance: int) -> None:
+    """The customer's balance in `currency` after an invoice in it was finalized; the
+    customer's first invoice fixes its currency."""
+    customer = resources.store.get(f"customer:{customer_id}")
+    if customer is None:
+        return
+    if customer.__dict__.get("_currency") is None:
+        customer._currency = currency
+    if _in_its_currency(customer, currency):
+        customer.balance = balance
+    else:
+        _other_balances(customer)[currency] = balance
 
 
 def patch() -> None:
     """Patches localstripe's classes in place (see app.install)."""
     customer = resources.Customer
     customer.balance = property(_get_customer_balance, _set_customer_balance)
+    customer.currency = _currency_with(customer.currency)
     customer._api_create = classmethod(_customer_create_with(customer._api_create))
     customer._api_update = classmethod(_customer_update_with(customer._api_update))

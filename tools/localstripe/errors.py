@@ -1,9 +1,13 @@
 """Errors that look like Stripe's: 400 invalid_request_error, 402 card_error with the test
-card's decline_code, 404 resource_missing, and a 500 api_error for a crash in the emulator."""
+card's decline_code, 404 resource_missing, and a 500 api_error for a crash in the emulator.
+Each answer says whether the request failed parameter validation (`invalid_param`, and
+stock localstripe's own checks), which Stripe does not save under an idempotency key, or
+was refused once it ran, which Stripe saves and replays (see idempotency.py)."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -45,8 +49,30 @@ DECLINES: Mapping[str, Decline] = MappingProxyType(
 
 
 def bad_request(message: str, **contents: str) -> Any:
-    """A 400 invalid_request_error, raised by the caller; localstripe's error middleware renders it."""
+    """A 400 invalid_request_error of a request that ran (the invoice's state refused it),
+    raised by the caller; Stripe saves it under the request's idempotency key."""
     return UserError(400, message, dict(contents))
+
+
+def invalid_param(message: str, **contents: str) -> Any:
+    """A 400 invalid_request_error of a request whose parameters failed validation, which
+    never ran: Stripe does not save it under the request's idempotency key."""
+    error = UserError(400, message, dict(contents))
+    error.invalid_param = True
+    return error
+
+
+# Stock localstripe's messages for parameters it refuses before running anything.
+_STOCK_VALIDATION = re.compile(r"Bad request|Unexpected |Bad expand ")
+# Set on the answer to a request that failed validation (read by the idempotency layer).
+VALIDATION_FAILED = web.ResponseKey("invoice_service_validation_failed", bool)
+
+
+def is_validation(exc: Any) -> bool:
+    """Whether localstripe's UserError is a failed validation of the parameters."""
+    if getattr(exc, "invalid_param", False):
+        return True
+    return exc.code == 400 and _STOCK_VALIDATION.match(str(exc.body["error"].get("message", ""))) is not None
 
 
 def card_error(decline: Decline, **contents: str) -> Any:
@@ -67,14 +93,14 @@ def decline_for(payment_method: Any) -> Decline:
 def reject_unknown(params: dict[str, Any]) -> None:
     """Stripe answers 400 for unknown parameters; a Python TypeError here would be a 500."""
     if params:
-        raise bad_request("Received unknown parameters: " + ", ".join(sorted(params)), param=sorted(params)[0])
+        raise invalid_param("Received unknown parameters: " + ", ".join(sorted(params)), param=sorted(params)[0])
 
 
 def as_bool(value: Any, param: str) -> bool | None:
     value = resources.try_convert_to_bool(value)
     if value is None or isinstance(value, bool):
         return value
-    raise bad_request(f"Invalid boolean: {value!r}", param=param)
+    raise invalid_param(f"Invalid boolean: {value!r}", param=param)
 
 
 def _retrieve(cls: Any, /, id: str) -> Any:
@@ -115,7 +141,9 @@ async def stripe_shaped_errors(request: web.Request, handler: Handler) -> web.St
                 error.setdefault("decline_code", "generic_decline")
         elif exc.code == 404:
             error.setdefault("code", "resource_missing")
-        return error_response(exc.code, error)
+        response = error_response(exc.code, error)
+        response[VALIDATION_FAILED] = is_validation(exc)
+        return response
     except web.HTTPException:  # aiohttp's own answers: no route, wrong method, ...
         raise
     except Exception:

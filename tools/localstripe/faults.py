@@ -12,6 +12,26 @@ from aiohttp.typedefs import Handler
 from tools.localstripe.errors import api_error
 
 
+def requests_matching(spec: Any, other_fields: set[str]) -> tuple[re.Pattern[str], str | None]:
+    """The requests a hook's JSON body names: `path`, a regular expression, and `method`
+    (None: any); a ValueError saying what is wrong, also for fields beyond `other_fields`."""
+    if not isinstance(spec, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = set(spec) - {"path", "method"} - other_fields
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
+    path, method = spec.get("path"), spec.get("method")
+    if not isinstance(path, str) or not path:
+        raise ValueError("path must be a regular expression (a non-empty string)")
+    try:
+        pattern = re.compile(path)
+    except re.error as exc:
+        raise ValueError(f"path is not a regular expression: {exc}") from exc
+    if method is not None and not isinstance(method, str):
+        raise ValueError("method must be a string")
+    return pattern, None if method is None else method.upper()
+
+
 @dataclass
 class Fault:
     path: re.Pattern[str]
@@ -39,26 +59,14 @@ class Faults:
 
     def add(self, spec: Any) -> Fault:
         """A fault from POST /_config/faults' JSON body, or a ValueError saying what is wrong."""
-        if not isinstance(spec, dict):
-            raise ValueError("the body must be a JSON object")
-        unknown = set(spec) - {"path", "method", "count", "when"}
-        if unknown:
-            raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-        path, method, count, when = spec.get("path"), spec.get("method"), spec.get("count", 1), spec.get("when")
-        if not isinstance(path, str) or not path:
-            raise ValueError("path must be a regular expression (a non-empty string)")
-        try:
-            pattern = re.compile(path)
-        except re.error as exc:
-            raise ValueError(f"path is not a regular expression: {exc}") from exc
-        if method is not None and not isinstance(method, str):
-            raise ValueError("method must be a string")
+        pattern, method = requests_matching(spec, {"count", "when"})
+        count, when = spec.get("count", 1), spec.get("when")
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError("count must be a positive integer")
         when = "before" if when is None else when
         if when not in self.WHENS:
             raise ValueError('when must be "before" or "after"')
-        fault = Fault(pattern, None if method is None else method.upper(), count, when)
+        fault = Fault(pattern, method, count, when)
         self.pending.append(fault)
         return fault
 

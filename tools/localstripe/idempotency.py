@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from tools.localstripe.errors import error_response
+from tools.localstripe.errors import VALIDATION_FAILED, error_response
 
 # Stripe keeps idempotency keys for at least 24 hours; older ones may be reused.
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -30,11 +30,16 @@ class Remembered:
 
 class Idempotency:
     """Stripe's idempotency for POST /v1/...: the first response to a key, once the call
-    started running (2xx, a 402 decline, or a 5xx: Stripe replays its 500s too), is
-    replayed for the same endpoint and parameters for 24 hours, without running it again;
-    other parameters are a 400 idempotency_error. 4xx validation errors and 409
-    concurrent-request conflicts are not saved, so a retry runs again
-    (https://docs.stripe.com/api/idempotent_requests). In memory: a restart forgets."""
+    started running, is replayed for the same endpoint and parameters for 24 hours,
+    without running it again; other parameters are a 400 idempotency_error. "Stripe saves
+    the status code and body of the first request made with a given idempotency key after
+    endpoint execution begins ... regardless of whether it succeeds or fails", 500s
+    included; "if incoming parameters fail validation, or the request conflicts with
+    another that's executing concurrently, no idempotent result is saved"
+    (https://docs.stripe.com/api/idempotent_requests, docs.stripe.com/idempotency). So a
+    2xx, a 402 decline, a 404 and a 400 refusal of a request that ran (an invoice already
+    paid, a payment method not attached) are saved; a 400 of failed parameter validation
+    (errors.invalid_param), a 405 and a 409 are not. In memory: a restart forgets."""
 
     def __init__(self) -> None:
         self.seen: dict[str, Remembered] = {}
@@ -56,8 +61,9 @@ class Idempotency:
         return json.dumps([form, sorted(parse_qsl(request.query_string, keep_blank_values=True))], sort_keys=True)
 
     @staticmethod
-    def saved(status: int) -> bool:
-        return 200 <= status < 300 or status == 402 or status >= 500
+    def saved(response: web.StreamResponse) -> bool:
+        """Whether Stripe would save this answer: every one of a request that ran."""
+        return response.status not in (405, 409) and not response.get(VALIDATION_FAILED, False)
 
     def forget(self) -> int:
         """Forgets every key, as Stripe does 24 hours after each was first used."""
@@ -111,7 +117,7 @@ class Idempotency:
         finally:
             self.running.discard(key)
         body = response.body if isinstance(response, web.Response) else None
-        if isinstance(body, bytes) and self.saved(response.status):
+        if isinstance(body, bytes) and self.saved(response):
             self.seen[key] = Remembered(now, endpoint, params, response.status, body)
         response.headers["Idempotency-Key"] = key
         return response

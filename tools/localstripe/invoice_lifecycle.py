@@ -2,8 +2,9 @@
 /mark_uncollectible (missing from localstripe), /pay with a payment method and a
 Stripe-shaped 402 on a decline, /void of invoices that never had a payment attempt, each
 with its webhook. Finalizing (also through /pay of a draft) applies the customer's
-balance first, then settles an amount due below the currency's minimum charge: the
-invoice is paid with amount_due 0 and the amount carried to the customer's balance."""
+balance in the invoice's currency first, then settles an amount due below the currency's
+minimum charge: the invoice is paid with amount_due 0 and the amount carried to the
+customer's balance in that currency."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from tools.localstripe.customers import balance_of
+from tools.localstripe.customers import balance_of, settle_balance
 from tools.localstripe.errors import as_bool, bad_request, reject_unknown
 from tools.localstripe.payment_methods import payment_method_of
 from tools.localstripe.stock import emit, resources
@@ -57,10 +58,11 @@ def minimum_charge(currency: str) -> int:
 
 def _settlement(invoice: Any) -> tuple[int, int, int]:
     """(starting_balance, amount_due, ending_balance) if `invoice` were finalized now.
-    Stripe applies the customer's balance (negative is credit, positive is owed) first;
+    Stripe applies the customer's balance in the invoice's currency (negative is credit,
+    positive is owed; customers.py) first;
     an amount due below the currency's minimum charge, or none, is not charged: the
     invoice is paid and the amount (or the credit left over) is the new balance."""
-    starting = balance_of(invoice.customer)
+    starting = balance_of(invoice.customer, invoice.currency)
     due = int(invoice.total) + starting
     if due < minimum_charge(invoice.currency):
         return starting, 0, due
@@ -80,9 +82,7 @@ class Lifecycle:
         applied and the links Stripe sets then."""
         starting, due, ending = _settlement(invoice)
         invoice._starting_balance, invoice._amount_due, invoice._ending_balance = starting, due, ending
-        customer = resources.store.get(f"customer:{invoice.customer}")
-        if customer is not None:
-            customer.balance = ending
+        settle_balance(invoice.customer, invoice.currency, ending)
         invoice._finalize()
         invoice.invoice_pdf = f"{self.public_base}/invoice/{invoice.id}/pdf"
         invoice.hosted_invoice_url = f"{self.public_base}/invoice/{invoice.id}"

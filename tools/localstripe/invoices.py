@@ -12,7 +12,7 @@ from typing import Any
 
 from service.domain import STATUSES
 from tools.localstripe.customers import balance_of
-from tools.localstripe.errors import as_bool, bad_request, reject_unknown
+from tools.localstripe.errors import as_bool, bad_request, invalid_param, reject_unknown
 from tools.localstripe.invoice_items import MAX_LINES_PER_INVOICE, not_editable, too_many_lines
 from tools.localstripe.payment_methods import payment_method_of
 from tools.localstripe.stock import emit, resources
@@ -63,27 +63,27 @@ def _create_invoice(cls: Any, /, **params: Any) -> Any:
     reject_unknown({k: v for k, v in params.items() if k not in INVOICE_CREATE_PARAMS})
     behavior = params.pop("pending_invoice_items_behavior", None)
     if behavior not in (None, "include", "exclude"):
-        raise bad_request(f"Invalid value: {behavior!r}", param="pending_invoice_items_behavior")
+        raise invalid_param(f"Invalid value: {behavior!r}", param="pending_invoice_items_behavior")
     customer_id = params.get("customer")
     if not isinstance(customer_id, str) or not customer_id.startswith("cus_"):
-        raise bad_request("Missing required param: customer.", param="customer")
+        raise invalid_param("Missing required param: customer.", param="customer")
     customer = resources.Customer._api_retrieve(customer_id)
 
     currency = params.pop("currency", None)
     if currency is not None:
         currency = str(currency).lower()
         if not re.fullmatch(r"[a-z]{3}", currency):
-            raise bad_request(f"Invalid currency: {currency}.", param="currency")
+            raise invalid_param(f"Invalid currency: {currency}.", param="currency")
     collection_method = params.pop("collection_method", None) or "charge_automatically"
     if collection_method != "charge_automatically":
-        raise bad_request("The emulator supports charge_automatically only.", param="collection_method")
+        raise invalid_param("The emulator supports charge_automatically only.", param="collection_method")
     auto_advance = as_bool(params.pop("auto_advance", None), "auto_advance")
     pm_id = params.pop("default_payment_method", None) or None
     default_method = None if pm_id is None else payment_method_of(customer_id, pm_id, "default_payment_method")
     if params.get("metadata") == "":
         params["metadata"] = {}
     if not isinstance(params.get("metadata") or {}, dict):
-        raise bad_request("Invalid metadata: must be a hash.", param="metadata")
+        raise invalid_param("Invalid metadata: must be a hash.", param="metadata")
 
     if params.get("subscription"):
         invoice = resources.Invoice._get_next_invoice(pending_invoice_items_behavior=behavior, **params)
@@ -129,7 +129,7 @@ def _metadata_of(value: Any, param: str) -> dict[str, Any]:
     if value is None or value == "":
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise bad_request("Invalid metadata: must be a hash of strings.", param=param)
+        raise invalid_param("Invalid metadata: must be a hash of strings.", param=param)
     return value
 
 
@@ -137,22 +137,22 @@ def _line_params(index: int, line: Any) -> dict[str, Any]:
     """One entry of add_lines' `lines`, checked before any line is made (the call adds all or none)."""
     prefix = f"lines[{index}]"
     if not isinstance(line, dict):
-        raise bad_request(f"Invalid {prefix}: must be a hash.", param=prefix)
+        raise invalid_param(f"Invalid {prefix}: must be a hash.", param=prefix)
     # Stripe knows invoice_item, price_data, quantity, ...: the emulator makes the
     # one-off amount lines the service sends, and refuses the rest rather than ignore them.
     reject_unknown({f"{prefix}[{k}]": v for k, v in line.items() if k not in ADD_LINE_PARAMS})
     if "amount" not in line:
-        raise bad_request(
+        raise invalid_param(
             f"Missing required param: {prefix}[amount].", param=f"{prefix}[amount]", code="parameter_missing"
         )
     amount = resources.try_convert_to_int(line["amount"])
     if not isinstance(amount, int) or isinstance(amount, bool):
-        raise bad_request(
+        raise invalid_param(
             f"Invalid integer: {line['amount']}", param=f"{prefix}[amount]", code="parameter_invalid_integer"
         )
     description = line.get("description")
     if description is not None and not isinstance(description, str):
-        raise bad_request(f"Invalid string: {description!r}", param=f"{prefix}[description]")
+        raise invalid_param(f"Invalid string: {description!r}", param=f"{prefix}[description]")
     metadata = _metadata_of(line.get("metadata"), f"{prefix}[metadata]")
     return {"amount": amount, "description": description, "metadata": metadata}
 
@@ -163,9 +163,9 @@ def add_lines(id: str, lines: Any = None, invoice_metadata: Any = None, **unknow
     adds none of them, as on Stripe."""
     reject_unknown(unknown)
     if not isinstance(lines, list) or not lines:
-        raise bad_request("Missing required param: lines.", param="lines", code="parameter_missing")
+        raise invalid_param("Missing required param: lines.", param="lines", code="parameter_missing")
     if len(lines) > MAX_LINES_PER_ADD:
-        raise bad_request(f"You can add at most {MAX_LINES_PER_ADD} lines at once.", param="lines")
+        raise invalid_param(f"You can add at most {MAX_LINES_PER_ADD} lines at once.", param="lines")
     items = [_line_params(index, line) for index, line in enumerate(lines)]
     if invoice_metadata is not None and invoice_metadata != "":
         _metadata_of(invoice_metadata, "invoice_metadata")
@@ -198,7 +198,7 @@ def _created_filter(op: str, raw: Any) -> Callable[[Any], bool]:
     compare = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le, "eq": operator.eq}[op]
     bound = resources.try_convert_to_int(raw)
     if not isinstance(bound, int):
-        raise bad_request(f"Invalid integer: {raw!r}", param="created" if op == "eq" else f"created[{op}]")
+        raise invalid_param(f"Invalid integer: {raw!r}", param="created" if op == "eq" else f"created[{op}]")
     return lambda obj: bool(compare(obj.created, bound))
 
 
@@ -213,9 +213,9 @@ def _list_invoices_with(stock_list: Callable[..., Any]) -> Callable[..., Any]:
         elif isinstance(created, str):
             filters = [_created_filter("eq", created)]
         else:
-            raise bad_request("Invalid created: use created, created[gt], created[gte], created[lt] or created[lte].")
+            raise invalid_param("Invalid created: use created, created[gt], created[gte], created[lt] or created[lte].")
         if status is not None and status not in INVOICE_STATUSES:
-            raise bad_request(f"Invalid status: {status!r}", param="status")
+            raise invalid_param(f"Invalid status: {status!r}", param="status")
         page = stock_list(url, **params)
         # Stock sorts by `date` with ties oldest first; Stripe lists by `created`, newest first.
         kept = [i for i in reversed(page._list) if all(f(i) for f in filters) and status in (None, i.status)]
@@ -242,7 +242,7 @@ def _invoice_starting_balance(self: Any) -> int:
     before (stock kept its own snapshot from creation, with the sign inverted)."""
     if self._starting_balance is not None:
         return int(self._starting_balance)
-    return balance_of(self.customer) if self.status == "draft" else 0
+    return balance_of(self.customer, self.currency) if self.status == "draft" else 0
 
 
 def _invoice_ending_balance(self: Any) -> int | None:
@@ -260,7 +260,7 @@ def _invoice_amount_due(self: Any) -> int:
     if self._amount_due is not None:
         return int(self._amount_due)
     if self.status == "draft":
-        return max(0, int(self.total) + balance_of(self.customer))
+        return max(0, int(self.total) + balance_of(self.customer, self.currency))
     return int(self.total)  # finalized by stock localstripe (subscriptions), which charges the total
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tools.localstripe.errors import Decline, bad_request, card_error, decline_for
+from tools.localstripe.errors import Decline, bad_request, card_error, decline_for, invalid_param
 from tools.localstripe.stock import UserError, resources
 
 
 def payment_method_of(customer_id: str, pm_id: Any, param: str) -> Any:
     """The payment method, which Stripe requires to be attached to the invoice's customer."""
     if not isinstance(pm_id, str) or not pm_id.startswith(("pm_", "card_", "src_")):
-        raise bad_request(f"Invalid payment method id: {pm_id!r}", param=param)
+        raise invalid_param(f"Invalid payment method id: {pm_id!r}", param=param)
     method = resources.PaymentMethod._api_retrieve(pm_id)
     if getattr(method, "customer", None) != customer_id:
         raise bad_request(
