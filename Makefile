@@ -10,7 +10,7 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools generate check-generated lint format typecheck test run bench chaos clean release-contract
+.PHONY: help install debian-tools patroni generate check-generated lint format typecheck test run bench chaos clean release-contract
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
@@ -38,11 +38,17 @@ $(CHECKOV):
 
 install: $(BIN)/.installed $(BUF) $(CHECKOV)
 
-# From Debian: wrk (HTTP load) for the benchmark and its small run in `make test`, and
-# pgbouncer for the test of the service behind a transaction-mode pooler.
+# From Debian: wrk (HTTP load) for the benchmark and its small run in `make test`,
+# pgbouncer for the test of the service behind a transaction-mode pooler, and etcd and
+# python3-venv for the failover scenario's Patroni cluster.
 debian-tools:
-	@(command -v wrk && test -x /usr/sbin/pgbouncer) >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq wrk pgbouncer)
+	@(command -v wrk && test -x /usr/sbin/pgbouncer && command -v etcd && /usr/bin/python3 -m ensurepip --version) \
+		>/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk pgbouncer etcd-server python3-venv)
+
+# Patroni for the failover scenario: a venv on Debian's python3 under .tools/ (it runs as
+# the unprivileged Postgres user, who cannot read root's pyenv); tools/patroni.py pins it.
+patroni: $(BIN)/.installed debian-tools
+	$(BIN)/python -m tools.patroni
 
 generate: install
 	$(BIN)/python -m tools.generate
@@ -76,7 +82,7 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck debian-tools
+test: lint typecheck debian-tools patroni
 	$(BIN)/pytest
 
 run: check-generated
@@ -86,7 +92,7 @@ bench: check-generated debian-tools
 	$(BIN)/python -m bench.run
 
 # Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
-chaos: check-generated
+chaos: check-generated debian-tools patroni
 	$(BIN)/python -m chaos
 
 clean:
