@@ -56,7 +56,7 @@ from chaos.load import Load, run_callers
 from chaos.records import feed, records_against_stripe, watched
 from chaos.storm import STORM_PREFIX, event_applications, events_recorded, verify
 from service import storage
-from service.storage.pool import CONNECTION_ERRORS
+from service.storage.connecting import CONNECTION_ERRORS
 from tools.patroni import Cluster
 from tools.stack import (
     LOCALSTRIPE_KEY,
@@ -291,7 +291,6 @@ def main() -> None:
             proxy_part, proxy_ports = start_python("stripe-proxy", argv, dict(os.environ), log=log)
             proxy = f"http://127.0.0.1:{proxy_ports['http']}"
             env = stack_env(url, work, SECRET, STRIPE_API_KEY=LOCALSTRIPE_KEY, STRIPE_API_BASE=proxy)
-            env |= {"DB_COMMAND_TIMEOUT_S": "2"}
             try:
                 with backend(env, work, log=log) as running:
                     base = f"http://127.0.0.1:{running.gateway_port}"

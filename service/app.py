@@ -290,7 +290,8 @@ def start_watches(
     """The watches' reader, woken by LISTEN on a connection of its own, except behind
     PgBouncer in transaction mode, which cannot hold one: there it polls alone (and the
     record cache, which needs LISTEN, does not serve). It keeps `cache` current."""
-    listen = None if settings.database_pooler == "pgbouncer" else partial(changes.listen, dsn)
+    connect = storage.Connector(settings.db_link)
+    listen = None if settings.database_pooler == "pgbouncer" else partial(changes.listen, dsn, connector=connect)
     watches = Watches(
         store, watch_limits(settings), listen=listen, observe_delay=metrics.observe_watch_delay, follower=cache
     )
@@ -304,6 +305,7 @@ async def open_pool(settings: Settings, dbs: Databases | None = None) -> asyncpg
         max_size=settings.db_pool_max_size,
         command_timeout=settings.db_command_timeout_s,
         pooler=settings.database_pooler,
+        connector=storage.Connector(settings.db_link),
     )
 
 
@@ -329,7 +331,7 @@ async def serve(settings: Settings) -> None:
     metrics_site: web.AppRunner | None = None
     try:
         metrics_site = await start_metrics(settings, metrics)
-        store = storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
+        store = storage.Storage(pool, observe_wait=metrics.observe_pool_wait, budget_s=settings.db_command_timeout_s)
         stripe = stripe_payments(settings, metrics)
         cache = record_cache(settings, metrics)
         creator = (
@@ -402,7 +404,7 @@ async def run_webhooks(settings: Settings) -> None:
         pool = await open_pool(settings)
         metrics.watch_pool(pool)
         try:
-            yield storage.Storage(pool, observe_wait=metrics.observe_pool_wait)
+            yield storage.Storage(pool, observe_wait=metrics.observe_pool_wait, budget_s=settings.db_command_timeout_s)
         finally:
             await pool.close()
 
@@ -446,7 +448,8 @@ async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
         raise RuntimeError("Settings.require('reconcile') let a run without STRIPE_API_KEY through")
     pool = await open_pool(settings)
     try:
-        outcomes = await reconcile_from(stripe.invoices_since(since), storage.Storage(pool))
+        store = storage.Storage(pool, budget_s=settings.db_command_timeout_s)
+        outcomes = await reconcile_from(stripe.invoices_since(since), store)
     finally:
         await pool.close()
     log.info("reconciled", extra={"since": since.isoformat(), **outcomes})

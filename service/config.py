@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import auth
+from service.storage.connecting import Link
+from service.storage.pool import DEFAULT_BUDGET_S
 from service.validation import DEFAULT_MAX_OFFSET
 
 
@@ -41,8 +44,17 @@ class Settings(BaseSettings):
     data_dir: str = ".data"
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
-    # Bounds every statement so a stuck database surfaces as UNAVAILABLE, not a hang.
-    db_command_timeout_s: float = Field(default=5.0, gt=0)
+    # Bounds each use of the database (the wait for a connection, its statements, its
+    # return): a stuck or frozen database surfaces as UNAVAILABLE by then, not a hang.
+    db_command_timeout_s: float = Field(default=DEFAULT_BUDGET_S, gt=0)
+    # Per host of a multi-host DSN, tried in turn (asyncpg's own is one budget for all).
+    db_connect_timeout_s: float = Field(default=Link.connect_timeout_s, gt=0)
+    # TCP keepalives and user timeout on every connection to Postgres: an idle connection to
+    # a host that went silent is dropped after about idle + interval * count seconds.
+    db_keepalive_idle_s: int = Field(default=Link.keepalive_idle_s, ge=1)
+    db_keepalive_interval_s: int = Field(default=Link.keepalive_interval_s, ge=1)
+    db_keepalive_count: int = Field(default=Link.keepalive_count, ge=1)
+    db_tcp_user_timeout_s: float = Field(default=Link.tcp_user_timeout_s, gt=0)
 
     # How many invoices a page by number may skip; deeper pages are refused with the advice
     # to page by token (an OFFSET scan reads every invoice it skips).
@@ -151,6 +163,22 @@ class Settings(BaseSettings):
                 f"DB_POOL_MIN_SIZE ({self.db_pool_min_size}) exceeds DB_POOL_MAX_SIZE ({self.db_pool_max_size})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _connect_within_budget(self) -> Settings:
+        # A connection is opened inside a call's budget: a longer connect timeout would
+        # only be cut by it, and a second host would never be tried.
+        if self.db_connect_timeout_s > self.db_command_timeout_s:
+            raise ValueError(
+                f"DB_CONNECT_TIMEOUT_S ({self.db_connect_timeout_s}) exceeds DB_COMMAND_TIMEOUT_S"
+                f" ({self.db_command_timeout_s}), which bounds a call's wait for a connection"
+            )
+        return self
+
+    @property
+    def db_link(self) -> Link:
+        """How connections to Postgres are opened: the DB_* settings named as Link's fields."""
+        return Link(**{f.name: getattr(self, f"db_{f.name}") for f in dataclasses.fields(Link)})
 
     @model_validator(mode="after")
     def _migration_needs_the_service_role(self) -> Settings:

@@ -251,6 +251,11 @@ class Unavailable(DomainError):
     """A dependency (Postgres, Stripe) cannot be reached now; retrying later may work."""
 
 
+class StoreUnavailable(Unavailable):
+    """Postgres did not answer within the unit of work's deadline, or the connection to it
+    failed: a caller that was about to use the store again need not wait a second time."""
+
+
 class ClaimUnconfirmed(Unavailable):
     """A claim of an idempotency key whose commit broke off with the connection (a
     failover): it may have been made, and then holds the key for nobody."""

@@ -7,6 +7,7 @@ that manage an invoice after it exists. Knows no SQL and no status codes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -27,6 +28,7 @@ from service.domain import (
     NewItem,
     NotFound,
     Status,
+    StoreUnavailable,
     StripeFailed,
     StripeInvoice,
     Unavailable,
@@ -220,21 +222,21 @@ class InvoiceCreator:
             stripe_invoice_id, response = answer(result)
             await self._requests.finish_create(key, claim.attempt, stripe_invoice_id, response, audited())
         except BaseException as exc:
-            await self._release(key, claim.claim_id, audited(), audit_outcome(exc))
+            await self._release(key, claim.claim_id, audited(), exc)
             raise
         return result
 
-    async def _release(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
-        """Ends a failed attempt's claim. When the store is away as well (a failover cut
-        the attempt), the claim is ended once it answers again, so that the caller's retry
-        need not wait out the lease: in the failover chaos scenario, retries of the Creates
-        a failover cut off waited 35 s before this. Ending it late is safe: the statement
-        ends only this attempt's claim (by its id), and only while it has no answer stored
-        and no other claim took the key over."""
-        try:
-            await self._requests.release_create(key, claim_id, audited, outcome)
-        except Unavailable:
-            self._in_background(self._release_later(key, claim_id, audited, outcome))
+    async def _release(self, key: str, claim_id: uuid.UUID, audited: Audited, failure: BaseException) -> None:
+        """Ends a failed attempt's claim; when the store is away (it failed the attempt,
+        not asked again: the caller would wait a second budget for its 503; or it fails
+        this), once it answers again, so the caller's retry need not wait out the lease
+        (failover chaos: 35 s before this). Late is safe: the statement ends only this
+        attempt's claim (by its id), while it has no answer and no other claim took over."""
+        outcome = audit_outcome(failure)
+        if not isinstance(failure, StoreUnavailable):
+            with contextlib.suppress(Unavailable):
+                return await self._requests.release_create(key, claim_id, audited, outcome)
+        self._in_background(self._release_later(key, claim_id, audited, outcome))
 
     async def _release_later(self, key: str, claim_id: uuid.UUID, audited: Audited, outcome: tuple[str, str]) -> None:
         async def release() -> bool:
@@ -244,8 +246,8 @@ class InvoiceCreator:
         await asyncio.sleep(self._timing.release_retry_s)  # it failed a moment ago
         if await self._until_done(release):
             return
-        # The lease has ended the claim meanwhile; the attempt that takes the key over
-        # writes this one's audit entry (`abandoned`), without its outcome.
+        # The lease ended the claim meanwhile; the attempt that takes the key over writes
+        # this one's audit entry (`abandoned`), without its outcome.
         log.warning(
             "a failed attempt's key could not be released, nor its outcome audited, before its lease ran out",
             extra={"action": audited.action, "claim": str(claim_id), "invoice": audited.stripe_invoice_id},
@@ -255,9 +257,8 @@ class InvoiceCreator:
         audited = _audited("create", idempotency_key)
         key = idempotency_key
         if key is None:
-            # A key of the service's own, shared by identical requests within the window,
-            # so that a keyless caller's retry answers the first invoice instead of billing
-            # again.
+            # A key of the service's own, shared by identical requests within the window, so
+            # that a keyless caller's retry answers the first invoice instead of billing again.
             key = f"keyless:{uuid.uuid4().hex}"
             if self._timing.duplicate_window_s > 0:
                 key = await self._requests.claim_keyless(new.fingerprint(), key, self._timing.duplicate_window_s)

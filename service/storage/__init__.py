@@ -8,10 +8,13 @@ from service.storage.admin import (
     with_database,
     with_user,
 )
+from service.storage.connecting import Connector, Link
 from service.storage.pool import connect
 from service.storage.postgres import Storage
 
 __all__ = [
+    "Connector",
+    "Link",
     "Storage",
     "connect",
     "ensure_login_role",

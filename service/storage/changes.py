@@ -24,7 +24,8 @@ from service.domain import (
     User,
     WatchFilter,
 )
-from service.storage.pool import CONNECTION_ERRORS, Pooled
+from service.storage.connecting import CONNECTION_ERRORS, Connector
+from service.storage.pool import Pooled
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,14 @@ class ChangeFeed(Pooled):
         return len(rows)
 
 
-async def listen(dsn: str, wake: Callable[[], None]) -> None:
+async def listen(dsn: str, wake: Callable[[], None], *, connector: Connector | None = None) -> None:
     """Holds a connection of its own LISTENing to the feed's channel, calling `wake` once
     it listens and on each notification, until the connection is lost (then returns; at once if Postgres
     cannot be reached). Not a pooled connection: LISTEN is session state, which a pooled
-    one must not carry back, and which PgBouncer in transaction mode cannot keep."""
+    one must not carry back, and which PgBouncer in transaction mode cannot keep. Opened
+    like the pool's (`connector`: host by host, with keepalives)."""
     try:
-        conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=5)
+        conn: asyncpg.Connection = await (connector or Connector())(dsn)
     except _LISTEN_ERRORS as exc:
         log.warning("cannot LISTEN for changes now: %s", type(exc).__name__)
         return

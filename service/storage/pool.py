@@ -1,35 +1,33 @@
-"""The pool and what every store on it shares: asyncpg's connection errors taken as the
-domain's Unavailable, the acquire wait observed, and the pool's creation (its release
-hook and statement cache chosen for the pooler in front of Postgres)."""
+"""The pool and what every store on it shares: each use of a connection bounded by one
+deadline, asyncpg's connection errors taken as the domain's StoreUnavailable, the acquire
+wait observed, and the pool's creation (its release hook and statement cache chosen for
+the pooler in front of Postgres, its connections opened by service/storage/connecting)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, cast
 
 import asyncpg
 
-from service.domain import Unavailable
+from service.domain import StoreUnavailable
+from service.storage.connecting import CONNECTION_ERRORS, Connector
 
 log = logging.getLogger(__name__)
 
-# What a lost or refused connection looks like through asyncpg: the caller gets
-# UNAVAILABLE and may retry; anything else is a bug and surfaces as INTERNAL.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.InterfaceError,
-    # Seen when the server terminates an idle pooled connection (a restart, an admin's
-    # pg_terminate_backend): the next statement finds the protocol mid-teardown.
-    asyncpg.InternalClientError,
-)
+# DB_COMMAND_TIMEOUT_S's default, for stores made without settings (tests, tools).
+DEFAULT_BUDGET_S = 5.0
+# Once a unit of work ran out its budget, calls fail at once while one probe asks Postgres
+# this often whether it answers again: each caller would otherwise wait a budget of its
+# own, and Envoy retries a read twice on UNAVAILABLE (three budgets, past its 15 s route
+# timeout: the 504 measured on a SIGSTOPped Postgres). Serving resumes within this of
+# Postgres answering.
+PROBE_EVERY_S = 0.5
 
 # During an outage every call (and the watch reader's every poll) fails: one WARNING when
 # it starts, then one this often with how many failed meanwhile, and one INFO at its end.
@@ -68,33 +66,93 @@ class _Outage:
 
 
 class Pooled:
-    """A store over the pool: one connection per unit of work."""
+    """A store over the pool: one connection per unit of work, each unit bounded by one
+    deadline, `budget_s` after it asks for its connection (DB_COMMAND_TIMEOUT_S)."""
 
-    def __init__(self, pool: asyncpg.Pool, *, observe_wait: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        observe_wait: Callable[[float], None] | None = None,
+        budget_s: float = DEFAULT_BUDGET_S,
+    ) -> None:
         self._pool = pool
         self._observe_wait = observe_wait
+        self._budget_s = budget_s
         self._outage: _Outage | None = None
+        self._probing: asyncio.Task[None] | None = None  # while Postgres is silent
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+    async def _connection(self, *, probe: bool = False) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A connection for one unit of work: the wait for it, its statements (a
+        transaction's BEGIN, COMMIT and ROLLBACK included) and its return to the pool all
+        end by one deadline, and the caller hears StoreUnavailable then at the latest.
+
+        asyncpg alone bounds each statement, not the unit: a statement that times out
+        sends a cancel request and the ROLLBACK or the release after it waits up to
+        another command timeout for a server that may never answer (measured on a
+        SIGSTOPped Postgres: 10 s for a webhook, and 15 s, Envoy's 504, for a list whose
+        calls queued for connections behind the hung ones). At the deadline the connection
+        is terminated instead (its socket closed, no round trip): whatever awaits it fails
+        at once and the pool opens a new one for the next unit. While Postgres is silent
+        (a unit ran out its budget, and no probe has been answered since), a unit fails
+        at once."""
+        if self._probing is not None and not probe:
+            raise self._failed(TimeoutError("Postgres has not answered since a unit ran out its budget"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._budget_s
         try:
-            started = time.perf_counter()
-            async with self._pool.acquire() as conn:
-                if self._observe_wait is not None:
-                    self._observe_wait(time.perf_counter() - started)
-                if self._outage is not None:
-                    self._outage.ended(_clock())
-                    self._outage = None
-                yield conn
+            conn = await self._pool.acquire(timeout=self._budget_s)
         except CONNECTION_ERRORS as exc:
-            if self._outage is None:
-                self._outage = _Outage(exc, _clock())
-            else:
-                self._outage.failed(exc, _clock())
-            raise Unavailable("the invoice store is unavailable; retry later") from exc
+            raise self._failed(exc, silent=loop.time() >= deadline) from exc
+        if self._observe_wait is not None:
+            self._observe_wait(loop.time() - started)
+        watchdog = loop.call_at(deadline, _drop, conn)
+        try:
+            yield conn
+        except CONNECTION_ERRORS as exc:
+            _drop(conn)  # its state is unknown: a reset would wait on it
+            raise self._failed(exc, silent=loop.time() >= deadline) from exc
         except asyncpg.UndefinedTableError as exc:
             # The server started before its migrations ran; health still says NOT_SERVING.
-            raise Unavailable("the invoice store's schema is not migrated yet; retry later") from exc
+            raise StoreUnavailable("the invoice store's schema is not migrated yet; retry later") from exc
+        finally:
+            watchdog.cancel()
+            await self._release(conn, deadline - loop.time())
+        if self._outage is not None:
+            self._outage.ended(_clock())
+            self._outage = None
+
+    async def _release(self, conn: asyncpg.pool.PoolConnectionProxy, left_s: float) -> None:
+        """Returns the connection within what is left of the unit's budget (a client's
+        cancellation may have left a statement to cancel). The unit's work is done
+        either way: a release that fails has terminated the connection, which is all."""
+        try:
+            await self._pool.release(conn, timeout=max(left_s, 0.001))
+        except CONNECTION_ERRORS as exc:
+            log.info("a connection was dropped on its return to the pool: %s", type(exc).__name__)
+
+    def _failed(self, exc: BaseException, *, silent: bool = False) -> StoreUnavailable:
+        if silent and self._probing is None and not self._pool.is_closing():
+            self._probing = asyncio.get_running_loop().create_task(self._probe())
+        if self._outage is None:
+            self._outage = _Outage(exc, _clock())
+        else:
+            self._outage.failed(exc, _clock())
+        return StoreUnavailable("the invoice store is unavailable; retry later")
+
+    async def _probe(self) -> None:
+        """Asks Postgres every PROBE_EVERY_S, within the budget, until it answers."""
+        try:
+            while not self._pool.is_closing():
+                await asyncio.sleep(PROBE_EVERY_S)
+                with contextlib.suppress(StoreUnavailable):
+                    async with self._connection(probe=True) as conn:
+                        await conn.execute("SELECT 1")
+                    return
+        finally:
+            self._probing = None
 
     async def open_connections(self, n: int) -> None:
         """Opens up to `n` pooled connections now, so the first calls do not pay for them
@@ -104,6 +162,13 @@ class Pooled:
                 await held.enter_async_context(self._connection())
 
 
+def _drop(conn: asyncpg.pool.PoolConnectionProxy) -> None:
+    """Terminates a connection still held (a released proxy has none): its holder goes
+    back to the pool empty, to connect anew when next taken."""
+    with contextlib.suppress(asyncpg.InterfaceError):  # released meanwhile: asyncpg dropped it
+        conn.terminate()
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's release hook. The service sets no session state (no SET, LISTEN, cursors
     or session advisory locks; open transactions are still rolled back by asyncpg), so
@@ -111,14 +176,19 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     GetInvoice profile showed it at 7% of the server's time."""
 
 
-async def connect(dsn: str, *, max_size: int, command_timeout: float, pooler: str = "none") -> asyncpg.Pool:
+async def connect(
+    dsn: str, *, max_size: int, command_timeout: float, pooler: str = "none", connector: Connector | None = None
+) -> asyncpg.Pool:
     """Creates the pool without connecting, so the server starts (NOT_SERVING) while
     Postgres is still away; `Storage.open_connections` opens DB_POOL_MIN_SIZE of them once it
     answers (asyncpg refuses a floor above the initial size). Behind PgBouncer in transaction mode
     (`pooler="pgbouncer"`) a connection's prepared statements may live on another
-    server session, so asyncpg's statement cache is off."""
+    server session, so asyncpg's statement cache is off. Connections are opened by
+    `connector` (host by host, with keepalives: service/storage/connecting.py)."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
+        # The stub's Protocol spells out asyncpg.connect's keywords; a Connector takes them all.
+        connect=cast("Any", connector or Connector()),
         init_size=0,
         min_size=0,
         max_size=max_size,
