@@ -57,6 +57,7 @@ from chaos.records import feed, records_against_stripe, watched
 from chaos.storm import STORM_PREFIX, event_applications, events_recorded, verify
 from service import storage
 from service.storage.connecting import CONNECTION_ERRORS
+from service.storage.pool import DEFAULT_BUDGET_S
 from tools.patroni import Cluster
 from tools.stack import (
     LOCALSTRIPE_KEY,
@@ -83,6 +84,13 @@ PAUSE_S = 3.0
 STORM_S_PER_FAULT = 60.0
 # What a caller may be answered while Postgres fails over: "retry later", nothing else.
 ALLOWED = {"rest": {"503"}, "grpc": {"UNAVAILABLE"}, "creates": {"503"}, "webhooks": {"503"}}
+# The rule for every call: its answer ("retry later" at worst) within the service's
+# DB_COMMAND_TIMEOUT_S plus this margin (the gateway's hop, a loaded 2-core machine), never
+# Envoy's 504 after 15 s. A direct gRPC read retries UNAVAILABLE (the README's service
+# config: 5 attempts, backoffs 0.1 s doubling to 1 s) and may wait those out as well.
+WAIT_MARGIN_S = 2.0
+WAIT_BOUND_S = {"rest": DEFAULT_BUDGET_S + WAIT_MARGIN_S, "creates": DEFAULT_BUDGET_S + WAIT_MARGIN_S}
+WAIT_BOUND_S |= {"webhooks": DEFAULT_BUDGET_S + WAIT_MARGIN_S, "grpc": DEFAULT_BUDGET_S + 1.5 + WAIT_MARGIN_S}
 # The faults after which another node leads: each must cut off a Create mid-Stripe-call.
 FAILOVERS = {"kill", "freeze", "cut"}
 # The figures the scenario is judged by, with the value each must have.
@@ -347,6 +355,7 @@ def main() -> None:
         fault.pop("rejoined_at")
     figures["faults"] = struck
     figures["seconds"] = round(time.monotonic() - started, 1)
+    figures["wait_bound_s"] = WAIT_BOUND_S
     figures["ok"] = _judge(figures, load)
     print(json.dumps(figures))
     if not figures["ok"]:
@@ -365,6 +374,7 @@ def _judge(figures: dict[str, Any], load: Load) -> bool:
         and not figures["record_fields_disagreeing_with_stripe"]
         and all(f["storm_running"] and f["rest"]["failed"] and f["webhooks"]["failed"] for f in failovers)
         and all(f["creates_cut_off_after_stripe"] > 0 for f in failovers)
+        and all(f[kind]["longest_wait_s"] <= bound for f in faults for kind, bound in WAIT_BOUND_S.items())
         and all(f.get("rows_only_on_former_primary", 0) == 0 for f in faults)
         and all(f.get("former_primary_in_recovery", True) for f in faults)
         and all(len(set(f["timelines"].values())) == 1 for f in faults)

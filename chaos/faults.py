@@ -6,7 +6,8 @@ each at whichever node leads at the time, and what the cluster did about it:
 - `freeze`: SIGSTOP to the primary's Patroni and every Postgres process for HOLD_S, past
   the leader ttl (connections stay open, nothing answers), then SIGCONT.
 - `cut`: every packet to or from the primary's three loopback ports (Postgres, Patroni's
-  REST API, its etcd gateway) dropped for HOLD_S, then let through again.
+  REST API, its etcd gateway), and every packet its processes send, dropped for HOLD_S,
+  then let through again.
 - `store`: etcd SIGKILLed for STORE_DOWN_S, past the ttl, then started again on its data.
 
 After each the cluster must be whole again (one leader, the others streaming, one of them
@@ -27,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from tools.patroni import DCS, Cluster, Node
+from tools.patroni import CGROUPS, DCS, Cluster, Node
 from tools.stack import wait_for
 
 FAULTS = ("kill", "freeze", "cut", "store")
@@ -38,25 +39,34 @@ STORE_DOWN_S = DCS["ttl"] + 10
 # How long a failover or a rejoin may take before the scenario fails.
 LEADER_WITHIN_S = 90.0
 WHOLE_WITHIN_S = 180.0
+# What Patroni logs when a leader cut from the store keeps its role (ha.py, failsafe mode).
+FAILSAFE_KEPT = "continue to run as a leader because failsafe mode is enabled"
 # The rows a former primary must not hold unless the leader holds them too.
 ROWS = {"stripe_events": "id", "invoices": "stripe_invoice_id", "invoice_changes": "seq"}
 
 
 @contextlib.contextmanager
-def dropped(ports: tuple[int, ...], tag: str) -> Iterator[None]:
-    """Every TCP packet from or to `ports` on loopback dropped (iptables' OUTPUT chain sees
-    both directions of a loopback connection) until the block ends. Only ports of nodes the
-    run itself started, and only on `lo`; the rule carries `tag` and is removed even on
-    failure."""
-    if os.geteuid() != 0:
-        raise PermissionError("the cut fault drops packets with iptables, which needs root")
-    rule = ["OUTPUT", "-o", "lo", "-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, ports))]
-    rule += ["-m", "comment", "--comment", tag, "-j", "DROP"]
-    subprocess.run(["iptables", "-w", "10", "-I", *rule], check=True, timeout=30)
+def dropped(node: Node, tag: str) -> Iterator[None]:
+    """The node cut off on loopback until the block ends: every TCP packet from or to its
+    ports dropped (iptables' OUTPUT chain sees both directions of a loopback connection),
+    and every packet its own processes send (its cgroup), so that it reaches no one either:
+    a cut only of its ports let its Patroni still reach the others' REST APIs, and its
+    failsafe mode kept it leading. Only the run's own ports and cgroup, only on `lo`; the
+    rules carry `tag` and are removed even on failure."""
+    if os.geteuid() != 0 or not (CGROUPS / node.cgroup).is_dir():
+        raise PermissionError("the cut fault needs root (iptables) and the node in a cgroup of its own")
+    ports = ["-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, node.ports))]
+    rules = [[*ports], ["-m", "cgroup", "--path", node.cgroup]]
+    added: list[list[str]] = []
     try:
+        for match in rules:
+            rule = ["OUTPUT", "-o", "lo", *match, "-m", "comment", "--comment", tag, "-j", "DROP"]
+            subprocess.run(["iptables", "-w", "10", "-I", *rule], check=True, timeout=30)
+            added.append(rule)
         yield
     finally:
-        subprocess.run(["iptables", "-w", "10", "-D", *rule], check=True, timeout=30)
+        for rule in added:
+            subprocess.run(["iptables", "-w", "10", "-D", *rule], check=True, timeout=30)
 
 
 async def _keys(dsn: str, table: str, column: str) -> set[str]:
@@ -101,7 +111,7 @@ def strike(
             undo.callback(cluster.signal, old, signal.SIGCONT)
             cluster.signal(old, signal.SIGSTOP)
         elif fault == "cut":
-            undo.enter_context(dropped(old.ports, tag))
+            undo.enter_context(dropped(old, tag))
         elif fault == "store":
             undo.callback(cluster.start_etcd)
             cluster.kill_etcd()
@@ -110,6 +120,9 @@ def strike(
         after()
         if fault == "store":
             _hold_until(struck + STORE_DOWN_S)
+            # Patroni's own word that the leader kept its role by failsafe, from its log.
+            log = (cluster.work / f"{old.name}.log").read_text(errors="replace")
+            record["leader_kept_by_failsafe"] = FAILSAFE_KEPT in log
         else:
             new = wait_for(lambda: _other_leader(cluster, old, others), "another node leading", LEADER_WITHIN_S, 0.1)
             record["promoted_after_s"] = round(time.time() - struck, 2)

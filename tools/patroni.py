@@ -49,6 +49,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -67,6 +68,7 @@ ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 SYSTEM_USER = "embedded_postgres" if os.geteuid() == 0 else None
 SUPERUSER = "postgres"
 SCOPE = "chaos"
+CGROUPS = Path("/sys/fs/cgroup/unified")
 GATEWAY = [ETCD, "gateway", "start", "--retry-delay=1s"]
 DCS: dict[str, Any] = {
     "ttl": 20,
@@ -89,6 +91,8 @@ DCS: dict[str, Any] = {
 class Node:
     name: str
     folder: Path
+    # The node's cgroup, relative to the cgroup2 root (see Cluster.start_patroni).
+    cgroup: str
     port: int = field(default_factory=free_port)
     rest_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
@@ -141,7 +145,8 @@ class Cluster:
 
     def __init__(self, work: Path, size: int = 3) -> None:
         self.work = work
-        self.nodes = [Node(f"n{i}", work / f"n{i}") for i in range(size)]
+        run = uuid.uuid4().hex[:8]
+        self.nodes = [Node(f"n{i}", work / f"n{i}", cgroup=f"chaos-{run}-n{i}") for i in range(size)]
         self.etcd_port, self.etcd_peer_port = free_port(), free_port()
         self.etcd: subprocess.Popen[bytes] | None = None
         self._logs: list[IO[bytes]] = []
@@ -239,7 +244,20 @@ class Cluster:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def start_patroni(self, node: Node) -> None:
-        node.patroni = self._spawn([str(PATRONI), str(node.folder / "patroni.yml")], f"{node.name}.log", as_user=True)
+        """Patroni as the unprivileged user; as root, inside the node's own cgroup (made for
+        the run), which it enters before it opens any socket: every packet the node's
+        processes send can then be told apart, for a cut (chaos/faults.py)."""
+        argv, log = [str(PATRONI), str(node.folder / "patroni.yml")], f"{node.name}.log"
+        if SYSTEM_USER is None or not CGROUPS.is_dir():
+            node.patroni = self._spawn(argv, log, as_user=True)
+            return
+        (CGROUPS / node.cgroup).mkdir(exist_ok=True)
+        entry = pwd.getpwnam(SYSTEM_USER)
+        as_user = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups"]
+        enter = 'echo $$ > "$0" && exec "$@"'
+        node.patroni = self._spawn(
+            ["sh", "-c", enter, str(CGROUPS / node.cgroup / "cgroup.procs"), *as_user, *argv], log
+        )
 
     def members(self, among: list[Node] | None = None) -> dict[str, dict[str, Any]]:
         """Patroni's view of the cluster (`GET /cluster`), from the first node that answers."""
@@ -316,6 +334,9 @@ class Cluster:
             if child is not None and child.poll() is None:
                 child.kill()
                 child.wait(timeout=10)
+        for node in self.nodes:
+            with contextlib.suppress(OSError):  # never made, or a process still in it
+                (CGROUPS / node.cgroup).rmdir()
         for out in self._logs:
             out.close()
 
