@@ -18,7 +18,7 @@ help:
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
 	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
-	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts"
+	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres faults under Patroni, restarts"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
 $(BIN)/.installed: pyproject.toml

@@ -46,8 +46,8 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
   (Stripe's 24 h expiry, now); POST and DELETE /_config/faults (the next matching
   requests answer a 500, before or after running, saved under their idempotency key);
   GET and DELETE /_config/calls (how many /v1 calls, by method and route).
-- webhooks: each delivery is retried with backoff until answered 2xx (for up to five
-  minutes), as Stripe retries, instead of sent once.
+- webhooks: with --webhook-retry-s, each delivery is retried with backoff until answered
+  2xx (for that long), as Stripe retries, instead of sent once.
 - version: the guard. Every patch relies on localstripe's internals, so nothing is
   patched unless the installed localstripe is the one pinned in pyproject.toml; any
   other version is a RuntimeError naming both.

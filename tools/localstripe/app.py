@@ -18,7 +18,6 @@ from tools.localstripe import (
     invoices,
     payment_methods,
     version,
-    webhooks,
 )
 from tools.localstripe.config import HOOKS, Hooks, add_routes
 from tools.localstripe.stock import resources, set_route
@@ -47,7 +46,6 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
     invoice_items.patch()
     customers.patch()
     payment_methods.patch()
-    webhooks.patch()
 
     # Only the routes change: localstripe's subscriptions keep calling the stock
     # Invoice._api_pay_invoice, which must not raise on a decline.
