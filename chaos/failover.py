@@ -40,20 +40,10 @@ from typing import Any
 import asyncpg
 
 from chaos import API_KEY, stack_env
-from chaos.creates import (
-    Tally,
-    charged_twice,
-    customers_of,
-    database_state,
-    expected_amount,
-    invoices_by_order,
-    most_invoices_per_order,
-    stripe_invoices,
-    without_their_one_item,
-)
+from chaos.creates import customers_of
 from chaos.faults import FAULTS, strike
 from chaos.load import Load, run_callers
-from chaos.records import feed, records_against_stripe, watched
+from chaos.records import feed, orders, records_against_stripe, watched
 from chaos.storm import STORM_PREFIX, event_applications, events_recorded, verify
 from service import storage
 from service.storage.connecting import CONNECTION_ERRORS
@@ -107,60 +97,6 @@ ZERO = (
     "watchers_that_missed_a_change",
     "changes_seen_twice",
 )
-
-
-async def _audit_counts(url: str) -> tuple[Counter[str], int]:
-    """Per idempotency key, its Creates' `ok` audit rows; and how many (key, attempt) pairs
-    have more than one row."""
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "SELECT idempotency_key, attempt, count(*) AS n, count(*) FILTER (WHERE outcome = 'ok') AS ok"
-            " FROM invoice_audit WHERE action = 'create' GROUP BY idempotency_key, attempt"
-        )
-    finally:
-        await conn.close()
-    ok: Counter[str] = Counter()
-    for row in rows:
-        ok[row["idempotency_key"]] += row["ok"]
-    return ok, sum(1 for row in rows if row["n"] > 1)
-
-
-async def _orders(url: str, direct: str, tally: Tally, run: str) -> dict[str, Any]:
-    invoices = await stripe_invoices(direct)
-    keys, _ = await database_state(url)
-    by_order, orphans = invoices_by_order(invoices, run)
-    answered = tally.invoice_of
-    stripe_id = {order: found[0]["id"] for order, found in by_order.items()}
-    expected = {order: expected_amount(int(order.rsplit("-", 1)[1])) for order in [*answered, *tally.failed]}
-    audited_ok, audit_doubled = await _audit_counts(url)
-    figures = {
-        "orders": len(answered) + len(tally.failed),
-        "orders_answered": len(answered),
-        "stripe_invoices": len(invoices),
-        "stripe_invoices_per_order_max": most_invoices_per_order(by_order),
-        "orders_charged_twice": len(charged_twice(by_order)),
-        "invoices_without_one_order": orphans,
-        "answers_naming_another_invoice": sum(1 for k, i in answered.items() if stripe_id.get(k) != i),
-        "create_records_naming_another_invoice": sum(1 for k, i in answered.items() if keys.get(k) != i),
-        "invoices_without_their_one_item": len(without_their_one_item(by_order, expected)),
-        # Each answered order's Create has exactly one `ok` entry in the audit trail, and no
-        # attempt has two.
-        "orders_without_one_ok_audit_entry": sum(1 for k in answered if audited_ok[k] != 1),
-        "audit_attempts_written_twice": audit_doubled,
-        # What the Create callers got besides their invoice and "retry later" (a transport error).
-        "create_answers_not_allowed": sorted(set(tally.answers) - {"200", *ALLOWED["creates"]}),
-    }
-    figures["orders_ok"] = (
-        not tally.failed
-        and len(invoices) == len(answered) == len(by_order)
-        and figures["stripe_invoices_per_order_max"] == 1
-        and not (figures["orders_charged_twice"] or orphans)
-        and not (figures["answers_naming_another_invoice"] or figures["create_records_naming_another_invoice"])
-        and not (figures["invoices_without_their_one_item"] or figures["create_answers_not_allowed"])
-        and not (figures["orders_without_one_ok_audit_entry"] or figures["audit_attempts_written_twice"])
-    )
-    return figures
 
 
 def _gaps(load: Load, storm: dict[str, Any], faults: list[dict[str, Any]]) -> dict[str, Any]:
@@ -344,7 +280,7 @@ def main() -> None:
                 }
                 figures |= asyncio.run(_storm_figures(url, invoices, applications))
                 figures["answers"] = {kind: dict(calls.answers) for kind, calls in load.calls.items()}
-                figures |= asyncio.run(_orders(url, direct, load.orders, run))
+                figures |= asyncio.run(orders(url, direct, load.orders, run, ALLOWED["creates"]))
                 figures |= watched(expected, load.watched)
                 figures["watch_stream_ends"] = dict(load.watch_ends)
             finally:

@@ -1,7 +1,7 @@
 """What the failover scenario checks once its load has stopped, beside the storm's own
-figures (chaos/storm.py): the service's records of its Creates against the emulator's
-invoices, field by field, once Stripe's events have completed them; and each watcher's
-changes against the change feed."""
+figures (chaos/storm.py): each order against Stripe's invoices and the audit trail; the
+service's records of its Creates against the emulator's invoices, field by field, once
+Stripe's events have completed them; and each watcher's changes against the change feed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ from typing import Any
 
 import asyncpg
 
-from chaos.creates import stripe_invoices
+from chaos.creates import (
+    Tally,
+    charged_twice,
+    database_state,
+    expected_amount,
+    invoices_by_order,
+    most_invoices_per_order,
+    stripe_invoices,
+    without_their_one_item,
+)
 from chaos.load import Seen
 from service.payments import invoice_from_stripe
 
@@ -68,6 +77,63 @@ async def records_against_stripe(url: str, direct: str, within_s: float = 120) -
         if not wrong or time.monotonic() > deadline:
             return {"records_compared": len(invoices), "record_fields_disagreeing_with_stripe": dict(wrong)}
         await asyncio.sleep(1)
+
+
+async def _audit_counts(url: str) -> tuple[Counter[str], int]:
+    """Per idempotency key, its Creates' `ok` audit rows; and how many (key, attempt) pairs
+    have more than one row."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT idempotency_key, attempt, count(*) AS n, count(*) FILTER (WHERE outcome = 'ok') AS ok"
+            " FROM invoice_audit WHERE action = 'create' GROUP BY idempotency_key, attempt"
+        )
+    finally:
+        await conn.close()
+    ok: Counter[str] = Counter()
+    for row in rows:
+        ok[row["idempotency_key"]] += row["ok"]
+    return ok, sum(1 for row in rows if row["n"] > 1)
+
+
+async def orders(url: str, direct: str, tally: Tally, run: str, allowed: set[str]) -> dict[str, Any]:
+    """Each order against Stripe and the database: one invoice with its one item, none
+    charged twice, answers and key records naming it, one `ok` audit entry per answered
+    Create; `allowed` the answers a Create may get besides 200."""
+    invoices = await stripe_invoices(direct)
+    keys, _ = await database_state(url)
+    by_order, orphans = invoices_by_order(invoices, run)
+    answered = tally.invoice_of
+    stripe_id = {order: found[0]["id"] for order, found in by_order.items()}
+    expected = {order: expected_amount(int(order.rsplit("-", 1)[1])) for order in [*answered, *tally.failed]}
+    audited_ok, audit_doubled = await _audit_counts(url)
+    figures = {
+        "orders": len(answered) + len(tally.failed),
+        "orders_answered": len(answered),
+        "stripe_invoices": len(invoices),
+        "stripe_invoices_per_order_max": most_invoices_per_order(by_order),
+        "orders_charged_twice": len(charged_twice(by_order)),
+        "invoices_without_one_order": orphans,
+        "answers_naming_another_invoice": sum(1 for k, i in answered.items() if stripe_id.get(k) != i),
+        "create_records_naming_another_invoice": sum(1 for k, i in answered.items() if keys.get(k) != i),
+        "invoices_without_their_one_item": len(without_their_one_item(by_order, expected)),
+        # Each answered order's Create has exactly one `ok` entry in the audit trail, and no
+        # attempt has two.
+        "orders_without_one_ok_audit_entry": sum(1 for k in answered if audited_ok[k] != 1),
+        "audit_attempts_written_twice": audit_doubled,
+        # What the Create callers got besides their invoice and "retry later" (a transport error).
+        "create_answers_not_allowed": sorted(set(tally.answers) - {"200", *allowed}),
+    }
+    figures["orders_ok"] = (
+        not tally.failed
+        and len(invoices) == len(answered) == len(by_order)
+        and figures["stripe_invoices_per_order_max"] == 1
+        and not (figures["orders_charged_twice"] or orphans)
+        and not (figures["answers_naming_another_invoice"] or figures["create_records_naming_another_invoice"])
+        and not (figures["invoices_without_their_one_item"] or figures["create_answers_not_allowed"])
+        and not (figures["orders_without_one_ok_audit_entry"] or figures["audit_attempts_written_twice"])
+    )
+    return figures
 
 
 async def feed(url: str) -> list[Seen]:
