@@ -28,7 +28,7 @@ import psutil
 
 from bench.ceiling import CONSTANT
 from bench.webhook_load import lifecycle
-from chaos.storm import doubling, event_applications
+from chaos.storm import applications_counted, applied_once, event_applications
 from service import embedded, pagetoken, storage
 from service.domain import Cursor, FeedPosition, Filters, Outcome, Page, new_record_id
 from service.storage import changes
@@ -403,12 +403,12 @@ def main() -> None:
 
 async def _webhook_rows(url: str, invoices: int, webhook_port: int) -> dict[str, Any]:
     """Nothing lost: every event recorded, every invoice paid for its amount. Nothing
-    doubled, in effects (a row per event id is the primary key's, so cannot double): no
-    event acted on twice by the sidecar's own count, each invoice created by one event."""
-    applications = event_applications(webhook_port)
+    doubled: each event applied once by the count its applying transaction kept, each
+    invoice created by one event, and (no fault here) every application answered."""
+    answered = event_applications(webhook_port)
     conn = await asyncpg.connect(url)
     try:
-        events = await conn.fetchval("SELECT count(*) FROM stripe_events WHERE id LIKE 'evt_bench%'")
+        counted = await applications_counted(conn, "evt_bench%")
         paid = await conn.fetchval(
             "SELECT count(*) FROM invoices WHERE stripe_invoice_id LIKE 'in_bench%' AND status = 'paid'"
             " AND amount = $1",
@@ -422,14 +422,17 @@ async def _webhook_rows(url: str, invoices: int, webhook_port: int) -> dict[str,
         )
     finally:
         await conn.close()
+    events = counted["events_recorded"]
     return {
-        "events_recorded": events,
         "invoices_recorded": rows,
         "invoices_paid": paid,
-        **doubling(applications, events),
+        **counted,
+        "event_applications_answered": answered,
         "invoices_created_once": created_once,
-        # No fault here, so every event acted on was answered, and counted: exactly once each.
-        "nothing_lost_or_doubled": events == invoices * 3 == applications and rows == invoices == paid == created_once,
+        # No fault here, so every event applied was answered, and counted: exactly once each.
+        "nothing_lost_or_doubled": events == invoices * 3 == answered
+        and applied_once(counted)
+        and rows == invoices == paid == created_once,
     }
 
 

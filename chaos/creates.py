@@ -33,6 +33,7 @@ import httpx
 
 from bench.load import percentile
 from chaos import API_KEY, prepare, stack_env
+from chaos.storm import applications_at, applied_once
 from service import payments
 from tools.stack import (
     LOCALSTRIPE_KEY,
@@ -346,6 +347,9 @@ def main() -> None:
         "replays_naming_another_invoice": tally.replays_with_other_invoice,
     }
     figures |= verify(invoices, keys, rows, (tally, bursts), run, (creates, keyless))
+    # The emulator's webhooks, each applied once by the count its applying transaction kept.
+    figures |= (counted := asyncio.run(applications_at(url)))
+    figures["ok"] = figures["ok"] and applied_once(counted)
     print(json.dumps(figures))
     if not figures["ok"]:
         sys.exit(1)

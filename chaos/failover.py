@@ -44,7 +44,7 @@ from chaos.creates import customers_of
 from chaos.faults import FAULTS, strike
 from chaos.load import Load, run_callers
 from chaos.records import feed, orders, records_against_stripe, watched
-from chaos.storm import STORM_PREFIX, event_applications, events_recorded, verify
+from chaos.storm import STORM_PREFIX, applied_once, event_applications, events_recorded, verify
 from service import storage
 from service.storage.connecting import CONNECTION_ERRORS
 from service.storage.pool import DEFAULT_BUDGET_S
@@ -91,6 +91,7 @@ FAILOVERS = {"kill", "freeze", "cut"}
 ZERO = (
     "acknowledged_events_lost",
     "events_doubled",
+    "events_uncounted",
     "invoices_not_created_once",
     "invoices_in_wrong_state",
     "orders_charged_twice",
@@ -308,6 +309,7 @@ def _judge(figures: dict[str, Any], load: Load) -> bool:
     return bool(
         all(figures[k] == 0 for k in ZERO)
         and figures["storm_events_recorded"] == figures["events_expected"]
+        and applied_once(figures)
         and figures["invoice_rows"] == figures["invoices"]
         and figures["count_matches_rows"]
         and figures["orders_ok"]

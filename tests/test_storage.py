@@ -18,6 +18,7 @@ from service.domain import NotFound, StripeInvoice, Unavailable, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import pool as pool_module
+from service.storage import postgres
 from service.storage.migrations import available, migrate
 from service.storage.postgres import record_time
 from tests.helpers import API_KEY, AUTH
@@ -123,6 +124,61 @@ async def test_a_draft_deleted_while_its_creation_is_applied_stays_deleted(
     assert set(outcomes) <= {"created", "deleted", "ignored-deleted"}
     survivors = await pool.fetch("SELECT stripe_invoice_id FROM invoices WHERE stripe_invoice_id LIKE 'in_race%'")
     assert survivors == []
+
+
+async def _applications(pool: asyncpg.Pool, event_id: str) -> int | None:
+    value: int | None = await pool.fetchval("SELECT applications FROM stripe_events WHERE id = $1", event_id)
+    return value
+
+
+async def test_an_event_delivered_many_times_at_once_counts_one_application(
+    store: storage.Storage, pool: asyncpg.Pool
+) -> None:
+    """Twelve deliveries of one event racing (Stripe duplicates, and retries a delivery
+    whose answer it did not get): one applies it, the rest find it applied, and the
+    event's own count, kept by the applying transaction, says one."""
+    paid = StripeInvoice("in_counted0001", "paid", 500, "", User("u_count", "Count"))
+    outcomes = await asyncio.gather(
+        *(
+            store.apply_stripe_invoice(paid, stripe_time=1, event_id="evt_counted1", event_type="invoice.paid")
+            for _ in range(12)
+        )
+    )
+    assert sorted(outcomes) == ["created", *["duplicate"] * 11]
+    assert await _applications(pool, "evt_counted1") == 1
+
+
+async def test_an_event_applied_twice_shows_in_its_count(
+    store: storage.Storage, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count can fail: with the duplicate check broken (the event's row taken as new
+    every time), a redelivery is applied again, and the count says so, though the event
+    still has one row and every answer looks like a first application."""
+    broken = postgres._RECORD_EVENT.replace("DO NOTHING", "DO UPDATE SET type = excluded.type")
+    monkeypatch.setattr(postgres, "_RECORD_EVENT", broken)
+    paid = StripeInvoice("in_counted0002", "paid", 500, "", User("u_count", "Count"))
+    for _ in range(2):
+        await store.apply_stripe_invoice(paid, stripe_time=1, event_id="evt_counted2", event_type="invoice.paid")
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events WHERE id = 'evt_counted2'") == 1
+    assert await _applications(pool, "evt_counted2") == 2
+
+
+async def test_an_event_recorded_by_a_replica_from_before_the_count_stays_uncounted(
+    store: storage.Storage, pool: asyncpg.Pool
+) -> None:
+    """During a rollout a replica from before migration 0009 records events without the
+    count: its rows say NULL (not counted), never a number a redelivery to a new replica
+    could turn into a false 1."""
+    await pool.execute(
+        "INSERT INTO stripe_events (id, type, stripe_invoice_id, outcome) VALUES ($1, $2, $3, 'created')",
+        "evt_counted3",
+        "invoice.paid",
+        "in_counted0003",
+    )
+    paid = StripeInvoice("in_counted0003", "paid", 500, "", User("u_count", "Count"))
+    outcome = await store.apply_stripe_invoice(paid, stripe_time=1, event_id="evt_counted3", event_type="invoice.paid")
+    assert outcome == "duplicate"
+    assert await _applications(pool, "evt_counted3") is None
 
 
 async def test_an_outage_is_logged_when_it_starts_every_ten_seconds_and_when_it_ends(

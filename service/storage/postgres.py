@@ -68,9 +68,13 @@ _INVOICE_LOCKS = 0x1A70
 _LOCK_INVOICE = f"SELECT pg_advisory_xact_lock({_INVOICE_LOCKS}, hashtext($1))"
 _RECORD_EVENT = f"""
     WITH locked AS (SELECT pg_advisory_xact_lock({_INVOICE_LOCKS}, hashtext($3)))
-    INSERT INTO stripe_events (id, type, stripe_invoice_id, outcome) SELECT $1, $2, $3, 'pending' FROM locked
+    INSERT INTO stripe_events (id, type, stripe_invoice_id, outcome, applications)
+    SELECT $1, $2, $3, 'pending', 0 FROM locked
     ON CONFLICT (id) DO NOTHING RETURNING id"""  # noqa: S608 - a constant, values are $n
-_SET_EVENT_OUTCOME = "UPDATE stripe_events SET outcome = $2 WHERE id = $1"
+# Each application of an event's effect counts itself here, in its own transaction
+# (migration 0009), so that a double shows in the row whatever the answers said; the
+# duplicate check above decides whether this runs, and this does not trust it.
+_SET_EVENT_OUTCOME = "UPDATE stripe_events SET outcome = $2, applications = applications + 1 WHERE id = $1"
 _IS_DELETED = "SELECT 1 FROM deleted_invoices WHERE stripe_invoice_id = $1"
 _MARK_DELETED = "INSERT INTO deleted_invoices (stripe_invoice_id) VALUES ($1) ON CONFLICT DO NOTHING"
 _DELETE_INVOICE = "DELETE FROM invoices WHERE stripe_invoice_id = $1"
