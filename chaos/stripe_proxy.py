@@ -10,12 +10,19 @@ strikes; a stall only if the caller gave up (timed out and closed the connection
 it lasted, otherwise it counts as `<kind>_waited_out` (the call was merely slow). Also
 `stalled_calls_retried`: calls a stall struck that the caller then sent again (the same
 Idempotency-Key, or the same request), the caller's visible answer to its timeout.
---faults (default: CHAOS_STRIPE_FAULTS, else all) limits the faults chosen from."""
+--faults (default: CHAOS_STRIPE_FAULTS, else all) limits the faults chosen from.
+
+`POST /_proxy/hold` holds every answer from then on once Stripe has given it (the work is
+done, the caller does not know yet), until `POST /_proxy/release` or HOLD_LIMIT_S;
+`GET /_proxy/held` lists the Idempotency-Keys of the calls held since the last hold. The
+failover scenario holds answers across the moment it strikes Postgres, so that Creates
+are cut off between a Stripe call and its answer."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -44,6 +51,10 @@ RANDOM = web.AppKey("random", random.Random)
 CHOSEN_FROM = web.AppKey("chosen_from", tuple[str, ...])
 # What identifies a call again when its caller retries it, for the calls a stall struck.
 STALLED = web.AppKey("stalled", set[str])
+# Open while answers pass; cleared by a hold. A held answer is let go after this at the latest.
+PASSING = web.AppKey("passing", asyncio.Event)
+HELD = web.AppKey("held", list[str])
+HOLD_LIMIT_S = 60.0
 
 
 class Dropped(Exception):
@@ -142,6 +153,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if (early := await _strike(request, fault, "before", call)) is not None:
         return early
     response = await _forward(request)
+    if not app[PASSING].is_set():
+        app[HELD].append(request.headers.get("Idempotency-Key", ""))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(app[PASSING].wait(), HOLD_LIMIT_S)
     late = await _strike(request, fault, "after", call)
     return response if late is None else late
 
@@ -149,6 +164,21 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 async def stats(request: web.Request) -> web.Response:
     counts: Counter[str] = request.app[STATS]
     return web.json_response(dict(counts))
+
+
+async def hold(request: web.Request) -> web.Response:
+    request.app[HELD].clear()
+    request.app[PASSING].clear()
+    return web.json_response({"holding": True})
+
+
+async def release(request: web.Request) -> web.Response:
+    request.app[PASSING].set()
+    return web.json_response({"held": request.app[HELD]})
+
+
+async def held(request: web.Request) -> web.Response:
+    return web.json_response({"held": request.app[HELD]})
 
 
 @web.middleware
@@ -180,8 +210,14 @@ def init(
     app[RANDOM] = random.Random(seed)  # noqa: S311 - fault choice, not security
     app[CHOSEN_FROM] = faults
     app[STALLED] = set()
+    app[PASSING] = asyncio.Event()
+    app[PASSING].set()
+    app[HELD] = []
     app.cleanup_ctx.append(_session)
     app.router.add_get("/_proxy/stats", stats)
+    app.router.add_post("/_proxy/hold", hold)
+    app.router.add_post("/_proxy/release", release)
+    app.router.add_get("/_proxy/held", held)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
 

@@ -210,10 +210,17 @@ def start_webhooks(env: dict[str, str], *, log: IO[str] = sys.stderr) -> tuple[P
 
 
 def start_localstripe(
-    port: int, *, fresh: bool, log: IO[str] = sys.stderr, timeout: float = 30, trust: Path | None = None
+    port: int,
+    *,
+    fresh: bool,
+    log: IO[str] = sys.stderr,
+    timeout: float = 30,
+    trust: Path | None = None,
+    webhook_retry_s: float = 0.0,
 ) -> Part:
     """The Stripe emulator, with this project's extensions (the tools/localstripe package);
-    its webhook deliveries trust the CA `trust` (an HTTPS gateway's) besides the system's."""
+    its webhook deliveries trust the CA `trust` (an HTTPS gateway's) besides the system's,
+    and are retried for `webhook_retry_s` until answered 2xx (0: sent once)."""
     argv = [
         sys.executable,
         "-m",
@@ -221,6 +228,7 @@ def start_localstripe(
         "--port",
         str(port),
         *(["--from-scratch"] if fresh else []),
+        *(["--webhook-retry-s", str(webhook_retry_s)] if webhook_retry_s else []),
     ]
     env = {**os.environ, **({"SSL_CERT_FILE": str(trust)} if trust else {})}
     part = Part("localstripe", subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log, text=True))

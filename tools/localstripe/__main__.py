@@ -1,4 +1,4 @@
-"""python -m tools.localstripe --port 8420 [--from-scratch] [--host 127.0.0.1]"""
+"""python -m tools.localstripe --port 8420 [--from-scratch] [--host 127.0.0.1] [--webhook-retry-s 0]"""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from tools.localstripe import webhooks
 from tools.localstripe.app import build_app, listen, use_store
 
 
@@ -21,10 +22,18 @@ def main(argv: list[str] | None = None) -> None:
         help="neither load nor save the state localstripe keeps in /tmp/localstripe.pickle",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (localstripe itself uses ::)")
+    parser.add_argument(
+        "--webhook-retry-s",
+        type=float,
+        default=0.0,
+        help="retry a webhook delivery not answered 2xx for this long, as Stripe does (default: send it once)",
+    )
     args = parser.parse_args(argv)
 
     app = build_app(public_base=f"http://127.0.0.1:{args.port}")
     use_store(from_scratch=args.from_scratch)
+    if args.webhook_retry_s > 0:
+        webhooks.patch(args.webhook_retry_s)
     access = logging.getLogger("aiohttp.access")  # localstripe logs webhook deliveries here too
     access.setLevel(logging.DEBUG)
     access.addHandler(logging.StreamHandler())
