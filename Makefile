@@ -132,9 +132,9 @@ bench: check-generated debian-tools
 cluster: image
 	$(BIN)/python -m tools.cluster
 
-# Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
+# SCENARIOS=cluster (names as chaos/__main__.py gives them): only those. Full size; `make test` runs the same scenarios reduced (tests/test_chaos.py, test_restart.py, test_rolling.py).
 chaos: check-generated debian-tools patroni image
-	$(BIN)/python -m chaos
+	$(BIN)/python -m chaos $(SCENARIOS)
 
 clean:
 	rm -rf .build .mypy_cache .ruff_cache .pytest_cache

@@ -46,8 +46,8 @@ from chaos.load import Load, run_callers
 from chaos.records import feed, orders, records_against_stripe, watched
 from chaos.storm import STORM_PREFIX, applied_once, event_applications, events_recorded, verify
 from service import storage
+from service.dblink import DEFAULT_BUDGET_S
 from service.storage.connecting import CONNECTION_ERRORS
-from service.storage.pool import DEFAULT_BUDGET_S
 from tools.patroni import Cluster
 from tools.stack import (
     LOCALSTRIPE_KEY,

@@ -10,8 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import auth
-from service.storage.connecting import Link
-from service.storage.pool import DEFAULT_BUDGET_S
+from service.dblink import DEFAULT_BUDGET_S, Link
 from service.validation import DEFAULT_MAX_OFFSET
 
 

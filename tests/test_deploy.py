@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tools import tls as local_tls
+from tools.direct import MIN_READY_S
 from tools.stack import ENVOY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,6 +181,9 @@ def test_the_workloads_are_all_there(rendered: dict[str, list[Obj]], name: str) 
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
     # The autoscaler owns the count; a `replicas` here would reset it on every apply.
     assert "replicas" not in _one(docs, "Deployment", "invoice-service")["spec"]
+    # The roll's pace direct gRPC callers need (tools/direct.py), plus Kubernetes' DNS
+    # cache (5 s) and the callers' re-resolution (1 s) for a new pod's new address.
+    assert _one(docs, "Deployment", "invoice-service")["spec"]["minReadySeconds"] >= MIN_READY_S + 5 + 1
 
     headless = _one(docs, "Service", HEADLESS_SERVICE)["spec"]
     assert headless["clusterIP"] == "None"

@@ -1,5 +1,6 @@
 """Everything that touches Postgres: the pool, the SQL and the migrations."""
 
+from service.dblink import Link
 from service.storage.admin import (
     ensure_login_role,
     fresh_database,
@@ -8,7 +9,7 @@ from service.storage.admin import (
     with_database,
     with_user,
 )
-from service.storage.connecting import Connector, Link
+from service.storage.connecting import Connector
 from service.storage.pool import connect
 from service.storage.postgres import Storage
 

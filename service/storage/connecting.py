@@ -9,10 +9,11 @@ import asyncio
 import logging
 import socket
 import urllib.parse
-from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncpg
+
+from service.dblink import Link
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # TargetServerAttributeNotMatched: no host is the primary a multi-host DSN asks for.
     asyncpg.InternalClientError,
 )
-
-
-@dataclass(frozen=True)
-class Link:
-    """The settings of every connection (README, Configuration: DB_CONNECT_TIMEOUT_S,
-    DB_KEEPALIVE_IDLE_S, DB_KEEPALIVE_INTERVAL_S, DB_KEEPALIVE_COUNT, DB_TCP_USER_TIMEOUT_S);
-    the defaults are the settings' defaults, justified there."""
-
-    connect_timeout_s: float = 2.0
-    keepalive_idle_s: int = 5
-    keepalive_interval_s: int = 2
-    keepalive_count: int = 3
-    tcp_user_timeout_s: float = 10.0
 
 
 def hosts_of(dsn: str) -> list[tuple[str, int | None]]:

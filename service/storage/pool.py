@@ -15,13 +15,12 @@ from typing import Any, cast
 
 import asyncpg
 
+from service.dblink import DEFAULT_BUDGET_S
 from service.domain import StoreUnavailable
 from service.storage.connecting import CONNECTION_ERRORS, Connector
 
 log = logging.getLogger(__name__)
 
-# DB_COMMAND_TIMEOUT_S's default, for stores made without settings (tests, tools).
-DEFAULT_BUDGET_S = 5.0
 # Once a unit of work ran out its budget, calls fail at once while one probe asks Postgres
 # this often whether it answers again: each caller would otherwise wait a budget of its
 # own, and Envoy retries a read twice on UNAVAILABLE (three budgets, past its 15 s route
