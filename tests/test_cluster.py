@@ -158,6 +158,7 @@ def _rcode_and_answers(reply: bytes) -> tuple[int, int]:
 
 
 def test_the_dns_answers_a_services_ready_pods_and_nothing_else() -> None:
+    # Records encoded into a reply, never dialled: no traffic leaves this test.
     records = {"invoice-service-grpc": ["10.89.0.5", "10.89.0.6"], "envoy": []}
     reply = dns.answer(_query("invoice-service-grpc", 1), records)
     assert reply[:2] == struct.pack("!H", 42) and _rcode_and_answers(reply) == (0, 2)

