@@ -24,10 +24,12 @@ otherwise."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -199,7 +201,9 @@ def _storm(hook_url: str, invoices: int, seconds: float) -> subprocess.Popen[str
     options = ["--secret", SECRET, "--invoices", str(invoices), "--lifecycle", "long", "--failure-times"]
     options += ["--processes", "1", "--concurrency", "8", "--seconds", str(seconds)]
     argv = [sys.executable, "-m", "bench.webhook_load", "--url", hook_url, *options]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    # A session of its own, so that stopping it stops its worker processes too: a worker
+    # left behind keeps the pipe open and make chaos waiting (a fresh clone's run did).
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
 
 
 async def _storm_figures(url: str, invoices: int, applications: int) -> dict[str, Any]:
@@ -268,8 +272,9 @@ def main() -> None:
                         callers.join(timeout=30)
                     finally:  # a failure above must not leave the load running
                         stop.set()
-                        if sender is not None and sender.poll() is None:
-                            sender.kill()
+                        if sender is not None:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.killpg(sender.pid, signal.SIGKILL)
                         if callers.is_alive():
                             callers.terminate()
                     storm = json.loads(out.strip().splitlines()[-1])

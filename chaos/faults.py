@@ -139,8 +139,20 @@ def strike(
     record["timelines"] = {name: m.get("timeline") for name, m in members.items()}
     record["roles"] = {name: m.get("role") for name, m in members.items()}
     if leader is not old:
-        record |= asyncio.run(_former(old, leader, database))
+        record |= wait_for(
+            lambda: _former_once(old, leader, database), "the former primary's answer", WHOLE_WITHIN_S, 1
+        )
     return record
+
+
+def _former_once(old: Node, leader: Node, database: str) -> dict[str, Any] | None:
+    """`_former`, or None while a node still drops connections: Patroni may restart the
+    former primary once more after the cluster first reports healthy (a fresh clone's
+    make chaos met "Connection reset by peer" here)."""
+    try:
+        return asyncio.run(_former(old, leader, database))
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError):
+        return None
 
 
 def _other_leader(cluster: Cluster, old: Node, others: list[Node]) -> Node | None:
