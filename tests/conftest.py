@@ -23,7 +23,7 @@ from service.app import SERVICE_ROLE, GrpcServer, start_grpc
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import changes, with_database
 from service.watch import Watches, WatchLimits
-from tests.helpers import API_KEY, ROTATED_KEY, WEBHOOK_SECRET, Stack, stack_env
+from tests.helpers import API_KEY, ROTATED_KEY, WEBHOOK_SECRET, Stack, stack_env, until_delivered
 from tests.referee.judge import Referee, records
 from tools.localstripe.recorder import RECORD_DIR
 from tools.stack import (
@@ -155,7 +155,9 @@ def stack(postgres: str, localstripe: str, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture
 async def stack_store(stack: Stack) -> AsyncIterator[storage.Storage]:
-    """The store behind the gateway, emptied for this test."""
+    """The store behind the gateway, emptied for this test once no earlier test's webhook
+    is still on its way to it."""
+    await until_delivered(stack.localstripe)
     pool = await asyncpg.create_pool(stack.database, min_size=1, max_size=2)
     await pool.execute("TRUNCATE invoices, stripe_events, create_requests, deleted_invoices")
     yield storage.Storage(pool)

@@ -155,6 +155,19 @@ async def poll_until(check: Callable[[], Awaitable[T | None]], what: str, timeou
         await asyncio.sleep(0.2)
 
 
+async def until_delivered(localstripe: str) -> None:
+    """Until the emulator has no webhook delivery on its way: an earlier test's events
+    would otherwise land in this test's emptied tables."""
+    async with httpx.AsyncClient(base_url=localstripe, timeout=5) as client:
+
+        async def idle() -> bool | None:
+            reply = await client.get("/_config/deliveries")
+            reply.raise_for_status()
+            return reply.json()["in_flight"] == 0 or None
+
+        await poll_until(idle, "the emulator's webhook deliveries done", timeout_s=60)
+
+
 REQUEST = {"items": [{"name": "All resources", "amount": 3300}, {"name": "Support", "amount": 700}]}
 
 

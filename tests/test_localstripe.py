@@ -322,8 +322,11 @@ class Receiver:
 
     def __init__(self) -> None:
         self.deliveries: list[tuple[bytes, str]] = []
+        self.hold: asyncio.Event | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
+        if self.hold is not None:
+            await self.hold.wait()
         self.deliveries.append((await request.read(), request.headers.get("Stripe-Signature", "")))
         return web.Response()
 
@@ -369,6 +372,8 @@ async def receiver(emulator: str) -> AsyncIterator[Receiver]:
         )
         reply.raise_for_status()
     yield receiver
+    if receiver.hold is not None:
+        receiver.hold.set()  # a held delivery would keep the cleanup waiting forever
     await runner.cleanup()
 
 
@@ -761,6 +766,29 @@ async def test_a_customers_list_has_its_drafts_newest_first_with_metadata(client
     assert page.has_more and [i.id for i in page.data] == [second.id]
     rest = await client.v1.invoices.list_async({"customer": customer, "limit": 1, "starting_after": str(second.id)})
     assert [i.id for i in rest.data] == [first.id] and not rest.has_more
+
+
+async def test_deliveries_are_counted_until_every_receiver_answered(
+    client: stripe.StripeClient, config: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    customer, method = await customer_with_card(client)
+    await until_no_delivery(config)
+    receiver.hold = asyncio.Event()  # the receiver answers nothing until released
+    draft = await client.v1.invoices.create_async(draft_params(customer, method), key("invoice"))
+    assert draft.id is not None
+    assert (await config.get("/deliveries")).json()["in_flight"] >= 1, "counted before the call answers"
+    await asyncio.sleep(1.5)  # past localstripe's one-second delay: now at the held receiver
+    assert (await config.get("/deliveries")).json()["in_flight"] >= 1
+    receiver.hold.set()
+    await until_no_delivery(config)
+    assert "invoice.created" in {e["type"] for e in receiver.events(draft.id)}
+
+
+async def until_no_delivery(config: httpx.AsyncClient) -> None:
+    deadline = time.monotonic() + 15
+    while (await config.get("/deliveries")).json()["in_flight"]:
+        assert time.monotonic() < deadline, "deliveries never done"
+        await asyncio.sleep(0.1)
 
 
 async def test_add_lines_and_a_settled_finalization_send_stripes_webhooks(

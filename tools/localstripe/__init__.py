@@ -56,9 +56,10 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
   requests answer a 500, before or after running, saved under their idempotency key);
   GET and DELETE /_config/calls (how many /v1 calls, by method and route); POST, GET and
   DELETE /_config/races (races: before the next matching request runs, the emulator
-  makes another request of its own, e.g. pays the invoice out of band).
-- webhooks: with --webhook-retry-s, each delivery is retried with backoff until answered
-  2xx (for that long), as Stripe retries, instead of sent once.
+  makes another request of its own, e.g. pays the invoice out of band); GET
+  /_config/deliveries (webhook deliveries still on their way).
+- webhooks: every delivery counted while in flight; with --webhook-retry-s, each is retried
+  with backoff until answered 2xx (for that long), as Stripe retries, instead of sent once.
 - version: the guard. Every patch relies on localstripe's internals, so nothing is
   patched unless the installed localstripe is the one pinned in pyproject.toml; any
   other version is a RuntimeError naming both.

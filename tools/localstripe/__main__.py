@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app = build_app(public_base=f"http://127.0.0.1:{args.port}")
     use_store(from_scratch=args.from_scratch)
-    if args.webhook_retry_s > 0:
-        webhooks.patch(args.webhook_retry_s)
+    webhooks.patch(args.webhook_retry_s)
     access = logging.getLogger("aiohttp.access")  # localstripe logs webhook deliveries here too
     access.setLevel(logging.DEBUG)
     access.addHandler(logging.StreamHandler())

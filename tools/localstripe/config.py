@@ -5,7 +5,8 @@
   after running, saved under their idempotency key (faults.Faults);
 - GET and DELETE /_config/calls: how many /v1 calls, by method and route (Calls);
 - POST, GET and DELETE /_config/races: before the next matching request runs, another
-  request changes the object first, as the dashboard would (races.Races).
+  request changes the object first, as the dashboard would (races.Races);
+- GET /_config/deliveries: webhook deliveries scheduled and not yet done (webhooks).
 
 Their state is one Hooks object, kept on the app under the HOOKS key.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from tools.localstripe import webhooks
 from tools.localstripe.errors import error_response
 from tools.localstripe.faults import Faults
 from tools.localstripe.idempotency import Idempotency
@@ -114,7 +116,13 @@ async def clear_races(request: web.Request) -> web.Response:
     return web.json_response({"cleared": request.app[HOOKS].races.clear()})
 
 
+async def get_deliveries(request: web.Request) -> web.Response:
+    """GET /_config/deliveries: webhook deliveries scheduled and not yet done."""
+    return web.json_response({"in_flight": webhooks.DELIVERIES.in_flight})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/_config/deliveries", get_deliveries)
     app.router.add_post("/_config/idempotency/forget", forget_idempotency_keys)
     app.router.add_post("/_config/faults", add_fault)
     app.router.add_delete("/_config/faults", clear_faults)
