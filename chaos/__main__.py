@@ -1,7 +1,8 @@
 """`make chaos`: every scenario at full size, one after another, each in its own process
 (its own Postgres, emulator and stack): the webhook storm through a Postgres restart,
 Creates under Stripe faults, faults on a Patroni Postgres cluster under load (its primary
-killed, frozen, cut off; its store lost), SIGTERM to the lone server under load, a rolling
+killed, frozen, cut off; its store lost; the service cut from it), make run's lone Postgres
+frozen for 20 s, SIGTERM to the lone server under load, a rolling
 restart of two servers and two sidecars, and the same callers against the service run from
 its images under podman while every pod is replaced (the cluster). Prints each one's
 figures and exits 1 if any scenario fails."""
@@ -24,6 +25,8 @@ SCENARIOS = {
     "creates under Stripe faults": [sys.executable, "-m", "chaos.creates"],
     "postgres faults": [sys.executable, "-m", "chaos.failover"],
     "restart under load": [*PYTEST, "tests/test_restart.py"],
+    # make run's single embedded Postgres frozen for 20 s, every DB_* setting at its default.
+    "frozen postgres": [*PYTEST, "tests/test_frozen.py"],
     # Three rounds: each server and each sidecar restarted three times (make test: once).
     "rolling restart": [
         *PYTEST,
@@ -32,7 +35,7 @@ SCENARIOS = {
     # The same callers, against the service run from its images (make image) under podman.
     "cluster": [sys.executable, "-m", "chaos.cluster"],
 }
-ENV = {"CHAOS_ROLLING_ROUNDS": "3"}
+ENV = {"CHAOS_ROLLING_ROUNDS": "3", "CHAOS_FROZEN_S": "20"}
 
 
 def _figures(out: str, written: Path) -> dict[str, Any] | str:
@@ -85,6 +88,16 @@ def _failover_table(f: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _frozen_table(f: dict[str, Any]) -> list[str]:
+    header = ("call", "answers", "longest wait", "served again after the thaw")
+    lines = [_row(*header), _row(*["---"] * len(header))]
+    for kind, c in f["calls"].items():
+        answers = " + ".join(f"{n:,} {answer}" for answer, n in c["answers"].items())
+        lines.append(_row(kind, answers, f"{c['longest_wait_s']} s", f"{c['served_again_after_thaw_s']} s"))
+    lines.append(f"frozen {f['frozen_s']:.0f} s; bound on any wait {f['bound_s']} s (DB_COMMAND_TIMEOUT_S + margin)")
+    return lines
+
+
 def _rolling_table(f: dict[str, Any]) -> list[str]:
     def answers(counted: dict[str, int]) -> str:
         return " + ".join(f"{n:,} {answer}" for answer, n in counted.items())
@@ -112,7 +125,12 @@ def _cluster_table(f: dict[str, Any]) -> list[str]:
 
 
 # The scenarios whose figures are also printed as the README's table.
-TABLES = {"postgres faults": _failover_table, "rolling restart": _rolling_table, "cluster": _cluster_table}
+TABLES = {
+    "postgres faults": _failover_table,
+    "frozen postgres": _frozen_table,
+    "rolling restart": _rolling_table,
+    "cluster": _cluster_table,
+}
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ multi-host DATABASE_URL with `target_session_attrs=read-write`. While REST reade
 direct gRPC reader, writers of keyed Creates, watchers (chaos/load.py) and a webhook storm
 (CHAOS_FAILOVER_INVOICES invoices' events, 30% twice, each retried until answered 2xx, as
 Stripe does) run, each fault of CHAOS_FAILOVER_FAULTS (chaos/faults.py: the primary
-killed, frozen past the leader ttl, cut off past it; etcd lost) strikes in turn, once the
-cluster is whole again after the one before. Nothing is restarted but what a fault took.
+killed, frozen past the leader ttl, cut off past it; etcd lost; the service's own hosts
+cut from Postgres) strikes in turn, once the cluster is whole again after the one before.
+Nothing is restarted but what a fault took.
 
 Creates call Stripe through chaos/stripe_proxy.py, which holds Stripe's answers across the
 moment each failover strikes: at least one Create is cut off between a Stripe call and its
@@ -36,24 +37,26 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
 
 import asyncpg
 
 from chaos import API_KEY, stack_env
 from chaos.creates import customers_of
-from chaos.faults import FAULTS, strike
+from chaos.faults import FAULTS, born_in, remove_cgroup, strike
 from chaos.load import Load, run_callers
 from chaos.records import feed, orders, records_against_stripe, watched
 from chaos.storm import STORM_PREFIX, applied_once, event_applications, events_recorded, verify
 from service import storage
 from service.dblink import DEFAULT_BUDGET_S
 from service.storage.connecting import CONNECTION_ERRORS
-from tools.patroni import Cluster
+from tools.patroni import CGROUPS, Cluster
 from tools.stack import (
     LOCALSTRIPE_KEY,
     ROOT,
+    Backend,
     backend,
     free_port,
     register_webhook,
@@ -176,7 +179,7 @@ def _strike_each(
 
         wait_for(lambda: recorded() or None, "the storm under way", 300)
         held: list[str] = []
-        record = strike(cluster, fault, DATABASE, f"chaos-{run}", _holding(proxy, fault, held))
+        record = strike(cluster, fault, DATABASE, f"chaos-{run}", _holding(proxy, fault, held), f"chaos-{run}-service")
         record["storm_running"] = sender.poll() is None
         record["held_creates"] = sorted(set(held))
         records.append(record)
@@ -195,6 +198,19 @@ def _cut_off(load: Load, faults: list[dict[str, Any]]) -> None:
         fault["creates_held_across_the_strike"] = len(held)
         fault["creates_cut_off_after_stripe"] = len(cut)
         fault["cut_off_resumed_to_one_invoice"] = sum(1 for k in cut if k in load.orders.invoice_of)
+
+
+@contextlib.contextmanager
+def _service(env: dict[str, str], work: Path, log: IO[str], cgroup: str) -> Iterator[Backend]:
+    """The stack (tools.stack.backend), its processes born in `cgroup` for the isolate fault."""
+    try:
+        with contextlib.ExitStack() as stack:
+            with born_in(cgroup):
+                running = stack.enter_context(backend(env, work, log=log))
+            yield running
+    finally:
+        if (CGROUPS / cgroup).is_dir():
+            remove_cgroup(cgroup)
 
 
 def _storm(hook_url: str, invoices: int, seconds: float) -> subprocess.Popen[str]:
@@ -245,7 +261,7 @@ def main() -> None:
             proxy = f"http://127.0.0.1:{proxy_ports['http']}"
             env = stack_env(url, work, SECRET, STRIPE_API_KEY=LOCALSTRIPE_KEY, STRIPE_API_BASE=proxy)
             try:
-                with backend(env, work, log=log) as running:
+                with _service(env, work, log, f"chaos-{run}-service") as running:
                     base = f"http://127.0.0.1:{running.gateway_port}"
                     wait_until_routed(base, API_KEY)
                     register_webhook(stripe_port, f"{base}/webhooks/stripe", SECRET)
@@ -311,6 +327,7 @@ def main() -> None:
 def _judge(figures: dict[str, Any], load: Load) -> bool:
     faults = figures["faults"]
     failovers = [f for f in faults if f["fault"] in FAILOVERS]
+    isolations = [f for f in faults if f["fault"] == "isolate"]
     return bool(
         all(figures[k] == 0 for k in ZERO)
         and figures["storm_events_recorded"] == figures["events_expected"]
@@ -321,6 +338,7 @@ def _judge(figures: dict[str, Any], load: Load) -> bool:
         and not figures["record_fields_disagreeing_with_stripe"]
         and all(f["storm_running"] and f["rest"]["failed"] and f["webhooks"]["failed"] for f in failovers)
         and all(f["creates_cut_off_after_stripe"] > 0 for f in failovers)
+        and all(f["leader_kept"] and f["rest"]["failed"] and f["webhooks"]["failed"] for f in isolations)
         and all(f[kind]["longest_wait_s"] <= bound for f in faults for kind, bound in WAIT_BOUND_S.items())
         and all(f.get("rows_only_on_former_primary", 0) == 0 for f in faults)
         and all(f.get("former_primary_in_recovery", True) for f in faults)

@@ -9,6 +9,9 @@ each at whichever node leads at the time, and what the cluster did about it:
   REST API, its etcd gateway), and every packet its processes send, dropped for HOLD_S,
   then let through again.
 - `store`: etcd SIGKILLed for STORE_DOWN_S, past the ttl, then started again on its data.
+- `isolate`: the service's own hosts (the server's and the sidecar's processes, born in a
+  cgroup of the run's: `born_in`) cut from every Postgres node for ISOLATE_S, then healed;
+  the cluster itself sees nothing, and no other node takes the lead.
 
 After each the cluster must be whole again (one leader, the others streaming, one of them
 synchronous), and the former primary a standby on the leader's timeline holding no row the
@@ -24,6 +27,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -31,11 +35,14 @@ import asyncpg
 from tools.patroni import CGROUPS, DCS, Cluster, Node
 from tools.stack import wait_for
 
-FAULTS = ("kill", "freeze", "cut", "store")
+FAULTS = ("kill", "freeze", "cut", "store", "isolate")
 # Freeze and cut last past the leader's ttl, so that its key runs out and another node
 # takes the lead while the old one is still away.
 HOLD_S = DCS["ttl"] + 10
 STORE_DOWN_S = DCS["ttl"] + 10
+# The issue's figure: long enough that every pooled connection, every keepalive and the
+# reader of the change feed notice, short of any lease.
+ISOLATE_S = 30.0
 # How long a failover or a rejoin may take before the scenario fails.
 LEADER_WITHIN_S = 90.0
 WHOLE_WITHIN_S = 180.0
@@ -46,17 +53,11 @@ ROWS = {"stripe_events": "id", "invoices": "stripe_invoice_id", "invoice_changes
 
 
 @contextlib.contextmanager
-def dropped(node: Node, tag: str) -> Iterator[None]:
-    """The node cut off on loopback until the block ends: every TCP packet from or to its
-    ports dropped (iptables' OUTPUT chain sees both directions of a loopback connection),
-    and every packet its own processes send (its cgroup), so that it reaches no one either:
-    a cut only of its ports let its Patroni still reach the others' REST APIs, and its
-    failsafe mode kept it leading. Only the run's own ports and cgroup, only on `lo`; the
-    rules carry `tag` and are removed even on failure."""
-    if os.geteuid() != 0 or not (CGROUPS / node.cgroup).is_dir():
-        raise PermissionError("the cut fault needs root (iptables) and the node in a cgroup of its own")
-    ports = ["-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, node.ports))]
-    rules = [[*ports], ["-m", "cgroup", "--path", node.cgroup]]
+def _dropping(rules: list[list[str]], tag: str) -> Iterator[None]:
+    """Packets on `lo` matching any of `rules` dropped until the block ends; the rules carry
+    `tag` and are removed even on failure."""
+    if os.geteuid() != 0:
+        raise PermissionError("a cut needs root (iptables)")
     added: list[list[str]] = []
     try:
         for match in rules:
@@ -67,6 +68,61 @@ def dropped(node: Node, tag: str) -> Iterator[None]:
     finally:
         for rule in added:
             subprocess.run(["iptables", "-w", "10", "-D", *rule], check=True, timeout=30)
+
+
+def dropped(node: Node, tag: str) -> contextlib.AbstractContextManager[None]:
+    """The node cut off on loopback until the block ends: every TCP packet from or to its
+    ports dropped (iptables' OUTPUT chain sees both directions of a loopback connection),
+    and every packet its own processes send (its cgroup), so that it reaches no one either:
+    a cut only of its ports let its Patroni still reach the others' REST APIs, and its
+    failsafe mode kept it leading. Only the run's own ports and cgroup, only on `lo`."""
+    if not (CGROUPS / node.cgroup).is_dir():
+        raise PermissionError("the cut fault needs the node in a cgroup of its own")
+    ports = ["-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, node.ports))]
+    return _dropping([[*ports], ["-m", "cgroup", "--path", node.cgroup]], tag)
+
+
+def isolated(cgroup: str, postgres_ports: list[int], tag: str) -> contextlib.AbstractContextManager[None]:
+    """The processes born in `cgroup` cut from Postgres until the block ends: every packet
+    they send to a Postgres port dropped. A TCP connection needs both ways, so this is a
+    partition of them and of nobody else (the cluster's nodes still reach each other)."""
+    if not (CGROUPS / cgroup).is_dir():
+        raise PermissionError("the isolate fault needs the service born in a cgroup of its own (born_in)")
+    ports = ["-p", "tcp", "-m", "multiport", "--dports", ",".join(map(str, postgres_ports))]
+    return _dropping([[*ports, "-m", "cgroup", "--path", cgroup]], tag)
+
+
+@contextlib.contextmanager
+def born_in(cgroup: str) -> Iterator[bool]:
+    """Processes started in the block are born in `cgroup` (made for the run, removed after
+    the run's `ExitStack` closes): the caller enters it for the block and returns to its own
+    cgroup after. iptables' cgroup match reads a socket's cgroup as of the socket's making,
+    so moving a running process later would leave its pooled connections unmatched. Yields
+    whether it could (root and a cgroup2 hierarchy), and otherwise starts them as they are."""
+    own = Path("/proc/self/cgroup").read_text().splitlines()
+    mine = next((line.split("::", 1)[1] for line in own if line.startswith("0::")), None)
+    if os.geteuid() != 0 or not CGROUPS.is_dir() or mine is None:
+        yield False
+        return
+    (CGROUPS / cgroup).mkdir(exist_ok=True)
+    (CGROUPS / cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        (CGROUPS / mine.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def remove_cgroup(cgroup: str) -> None:
+    """The run's cgroup, once every process born in it has ended (bounded)."""
+    path = CGROUPS / cgroup
+    deadline = time.monotonic() + 30
+    while path.is_dir():
+        try:
+            path.rmdir()
+        except OSError:  # busy: a process still ending
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 async def _keys(dsn: str, table: str, column: str) -> set[str]:
@@ -93,10 +149,11 @@ async def _former(old: Node, leader: Node, database: str) -> dict[str, Any]:
 
 
 def strike(
-    cluster: Cluster, fault: str, database: str, tag: str, around: tuple[Callable[[], None], ...]
+    cluster: Cluster, fault: str, database: str, tag: str, around: tuple[Callable[[], None], ...], service: str
 ) -> dict[str, Any]:
-    """Strikes `fault` at the leader; `around` is (called just before, called just after the
-    fault struck). What happened when, as seconds after the strike."""
+    """Strikes `fault` at the leader (or, for `isolate`, at the service, born in the cgroup
+    `service`); `around` is (called just before, called just after the fault struck). What
+    happened when, as seconds after the strike."""
     before, after = around
     old = wait_for(cluster.leader, "a leader", LEADER_WITHIN_S)
     others = [n for n in cluster.nodes if n is not old]
@@ -115,10 +172,15 @@ def strike(
         elif fault == "store":
             undo.callback(cluster.start_etcd)
             cluster.kill_etcd()
+        elif fault == "isolate":
+            undo.enter_context(isolated(service, [node.port for node in cluster.nodes], tag))
         else:
             raise ValueError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
         after()
-        if fault == "store":
+        if fault == "isolate":
+            _hold_until(struck + ISOLATE_S)
+            record["leader_kept"] = cluster.leader() is old
+        elif fault == "store":
             _hold_until(struck + STORE_DOWN_S)
             # Patroni's own word that the leader kept its role by failsafe, from its log.
             log = (cluster.work / f"{old.name}.log").read_text(errors="replace")
