@@ -10,6 +10,10 @@ from service import embedded, storage
 from tools.stack import ROOT, local_env
 
 API_KEY = "chaos-key"
+# The emulator's deliveries as Stripe makes them (tools/localstripe/webhooks.py, Disorder):
+# each event up to 3 s late, so that the events of one Create (made within a second or
+# two) arrive in any order, and 30% of them sent twice.
+STRIPE_LIKE_DELIVERIES = (3.0, 0.3)
 
 
 def prepare(name: str) -> tuple[Path, str]:

@@ -32,7 +32,7 @@ import asyncpg
 import httpx
 
 from bench.load import percentile
-from chaos import API_KEY, prepare, stack_env
+from chaos import API_KEY, STRIPE_LIKE_DELIVERIES, prepare, stack_env
 from chaos.storm import applications_at, applied_once
 from service import payments
 from tools.stack import (
@@ -299,7 +299,8 @@ def main() -> None:
     run = f"chaos-{uuid.uuid4().hex[:8]}"
     stripe_port = free_port()
     with (work / "stack.log").open("w") as log:
-        emulator = start_localstripe(stripe_port, fresh=True, log=log)
+        disorder = STRIPE_LIKE_DELIVERIES
+        emulator = start_localstripe(stripe_port, fresh=True, log=log, webhook_retry_s=300, disorder=disorder)
         direct = f"http://127.0.0.1:{stripe_port}"
         proxy_args = ["--upstream", direct, "--fault-rate", str(fault_rate), "--stall-s", str(STALL_S)]
         argv = ["-m", "chaos.stripe_proxy", *proxy_args]

@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import asyncpg
 
-from chaos import API_KEY, stack_env
+from chaos import API_KEY, STRIPE_LIKE_DELIVERIES, stack_env
 from chaos.creates import customers_of
 from chaos.faults import FAULTS, born_in, remove_cgroup, strike
 from chaos.load import Load, run_callers
@@ -254,7 +254,9 @@ def main() -> None:
         cluster.replicated(DATABASE)
         url = cluster.dsn(DATABASE)
         with (work / "stack.log").open("w") as log:
-            emulator = start_localstripe(stripe_port, fresh=True, log=log, webhook_retry_s=WEBHOOK_RETRY_S)
+            emulator = start_localstripe(
+                stripe_port, fresh=True, log=log, webhook_retry_s=WEBHOOK_RETRY_S, disorder=STRIPE_LIKE_DELIVERIES
+            )
             direct = f"http://127.0.0.1:{stripe_port}"
             argv = ["-m", "chaos.stripe_proxy", "--upstream", direct, "--fault-rate", "0"]
             proxy_part, proxy_ports = start_python("stripe-proxy", argv, dict(os.environ), log=log)

@@ -217,10 +217,12 @@ def start_localstripe(
     timeout: float = 30,
     trust: Path | None = None,
     webhook_retry_s: float = 0.0,
+    disorder: tuple[float, float] = (0.0, 0.0),
 ) -> Part:
     """The Stripe emulator, with this project's extensions (the tools/localstripe package);
     its webhook deliveries trust the CA `trust` (an HTTPS gateway's) besides the system's,
-    and are retried for `webhook_retry_s` until answered 2xx (0: sent once)."""
+    are retried for `webhook_retry_s` until answered 2xx (0: sent once), and are up to
+    `disorder[0]` s late and doubled at the rate `disorder[1]` (webhooks.Disorder)."""
     argv = [
         sys.executable,
         "-m",
@@ -229,6 +231,7 @@ def start_localstripe(
         str(port),
         *(["--from-scratch"] if fresh else []),
         *(["--webhook-retry-s", str(webhook_retry_s)] if webhook_retry_s else []),
+        *(["--webhook-late-s", str(disorder[0]), "--webhook-duplicates", str(disorder[1])] if any(disorder) else []),
     ]
     env = {**os.environ, **({"SSL_CERT_FILE": str(trust)} if trust else {})}
     part = Part("localstripe", subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log, text=True))

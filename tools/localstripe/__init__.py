@@ -59,7 +59,9 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
   makes another request of its own, e.g. pays the invoice out of band); GET
   /_config/deliveries (webhook deliveries still on their way).
 - webhooks: every delivery counted while in flight; with --webhook-retry-s, each is retried
-  with backoff until answered 2xx (for that long), as Stripe retries, instead of sent once.
+  with backoff until answered 2xx (for that long), as Stripe retries, instead of sent once;
+  with --webhook-late-s and --webhook-duplicates, late, out of order and doubled, as
+  Stripe sends them.
 - version: the guard. Every patch relies on localstripe's internals, so nothing is
   patched unless the installed localstripe is the one pinned in pyproject.toml; any
   other version is a RuntimeError naming both.

@@ -1,4 +1,5 @@
-"""python -m tools.localstripe --port 8420 [--from-scratch] [--host 127.0.0.1] [--webhook-retry-s 0]"""
+"""python -m tools.localstripe --port 8420 [--from-scratch] [--host 127.0.0.1] [--webhook-retry-s 0]
+[--webhook-late-s 0] [--webhook-duplicates 0] [--webhook-seed 0]"""
 
 from __future__ import annotations
 
@@ -28,11 +29,25 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="retry a webhook delivery not answered 2xx for this long, as Stripe does (default: send it once)",
     )
+    parser.add_argument(
+        "--webhook-late-s",
+        type=float,
+        default=0.0,
+        help="delay each event up to this much more, so that events arrive out of order, as on Stripe",
+    )
+    parser.add_argument(
+        "--webhook-duplicates",
+        type=float,
+        default=0.0,
+        help="the share of events sent twice, as Stripe may (0 to 1)",
+    )
+    parser.add_argument("--webhook-seed", type=int, default=0, help="the seed of the lateness and the duplicates")
     args = parser.parse_args(argv)
 
     app = build_app(public_base=f"http://127.0.0.1:{args.port}")
     use_store(from_scratch=args.from_scratch)
-    webhooks.patch(args.webhook_retry_s)
+    disorder = webhooks.Disorder(args.webhook_late_s, args.webhook_duplicates, args.webhook_seed)
+    webhooks.patch(args.webhook_retry_s, disorder)
     access = logging.getLogger("aiohttp.access")  # localstripe logs webhook deliveries here too
     access.setLevel(logging.DEBUG)
     access.addHandler(logging.StreamHandler())

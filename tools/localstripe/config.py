@@ -117,8 +117,9 @@ async def clear_races(request: web.Request) -> web.Response:
 
 
 async def get_deliveries(request: web.Request) -> web.Response:
-    """GET /_config/deliveries: webhook deliveries scheduled and not yet done."""
-    return web.json_response({"in_flight": webhooks.DELIVERIES.in_flight})
+    """GET /_config/deliveries: webhook deliveries scheduled and not yet done, events sent
+    after one made later (overtaken), and events sent twice."""
+    return web.json_response(webhooks.DELIVERIES.counts())
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,5 +1,6 @@
-"""Webhook deliveries counted while in flight, and retried as Stripe retries them when asked
-(`--webhook-retry-s`).
+"""Webhook deliveries counted while in flight, and, when asked, retried as Stripe retries
+them (`--webhook-retry-s`) and late, out of order and doubled as Stripe sends them
+(`--webhook-late-s`, `--webhook-duplicates`: Disorder).
 
 Counted: localstripe sends each event a second after the call that made it answered, so a
 test that empties its tables could still receive the events of the test before it (seen in
@@ -25,6 +26,8 @@ import json
 import logging
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from random import Random
 from typing import Any
 
 import aiohttp
@@ -56,28 +59,74 @@ async def _deliver(url: str, secret: str, event_type: str, payload: bytes, retry
             await asyncio.sleep(min(BACKOFF_S[1], BACKOFF_S[0] * 2**attempt))
 
 
+@dataclass
+class Disorder:
+    """Deliveries as Stripe makes them, not as localstripe does (each event once, a second
+    later, in the order made): Stripe "doesn't guarantee delivery of events in the order in
+    which they're generated" and endpoints "might occasionally receive the same event more
+    than once" (https://docs.stripe.com/webhooks, event ordering and duplicate events).
+    Each event waits up to `late_s` more (so events made within that span arrive in any
+    order), and a share `duplicates` of them is sent again up to `late_s` after the first.
+    Seeded, so that a failing run can be repeated."""
+
+    late_s: float = 0.0
+    duplicates: float = 0.0
+    seed: int = 0
+    random: Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.late_s < 0 or not 0 <= self.duplicates <= 1:
+            raise ValueError("late_s must be >= 0 and duplicates within [0, 1]")
+        self.random = Random(self.seed)  # noqa: S311 - disorder for tests, not secrets
+
+    def delay(self) -> float:
+        return self.random.uniform(0, self.late_s)
+
+    def again(self) -> bool:
+        return self.random.random() < self.duplicates
+
+
 class Deliveries:
     """localstripe's `_send_webhook`, each delivery retried for `retry_for_s` (0: sent once,
-    as localstripe sends), and counted from the moment it is scheduled until it is done."""
+    as localstripe sends), late and duplicated by `disorder`, and counted from the moment it
+    is scheduled until it is done (its duplicate included)."""
 
-    def __init__(self, retry_for_s: float) -> None:
+    def __init__(self, retry_for_s: float, disorder: Disorder | None = None) -> None:
         self.retry_for_s = retry_for_s
+        self.disorder = disorder or Disorder()
         self.in_flight = 0
+        # What a test needs to know the disorder happened: events sent before one made
+        # earlier, and events sent twice.
+        self.scheduled = self.latest_sent = 0
+        self.out_of_order = self.doubled = 0
 
     def send(self, event: Any) -> Coroutine[Any, Any, None]:
         """Called synchronously by localstripe's schedule_webhook, so the count rises before
         the API call that made the event answers."""
         self.in_flight += 1
-        return self._send(event)
+        self.scheduled += 1
+        return self._send(event, self.scheduled)
 
-    async def _send(self, event: Any) -> None:
+    def counts(self) -> dict[str, int]:
+        return {"in_flight": self.in_flight, "out_of_order": self.out_of_order, "doubled": self.doubled}
+
+    async def _send(self, event: Any, made: int) -> None:
         try:
             payload = json.dumps(event._export(), indent=2, sort_keys=True).encode()
-            await asyncio.sleep(1)  # localstripe's: an event arrives a moment after its call answered
-            webhooks: Any = importlib.import_module("localstripe.webhooks")
-            for webhook in list(webhooks._webhooks.values()):
-                if webhook.events is None or event.type in webhook.events:
-                    await _deliver(webhook.url, webhook.secret, event.type, payload, self.retry_for_s)
+            # localstripe's second: an event arrives a moment after its call answered.
+            await asyncio.sleep(1 + self.disorder.delay())
+            copies = 2 if self.disorder.again() else 1
+            for copy in range(copies):
+                if copy:
+                    await asyncio.sleep(self.disorder.delay())
+                    self.doubled += 1
+                elif made < self.latest_sent:
+                    self.out_of_order += 1
+                self.latest_sent = max(self.latest_sent, made)
+                webhooks: Any = importlib.import_module("localstripe.webhooks")
+                for webhook in list(webhooks._webhooks.values()):
+                    if webhook.events is None or event.type in webhook.events:
+                        await _deliver(webhook.url, webhook.secret, event.type, payload, self.retry_for_s)
         finally:
             self.in_flight -= 1
 
@@ -85,10 +134,12 @@ class Deliveries:
 DELIVERIES = Deliveries(0.0)
 
 
-def patch(retry_for_s: float) -> None:
-    """From now on, every delivery goes through DELIVERIES, retried for `retry_for_s`
-    (localstripe's schedule_webhook looks `_send_webhook` up in its module at each call)."""
+def patch(retry_for_s: float, disorder: Disorder | None = None) -> None:
+    """From now on, every delivery goes through DELIVERIES, retried for `retry_for_s` and
+    made late and doubled by `disorder` (localstripe's schedule_webhook looks
+    `_send_webhook` up in its module at each call)."""
     version.check()
     DELIVERIES.retry_for_s = retry_for_s
+    DELIVERIES.disorder = disorder or Disorder()
     webhooks: Any = importlib.import_module("localstripe.webhooks")
     webhooks._send_webhook = DELIVERIES.send
