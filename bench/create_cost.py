@@ -23,7 +23,8 @@ from bench.load import percentile
 from service import payments
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from tools.stack import LOCALSTRIPE_KEY, customer_with_card
+from tools.customers import customer_with_card
+from tools.stack import LOCALSTRIPE_KEY
 
 ITEMS = (1, 10, 100)
 

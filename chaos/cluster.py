@@ -29,7 +29,8 @@ from tests.helpers import API_KEY, REQUEST, WEBHOOK_SECRET, wait_for_status
 from tests.test_rolling import Rolled, _async_callers, _creates, _reads, _recorded
 from tools.cluster import images
 from tools.cluster.cluster import GATEWAY, SERVER, Cluster, Secrets
-from tools.stack import LOCALSTRIPE_KEY, ROOT, customer_with_card, wait_until_routed
+from tools.customers import customer_with_card
+from tools.stack import LOCALSTRIPE_KEY, ROOT, wait_until_routed
 
 WATCH = "/admin/api/invoices:watch"
 

@@ -35,10 +35,10 @@ from bench.load import percentile
 from chaos import API_KEY, STRIPE_LIKE_DELIVERIES, prepare, stack_env
 from chaos.storm import applications_at, applied_once
 from service import payments
+from tools.customers import customer_with_card
 from tools.stack import (
     LOCALSTRIPE_KEY,
     backend,
-    customer_with_card,
     free_port,
     register_webhook,
     start_localstripe,

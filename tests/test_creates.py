@@ -32,9 +32,7 @@ from service.invoices import InvoiceCreator, Timing
 from service.payments import StripePayments
 from service.storage import Storage, creates
 from tests.helpers import poll_until, until
-from tools.stack import customer_with_card
-
-DECLINED_ON_CHARGE = "4000000000000341"  # attaches, then every charge is declined
+from tools.customers import DECLINED_ON_CHARGE, customer_with_card
 
 
 class Interrupted(Exception):

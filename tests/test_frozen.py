@@ -38,8 +38,9 @@ from service.dblink import DEFAULT_BUDGET_S
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tests.helpers import API_KEY, deliver, event, sign, stack_env
+from tools.customers import customer_with_card
 from tools.freeze import frozen
-from tools.stack import backend, customer_with_card, wait_until_routed
+from tools.stack import backend, wait_until_routed
 
 AT_DEFAULTS = "CHAOS_FROZEN_S" in os.environ
 BUDGET_S = DEFAULT_BUDGET_S if AT_DEFAULTS else 2.0  # DB_COMMAND_TIMEOUT_S

@@ -6,7 +6,9 @@ lines, replays, Stripe-shaped declines, the new routes, and signed webhooks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
+import json
 import time
 import tomllib
 import uuid
@@ -19,15 +21,15 @@ import pytest
 import stripe
 from aiohttp import web
 
+from tools.customers import DECLINED_ON_CHARGE, DEMO_FILE, customer_with_card, prepare_demo
 from tools.localstripe import app, version
 from tools.localstripe.invoice_items import MAX_LINES_PER_INVOICE
 from tools.localstripe.invoice_lifecycle import MINIMUM_CHARGE
 from tools.localstripe.invoices import MAX_LINES_PER_ADD
-from tools.stack import customer_with_card, free_port, start_localstripe
+from tools.stack import free_port, start_localstripe
 
 API_KEY = "sk_test_launcher"
 WEBHOOK_SECRET = "whsec_launcher_tests"
-DECLINED_ON_CHARGE = "4000000000000341"  # attaches, then every charge is declined
 DECLINED = "4000000000000002"  # Stripe's generic decline: refused already when attached
 ITEMS = [("All resources", 3300), ("Support", 700)]
 
@@ -259,6 +261,21 @@ async def test_a_declined_charge_is_a_card_error_and_the_invoice_stays_open(clie
         await client.v1.invoices.pay_async(invoice_id, {"payment_method": method}, pay)
     assert replayed.value.json_body == body
     assert (await client.v1.invoices.retrieve_async(invoice_id)).attempt_count == 1
+
+
+async def test_the_demo_customer_of_make_run_pays_with_one_card_and_is_declined_with_the_other(
+    emulator: str, client: stripe.StripeClient, tmp_path: Path
+) -> None:
+    """What the README's quick start relies on: make run's demo file names a customer whose
+    `card` pays and whose `declining_card` leaves the invoice open."""
+    demo = await asyncio.to_thread(prepare_demo, emulator, API_KEY, tmp_path)
+    assert json.loads((tmp_path / DEMO_FILE).read_text()) == dataclasses.asdict(demo)
+    invoice_id = await open_invoice(client, demo.customer, demo.declining_card)
+    with pytest.raises(stripe.CardError):
+        await client.v1.invoices.pay_async(invoice_id, {"payment_method": demo.declining_card}, key("pay"))
+    assert (await client.v1.invoices.retrieve_async(invoice_id)).status == "open"
+    paid = await client.v1.invoices.pay_async(invoice_id, {"payment_method": demo.card}, key("pay"))
+    assert (paid.status, paid.amount_paid) == ("paid", 4000)
 
 
 async def test_the_generic_decline_card_is_refused_like_on_stripe(client: stripe.StripeClient) -> None:

@@ -22,10 +22,9 @@ from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tests.helpers import AUTH, CONSOLE, CONSOLE_KEY, READ_KEY, REQUEST, Stack, poll_until, wait_for_status
-from tools.stack import customer_with_card
+from tools.customers import DECLINED_ON_CHARGE, customer_with_card
 
 FIXTURES = Path(__file__).parent / "fixtures"
-DECLINED_ON_CHARGE = "4000000000000341"
 
 
 async def create(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from tests.helpers import AUTH, Stack, deliver, event, sign
-from tools.stack import customer_with_card
+from tools.customers import customer_with_card
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -47,7 +47,8 @@ from tests.helpers import (
     until_watching,
     wait_until,
 )
-from tools.stack import LOCALSTRIPE_KEY, customer_with_card, free_port, start_service, start_webhooks
+from tools.customers import customer_with_card
+from tools.stack import LOCALSTRIPE_KEY, free_port, start_service, start_webhooks
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 

@@ -43,11 +43,11 @@ from tests.helpers import (
     until_watching,
     wait_until,
 )
+from tools.customers import customer_with_card
 from tools.direct import direct_channel
 from tools.stack import (
     LOCALSTRIPE_KEY,
     Part,
-    customer_with_card,
     free_port,
     start_envoy,
     start_service,

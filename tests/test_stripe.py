@@ -24,7 +24,8 @@ from service.config import Settings
 from service.invoices import InvoiceCreator, Timing
 from service.storage import Storage
 from tests.helpers import OLD_WEBHOOK_SECRET, REQUEST, deliver, event, sign, wait_for_status
-from tools.stack import LOCALSTRIPE_KEY, customer_with_card
+from tools.customers import customer_with_card
+from tools.stack import LOCALSTRIPE_KEY
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -20,8 +20,9 @@ import pytest
 from service import payments, stripe_objects
 from service.domain import NewInvoice, NewItem, User
 from tests.referee.judge import Referee, Verdict, records
+from tools.customers import customer_with_card
 from tools.localstripe.recorder import RECORD_DIR
-from tools.stack import LOCALSTRIPE_KEY, customer_with_card, free_port, start_localstripe
+from tools.stack import LOCALSTRIPE_KEY, free_port, start_localstripe
 
 DECLINED_WHEN_CHARGED = "4000000000000341"
 THE_SERVICES_CALLS = {

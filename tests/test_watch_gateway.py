@@ -27,7 +27,8 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.storage import Storage
 from service.watch import Watches, WatchLimits
 from tests.helpers import API_KEY, AUTH, REQUEST, Stack, until_envoy_routes
-from tools.stack import customer_with_card, start_envoy
+from tools.customers import customer_with_card
+from tools.stack import start_envoy
 
 WATCH = "/admin/api/invoices:watch"
 

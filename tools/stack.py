@@ -1,6 +1,7 @@
 """Runs the whole local stack in the foreground for `make run`: the Stripe emulator
 (when STRIPE_API_KEY is unset), the gRPC server (which starts the embedded Postgres when
-DATABASE_URL is unset), the webhook sidecar and the Envoy gateway in front of both.
+DATABASE_URL is unset), the webhook sidecar and the Envoy gateway in front of both,
+and, with the emulator, a demo customer with cards for the README's quick start.
 Ctrl-C or SIGTERM stops them in order, gateway first; if one part dies, the others are
 stopped too. The same start-up helpers serve the test session."""
 
@@ -22,16 +23,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TypeVar
 
 import grpc
-import stripe
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.render import render
 from service import announce
 from service.config import Settings
 from tools import tls as local_tls
+from tools.customers import DEMO_FILE, prepare_demo
 from tools.direct import MIN_READY_S, held_for
 from tools.direct import direct_channel as direct_channel  # where chaos/failover.py imports it
 
@@ -48,27 +49,12 @@ LOCALSTRIPE_KEY = "sk_test_localstripe"
 LOCAL_WEBHOOK_SECRET = "whsec_local_development_only"  # noqa: S105 - local emulator only
 
 
-# The emulator takes raw card numbers; real Stripe wants tokens (pm_card_visa).
-VISA = "4242424242424242"
-
-
 def free_port() -> int:
     """A port free now, for parts that cannot report the one they picked (localstripe)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-async def customer_with_card(client: stripe.StripeClient, number: str = VISA) -> tuple[str, str]:
-    """A Stripe customer with an attached card payment method, as a dashboard user makes."""
-    customer = await client.v1.customers.create_async({"name": "John Doe", "email": "john.doe@mail.com"})
-    card: Any = {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
-    method = await client.v1.payment_methods.create_async({"type": "card", "card": card})
-    if customer.id is None or method.id is None:
-        raise RuntimeError("the emulator answered objects without ids")
-    await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
-    return customer.id, method.id
 
 
 def serving(port: int) -> bool:
@@ -364,6 +350,12 @@ def main() -> None:
                 secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0]
                 url = f"{scheme}://localhost:{running.gateway_port}/webhooks/stripe"
                 register_webhook(settings.localstripe_port, url, secret)
+                demo = prepare_demo(env["STRIPE_API_BASE"], LOCALSTRIPE_KEY, Path(settings.data_dir))
+                print(
+                    f"Demo  Stripe customer  {demo.customer}, card {demo.card} (pays), card {demo.declining_card}"
+                    f" (declined on charge); in {Path(settings.data_dir) / DEMO_FILE}",
+                    flush=True,
+                )
             gateway = running.gateway_port
             print(
                 f"REST  admin API        {scheme}://localhost:{gateway}/admin/api/invoices (header Api-Key)\n"
