@@ -1,6 +1,7 @@
 """Generates everything derived from protos/: Python messages and gRPC stubs with
 their mypy stubs (committed under service/gen/), the descriptor set Envoy loads
-and the googleapis imports buf resolves (both under .build/, never committed).
+and the googleapis imports buf resolves (both under .build/, never committed); and
+docs/configuration.md from service/config.py (tools/configdoc.py).
 
 `--check` regenerates the committed files into a temporary folder and fails when
 they differ, so stale generated code cannot land.
@@ -21,7 +22,7 @@ import google.api
 import grpc_tools
 from grpc_tools import protoc
 
-from tools import openapi
+from tools import configdoc, openapi
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -90,7 +91,7 @@ def _differences(left: Path, right: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if service/gen is stale")
+    parser.add_argument("--check", action="store_true", help="fail if a generated file is stale")
     check = parser.parse_args().check
     generate_build_files()
     if check:
@@ -99,6 +100,8 @@ def main() -> None:
             stale = _differences(GEN, Path(tmp))
         if OPENAPI.read_text() != openapi_document():
             stale.append(str(OPENAPI.relative_to(ROOT)))
+        if configdoc.CONFIGURATION.read_text() != configdoc.document():
+            stale.append(str(configdoc.CONFIGURATION.relative_to(ROOT)))
         if stale:
             raise SystemExit(f"generated files are stale ({', '.join(stale)}): run `make generate` and commit")
         print("generated code is up to date")
@@ -106,7 +109,11 @@ def main() -> None:
     shutil.rmtree(GEN, ignore_errors=True)
     generate_python(GEN)
     OPENAPI.write_text(openapi_document())
-    print(f"generated {GEN.relative_to(ROOT)}, {OPENAPI.relative_to(ROOT)} and {DESCRIPTOR.relative_to(ROOT)}")
+    configdoc.CONFIGURATION.write_text(configdoc.document())
+    print(
+        f"generated {GEN.relative_to(ROOT)}, {OPENAPI.relative_to(ROOT)}, {DESCRIPTOR.relative_to(ROOT)}"
+        f" and {configdoc.CONFIGURATION.relative_to(ROOT)}"
+    )
 
 
 if __name__ == "__main__":
