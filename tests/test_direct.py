@@ -1,5 +1,5 @@
-"""Direct gRPC callers (those that skip Envoy and name every replica) through a roll: the
-README documents the settings tools/direct.py gives them, and the roll's pace
+"""Direct gRPC callers (those that skip Envoy and name every replica) through a roll:
+docs/grpc-clients.md documents the settings tools/direct.py gives them, and the roll's pace
 (tools.stack.wait_until_available) lets such a caller see a restarted replica before the
 next one goes down, even when the caller had backed far off from the restarted one.
 
@@ -26,15 +26,15 @@ from tests.helpers import API_KEY, AUTH, poll_until
 from tools.direct import DIRECT_CHANNEL_OPTIONS, DIRECT_SERVICE_CONFIG, direct_channel
 from tools.stack import wait_until_available
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "grpc-clients.md"
 # Failed connection attempts forced on the caller before the replica comes back. gRPC's
 # default backoff then waits 4.1 s ± 20% before the next (1, 1.6, 2.56, 4.1 s): longer than
 # the roll's hold plus the retries' backoff, so without the caller's cap the case fails.
 FAILED_ATTEMPTS = 4
 
 
-def test_the_readme_gives_direct_callers_the_settings_the_roll_relies_on() -> None:
-    section = README.read_text().split("**Direct gRPC callers and replicas.**")[1]
+def test_the_guide_gives_direct_callers_the_settings_the_roll_relies_on() -> None:
+    section = GUIDE.read_text().split("## Direct gRPC callers and replicas")[1].split("\n## ")[0]
     config, options = re.findall(r"```json\n(.*?)```", section, re.S)[:2]
     assert json.loads(config) == json.loads(DIRECT_SERVICE_CONFIG)
     assert json.loads(options) == {k: v for k, v in DIRECT_CHANNEL_OPTIONS if k != "grpc.service_config"}

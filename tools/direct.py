@@ -1,5 +1,6 @@
-"""What a gRPC caller that skips Envoy and names every replica is asked to use (the README's
-"Direct gRPC callers and replicas", held equal to it by tests/test_direct.py), and the pace a
+"""What a gRPC caller that skips Envoy and names every replica is asked to use
+(docs/grpc-clients.md, "Direct gRPC callers and replicas", held equal to it by
+tests/test_direct.py), and the pace a
 roll of those replicas keeps so that such a caller always has a replica it sees SERVING:
 the one rule every roll in this project follows (tests, chaos, the container cluster), and
 the one deploy/'s Deployment states as `minReadySeconds`.
@@ -54,7 +55,7 @@ DIRECT_SERVICE_CONFIG = json.dumps(
         ],
     }
 )
-# Channel arguments beside the service config (the README lists them but the first).
+# Channel arguments beside the service config (docs/grpc-clients.md lists them but the first).
 DIRECT_CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.service_config", DIRECT_SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
@@ -68,7 +69,7 @@ DIRECT_CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
 
 
 def direct_channel(target: str) -> grpc.aio.Channel:
-    """A channel to every replica in `target`, as the README asks direct callers to open one."""
+    """A channel to every replica in `target`, as docs/grpc-clients.md asks direct callers to open one."""
     return grpc.aio.insecure_channel(target, options=DIRECT_CHANNEL_OPTIONS)
 
 
