@@ -124,7 +124,7 @@ def _cluster_table(f: dict[str, Any]) -> list[str]:
     return [*_rolling_table(f), "", *starts]
 
 
-# The scenarios whose figures are also printed as the README's table.
+# The scenarios whose figures are also printed as docs/reliability.md's tables.
 TABLES = {
     "postgres faults": _failover_table,
     "frozen postgres": _frozen_table,

@@ -4,7 +4,7 @@ for direct gRPC, through the Services' DNS on the run's own network. First the s
 (a Create paid by the emulator's signed webhook, then list and get), a REST watch that
 sees it, and its audit trail; then every server pod (server and sidecar) and every Envoy
 pod replaced as the Deployments' strategy says, under REST reads, keyed Creates, direct
-gRPC reads (the README's service config over `dns:///invoice-service-grpc`), watchers that
+gRPC reads (docs/grpc-clients.md's service config over `dns:///invoice-service-grpc`), watchers that
 resume and signed webhook deliveries (tests/test_rolling.py's callers). The rule: no failed
 call of any kind, every delivery recorded once, every watcher seeing every change once, in
 order. Prints its figures as JSON (the last line) and exits 1 when the rule is broken."""

@@ -85,7 +85,7 @@ ALLOWED = {"rest": {"503"}, "grpc": {"UNAVAILABLE"}, "creates": {"503"}, "webhoo
 WEBHOOK_RETRY_S = 300.0
 # The rule for every call: its answer ("retry later" at worst) within the service's
 # DB_COMMAND_TIMEOUT_S plus this margin (the gateway's hop, a loaded 2-core machine), never
-# Envoy's 504 after 15 s. A direct gRPC read retries UNAVAILABLE (the README's service
+# Envoy's 504 after 15 s. A direct gRPC read retries UNAVAILABLE (docs/grpc-clients.md's service
 # config: 5 attempts, backoffs 0.1 s doubling to 1 s) and may wait those out as well.
 WAIT_MARGIN_S = 2.0
 WAIT_BOUND_S = {"rest": DEFAULT_BUDGET_S + WAIT_MARGIN_S, "creates": DEFAULT_BUDGET_S + WAIT_MARGIN_S}

@@ -1,6 +1,6 @@
 """The callers the failover scenario keeps running while it strikes Postgres, in a process
 of their own (the scenario forks Postgres's tools and Patroni; a fork beside gRPC's
-threads may crash the child): two REST readers, a direct gRPC reader (the README's service
+threads may crash the child): two REST readers, a direct gRPC reader (docs/grpc-clients.md's service
 config), two writers of keyed Creates retried with their keys until answered, and three
 watchers that resume with their last token. Each kind of call keeps its answers, the time
 and answer of every failure, and the time and length of every call that waited over

@@ -1,7 +1,7 @@
 """The record cache: GetInvoice answered from memory, kept current by the change feed.
 
 Why: a Get that reaches Postgres spends most of its CPU on the round trip (the event loop's
-turns for the socket, asyncpg), not on its SQL; see README, Performance. Boundary: knows
+turns for the socket, asyncpg), not on its SQL; see docs/performance.md. Boundary: knows
 Invoices and the feed reader's reads; no SQL, no gRPC. What it promises:
 
 - Never a record older than the last change the feed's reader applied: the reader forgets

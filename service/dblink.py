@@ -12,7 +12,7 @@ DEFAULT_BUDGET_S = 5.0
 
 @dataclass(frozen=True)
 class Link:
-    """The settings of every connection (README, Configuration: DB_CONNECT_TIMEOUT_S,
+    """The settings of every connection (docs/configuration.md: DB_CONNECT_TIMEOUT_S,
     DB_KEEPALIVE_IDLE_S, DB_KEEPALIVE_INTERVAL_S, DB_KEEPALIVE_COUNT, DB_TCP_USER_TIMEOUT_S);
     the defaults are the settings' defaults, justified there."""
 

@@ -45,7 +45,7 @@ from tools.stack import backend, wait_until_routed
 AT_DEFAULTS = "CHAOS_FROZEN_S" in os.environ
 BUDGET_S = DEFAULT_BUDGET_S if AT_DEFAULTS else 2.0  # DB_COMMAND_TIMEOUT_S
 # What a call may take beyond the budget: the event loop's turn after the deadline, Envoy's
-# hop and this 2-core machine's other tests. Measured: at most 0.1 s over (README).
+# hop and this 2-core machine's other tests. Measured: at most 0.1 s over (docs/reliability.md).
 MARGIN_S = 1.0
 FREEZE_S = float(os.environ.get("CHAOS_FROZEN_S", "8"))
 UNAVAILABLE = ("503", "UNAVAILABLE")

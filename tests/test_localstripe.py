@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import importlib.metadata
 import json
+import re
 import time
 import tomllib
 import uuid
@@ -21,7 +22,8 @@ import pytest
 import stripe
 from aiohttp import web
 
-from tools.customers import DECLINED_ON_CHARGE, DEMO_FILE, customer_with_card, prepare_demo
+from service.config import default
+from tools.customers import DECLINED_ON_CHARGE, DEMO_FILE, Demo, customer_with_card, prepare_demo
 from tools.localstripe import app, version
 from tools.localstripe.invoice_items import MAX_LINES_PER_INVOICE
 from tools.localstripe.invoice_lifecycle import MINIMUM_CHARGE
@@ -276,6 +278,15 @@ async def test_the_demo_customer_of_make_run_pays_with_one_card_and_is_declined_
     assert (await client.v1.invoices.retrieve_async(invoice_id)).status == "open"
     paid = await client.v1.invoices.pay_async(invoice_id, {"payment_method": demo.card}, key("pay"))
     assert (paid.status, paid.amount_paid) == ("paid", 4000)
+
+
+def test_the_readmes_quick_start_reads_every_id_make_run_writes() -> None:
+    """The quick start is typed as printed: it must name the file make run writes, and each
+    field of it (a renamed field would leave a shell variable empty and the Create a 400)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    demo_file = re.escape(f"{default('data_dir')}/{DEMO_FILE}")
+    read = re.findall(r"jq -r \.(\w+) " + demo_file, readme)
+    assert sorted(read) == sorted(f.name for f in dataclasses.fields(Demo))
 
 
 async def test_the_generic_decline_card_is_refused_like_on_stripe(client: stripe.StripeClient) -> None:

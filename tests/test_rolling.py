@@ -1,5 +1,5 @@
 """A rolling restart of two servers and two webhook sidecars behind one Envoy, under REST
-reads and keyed Creates, direct gRPC reads (round robin with retries, as the README asks of
+reads and keyed Creates, direct gRPC reads (round robin with retries, as docs/grpc-clients.md asks of
 direct callers), watchers that resume, and signed webhook deliveries: each replica in turn
 gets SIGTERM, drains, exits, is restarted and is available again (SERVING for MIN_READY_S,
 so direct callers see it, tools/direct.py) and routed again by Envoy before the next.

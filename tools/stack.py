@@ -327,7 +327,7 @@ def backend(
 
 
 def main() -> None:
-    # TLS=1: every hop over TLS with a local CA made now (README, "TLS").
+    # TLS=1: every hop over TLS with a local CA made now (docs/operations.md, "TLS").
     tls = local_tls.make(Path(Settings().data_dir) / "tls") if os.environ.get("TLS") == "1" else None
     if tls is not None:
         os.environ.update(tls.env())
