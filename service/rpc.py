@@ -79,6 +79,8 @@ def fill_invoice(target: pb.Invoice, invoice: Invoice, default_currency: str) ->
     target.amount_int32 = invoice.amount if _INT32_MIN <= invoice.amount <= _INT32_MAX else 0
     target.currency = invoice.currency or default_currency
     target.invoice_pdf = invoice.invoice_pdf
+    target.amount_credited = invoice.amount_credited
+    target.amount_refunded = invoice.amount_refunded
     _set_time(target.created_at, invoice.created_at)
     _set_time(target.updated_at, invoice.updated_at)
     return target

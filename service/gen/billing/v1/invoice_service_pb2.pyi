@@ -44,6 +44,8 @@ class Invoice(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
+    AMOUNT_CREDITED_FIELD_NUMBER: _builtins.int
+    AMOUNT_REFUNDED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The service's own id of the record: 24 lowercase hex digits."""
     invoice_id: _builtins.str
@@ -84,6 +86,15 @@ class Invoice(_message.Message):
     """
     currency: _builtins.str
     """The currency of `amount`: a lowercase ISO 4217 code such as `eur`."""
+    amount_credited: _builtins.float
+    """Money given back on this invoice by its issued Stripe credit notes, in
+    minor units of `currency`, however it was given (refunded to the payment,
+    credited to the customer's balance, or outside Stripe) and whoever gave it
+    (this service, Stripe's dashboard, a dispute). 0 when none. A double for
+    the reason `amount` is.
+    """
+    amount_refunded: _builtins.float
+    """The part of `amount_credited` refunded to the invoice's payment."""
     @_builtins.property
     def user(self) -> Global___User:
         """The team member or customer the invoice belongs to."""
@@ -112,10 +123,12 @@ class Invoice(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         amount: _builtins.float = ...,
         currency: _builtins.str = ...,
+        amount_credited: _builtins.float = ...,
+        amount_refunded: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_int32", b"amount_int32", "created_at", b"created_at", "currency", b"currency", "id", b"id", "invoice_id", b"invoice_id", "invoice_pdf", b"invoice_pdf", "status", b"status", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_credited", b"amount_credited", "amount_int32", b"amount_int32", "amount_refunded", b"amount_refunded", "created_at", b"created_at", "currency", b"currency", "id", b"id", "invoice_id", b"invoice_id", "invoice_pdf", b"invoice_pdf", "status", b"status", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
