@@ -45,6 +45,7 @@ class Creator(Protocol):
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]: ...
     async def pay(self, invoice_id: str, payment_method: str | None, idempotency_key: str | None) -> Invoice: ...
     async def void(self, invoice_id: str, idempotency_key: str | None) -> Invoice: ...
+    async def mark_uncollectible(self, invoice_id: str, idempotency_key: str | None) -> Invoice: ...
 
 
 def _set_time(target: timestamp_pb2.Timestamp, moment: datetime) -> None:
@@ -192,6 +193,16 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         invoice_id = validation.invoice_id(request.id)
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
         return fill_invoice(pb.Invoice(), await self._creator.void(invoice_id, key), self._default_currency)
+
+    async def MarkUncollectible(
+        self,
+        request: pb.MarkUncollectibleRequest,
+        context: grpc.aio.ServicerContext[pb.MarkUncollectibleRequest, pb.Invoice],
+    ) -> pb.Invoice:
+        invoice_id = validation.invoice_id(request.id)
+        key = validation.idempotency_key(_metadata(context, "idempotency-key"))
+        invoice = await self._creator.mark_uncollectible(invoice_id, key)
+        return fill_invoice(pb.Invoice(), invoice, self._default_currency)
 
     async def ListInvoiceAudit(
         self,

@@ -437,6 +437,28 @@ class VoidInvoiceRequest(_message.Message):
 Global___VoidInvoiceRequest: _TypeAlias = VoidInvoiceRequest  # noqa: Y015
 
 @_typing.final
+class MarkUncollectibleRequest(_message.Message):
+    """MarkUncollectibleRequest names the invoice to write off."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkUncollectibleRequest: _TypeAlias = MarkUncollectibleRequest  # noqa: Y015
+
+@_typing.final
 class WatchInvoicesRequest(_message.Message):
     """WatchInvoicesRequest opens a watch; every filter is optional and they
     combine. A filter applies to the record as each change left it: a watch of
@@ -600,7 +622,9 @@ class ListInvoiceAuditResponse(_message.Message):
     """The token of the next page; absent on the last page."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
-        """One per attempt of a Create, Pay or Void that ended or was abandoned."""
+        """One per attempt of a Create, Pay, Void or MarkUncollectible that ended or
+        was abandoned.
+        """
 
     def __init__(
         self,
@@ -638,7 +662,7 @@ class AuditEntry(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     action: _builtins.str
-    """`create`, `pay` or `void`."""
+    """`create`, `pay`, `void` or `mark_uncollectible`."""
     caller: _builtins.str
     """Who called: the API key's name (never the key) or the client
     certificate's subject.
