@@ -18,6 +18,7 @@ from tools.localstripe import (
     invoice_lifecycle,
     invoices,
     payment_methods,
+    refunds,
     shapes,
     version,
 )
@@ -49,6 +50,7 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
     invoice_items.patch()
     customers.patch()
     payment_methods.patch()
+    refunds.patch()
     shapes.patch()
 
     # Only the routes change: localstripe's subscriptions keep calling the stock
