@@ -32,6 +32,24 @@ class StripeCreditNote:
     created: int | None = None
 
 
+# Stripe's credit note reasons (the `reason` parameter's enum).
+REASONS = frozenset({"duplicate", "fraudulent", "order_change", "product_unsatisfactory"})
+
+
+@dataclass(frozen=True, slots=True)
+class RefundAsk:
+    """What a RefundInvoice asks for: an amount (None: all that is left), Stripe's reason
+    (empty for none) and a memo."""
+
+    amount: int | None
+    reason: str
+    memo: str
+
+    def fields(self) -> dict[str, object]:
+        """The request's fields, for the idempotency key's fingerprint."""
+        return {"amount": self.amount, "reason": self.reason, "memo": self.memo}
+
+
 def note_overtaken(stored: NoteStatus, stored_time: int, new: NoteStatus, new_time: int) -> bool:
     """Whether `new`, true at Stripe time `new_time`, is a later state of the note than the
     stored one: void after issued whenever it arrives (Stripe delivers in any order); else

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service.attempts import CreateRequests, KeyedAttempts, Timing, audited_call, stripe_key
+from service.attempts import CreateRequests, Timing, audited_call, stripe_key
+from service.credit_notes import RefundAsk
 from service.domain import (
     Audited,
     CreateClaim,
@@ -23,13 +24,13 @@ from service.domain import (
     Invoice,
     NewInvoice,
     NewItem,
-    NotFound,
     Status,
     StripeInvoice,
     Unavailable,
     fingerprint,
 )
 from service.payments import StripePayments
+from service.refunds import Refunding, RefundRecords
 from service.stripe_objects import invoice_from_stripe
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ["InvoiceCreator", "NoStripe", "Timing", "lines_done"]
 
 
-class InvoiceRecords(Protocol):
+class InvoiceRecords(RefundRecords, Protocol):
     async def get_invoice(self, key: str) -> Invoice: ...
     async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice: ...
 
@@ -58,6 +59,9 @@ class NoStripe:
         raise Unavailable(_NO_STRIPE)
 
     async def mark_uncollectible(self, invoice_id: str, idempotency_key: str | None) -> Invoice:
+        raise Unavailable(_NO_STRIPE)
+
+    async def refund(self, invoice_id: str, ask: RefundAsk, idempotency_key: str | None) -> Invoice:
         raise Unavailable(_NO_STRIPE)
 
 
@@ -100,9 +104,9 @@ def lines_done(invoice: dict[str, Any], batches: list[tuple[NewItem, ...]]) -> i
     )
 
 
-class InvoiceCreator(KeyedAttempts):
-    """Create, Pay, Void and MarkUncollectible, each an attempt of its idempotency key
-    (KeyedAttempts)."""
+class InvoiceCreator(Refunding):
+    """Create, Pay, Void and MarkUncollectible (and RefundInvoice, from Refunding), each an
+    attempt of its idempotency key (KeyedAttempts)."""
 
     def __init__(self, requests: CreateRequests, records: InvoiceRecords, payments: StripePayments, timing: Timing):
         super().__init__(requests, timing)
@@ -241,16 +245,3 @@ class InvoiceCreator(KeyedAttempts):
             return await self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), lambda: audited)
 
         return await self._detached(claimed())
-
-    async def _stripe_id(self, invoice_id: str) -> str:
-        """Stripe's id of the invoice named by the service's `_id` or by `in_...`; an
-        `in_...` id the store does not know yet (its webhook has not arrived) is asked of
-        Stripe."""
-        try:
-            return (await self._records.get_invoice(invoice_id)).stripe_invoice_id
-        except NotFound:
-            if not invoice_id.startswith("in_"):
-                raise
-        if not await self._payments.exists(invoice_id):
-            raise NotFound(f"invoice {invoice_id} not found")
-        return invoice_id

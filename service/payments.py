@@ -1,8 +1,8 @@
 """Every call to Stripe: the steps of a Create (an empty draft, its lines added in one
 call, finalize, pay), the look-ups a resumed Create needs, Pay, Void and MarkUncollectible,
-and the listing
-that reconcile reads. Maps Stripe's errors to domain errors. Nothing here knows gRPC, HTTP
-or the database; service/invoices.py decides the order of the calls and their keys."""
+a refund's credit note, and the listings that reconcile reads. Maps Stripe's errors to
+domain errors. Nothing here knows gRPC, HTTP or the database; service/invoices.py and
+service/refunds.py decide the order of the calls and their keys."""
 
 from __future__ import annotations
 
@@ -15,8 +15,15 @@ from typing import Any, TypeVar
 
 import stripe
 from stripe import RequestOptions
-from stripe.params import InvoiceAddLinesParamsLine, InvoiceListParams, InvoicePayParams
+from stripe.params import (
+    CreditNoteCreateParams,
+    CreditNoteListParams,
+    InvoiceAddLinesParamsLine,
+    InvoiceListParams,
+    InvoicePayParams,
+)
 
+from service.credit_notes import RefundAsk
 from service.domain import (
     AlreadyExists,
     DomainError,
@@ -329,6 +336,33 @@ class StripePayments:
             raise error
         log.info("stripe refused a call on an invoice whose status changed", extra={"invoice": invoice_id})
         return current
+
+    async def credit_notes(self, invoice_id: str) -> list[dict[str, Any]]:
+        """Every credit note of the invoice, newest first, page by page."""
+        params: CreditNoteListParams = {"invoice": invoice_id, "limit": 100}
+        found: list[dict[str, Any]] = []
+        while True:
+            page = await self._call("credit_notes.list", self._stripe.v1.credit_notes.list_async(params))
+            found += [note.to_dict(for_json=True) for note in page.data]
+            if not page.has_more or not page.data:
+                return found
+            params = {**params, "starting_after": str(page.data[-1].id)}
+
+    async def refund(self, invoice_id: str, amount: int, ask: RefundAsk, key: str, stripe_key: str) -> dict[str, Any]:
+        """A credit note for `amount`, all of it refunded to the invoice's payment, carrying
+        the RefundInvoice's key in its metadata (service/refunds.py finds it by that)."""
+        params: CreditNoteCreateParams = {
+            "invoice": invoice_id,
+            "amount": amount,
+            "refund_amount": amount,
+            "metadata": {CREATE_KEY: key},
+        }
+        if ask.reason:
+            params["reason"] = ask.reason
+        if ask.memo:
+            params["memo"] = ask.memo
+        call = self._stripe.v1.credit_notes.create_async(params, {"idempotency_key": stripe_key})
+        return (await self._call("credit_notes.create", call)).to_dict(for_json=True)
 
     async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
         """Every Stripe invoice object created at or after `since`, newest first, each with

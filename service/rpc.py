@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
+from service.credit_notes import RefundAsk
 from service.domain import (
     AuditPage,
     Change,
@@ -46,6 +47,7 @@ class Creator(Protocol):
     async def pay(self, invoice_id: str, payment_method: str | None, idempotency_key: str | None) -> Invoice: ...
     async def void(self, invoice_id: str, idempotency_key: str | None) -> Invoice: ...
     async def mark_uncollectible(self, invoice_id: str, idempotency_key: str | None) -> Invoice: ...
+    async def refund(self, invoice_id: str, ask: RefundAsk, idempotency_key: str | None) -> Invoice: ...
 
 
 def _set_time(target: timestamp_pb2.Timestamp, moment: datetime) -> None:
@@ -202,6 +204,18 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         invoice_id = validation.invoice_id(request.id)
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
         invoice = await self._creator.mark_uncollectible(invoice_id, key)
+        return fill_invoice(pb.Invoice(), invoice, self._default_currency)
+
+    async def RefundInvoice(
+        self,
+        request: pb.RefundInvoiceRequest,
+        context: grpc.aio.ServicerContext[pb.RefundInvoiceRequest, pb.Invoice],
+    ) -> pb.Invoice:
+        invoice_id = validation.invoice_id(request.id)
+        amount = request.amount if request.HasField("amount") else None
+        ask = validation.refund_ask(amount, request.reason, request.memo)
+        key = validation.idempotency_key(_metadata(context, "idempotency-key"))
+        invoice = await self._creator.refund(invoice_id, ask, key)
         return fill_invoice(pb.Invoice(), invoice, self._default_currency)
 
     async def ListInvoiceAudit(

@@ -24,7 +24,14 @@ def test_a_read_caller_may_only_list_get_and_watch() -> None:
     assert [m for m in ("ListInvoices", "GetInvoice", "WatchInvoices") if not reader.may_call(m)] == []
     assert [
         m
-        for m in ("CreateInvoice", "PayInvoice", "VoidInvoice", "MarkUncollectible", "ListInvoiceAudit")
+        for m in (
+            "CreateInvoice",
+            "PayInvoice",
+            "VoidInvoice",
+            "MarkUncollectible",
+            "RefundInvoice",
+            "ListInvoiceAudit",
+        )
         if reader.may_call(m)
     ] == []
     assert writer.may_call("VoidInvoice") and writer.may_call("SomeMethodAddedLater")

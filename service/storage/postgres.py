@@ -221,6 +221,10 @@ class Storage(CreateRequests, ChangeFeed):
             lambda conn: credit_notes.apply(conn, note, stripe_time, record_time()),
         )
 
+    async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None:
+        """Applies a credit note Stripe answered to a call of the service's own (Refund)."""
+        await self.apply_stripe_credit_note(note, stripe_time=stripe_time)
+
     async def _applied(
         self,
         invoice_key: str,

@@ -459,6 +459,46 @@ class MarkUncollectibleRequest(_message.Message):
 Global___MarkUncollectibleRequest: _TypeAlias = MarkUncollectibleRequest  # noqa: Y015
 
 @_typing.final
+class RefundInvoiceRequest(_message.Message):
+    """RefundInvoiceRequest names the invoice and how much to give back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MEMO_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    amount: _builtins.int
+    """Minor units of the invoice's currency, at least 1; unset: all that is left
+    to refund.
+    """
+    reason: _builtins.str
+    """Stripe's reason: `duplicate`, `fraudulent`, `order_change` or
+    `product_unsatisfactory`; empty for none.
+    """
+    memo: _builtins.str
+    """A note printed on the credit note, at most 5,000 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        amount: _builtins.int | None = ...,
+        reason: _builtins.str = ...,
+        memo: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount", "id", b"id", "memo", b"memo", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__amount: _TypeAlias = _typing.Literal["amount"]  # noqa: Y015
+    _WhichOneofArgType__amount: _TypeAlias = _typing.Literal["_amount", b"_amount"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__amount) -> _WhichOneofReturnType__amount | None: ...
+
+Global___RefundInvoiceRequest: _TypeAlias = RefundInvoiceRequest  # noqa: Y015
+
+@_typing.final
 class WatchInvoicesRequest(_message.Message):
     """WatchInvoicesRequest opens a watch; every filter is optional and they
     combine. A filter applies to the record as each change left it: a watch of

@@ -72,6 +72,11 @@ class InvoiceServiceStub:
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.MarkUncollectibleRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
                 _registered_method=True)
+        self.RefundInvoice = channel.unary_unary(
+                '/billing.v1.InvoiceService/RefundInvoice',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+                _registered_method=True)
         self.ListInvoiceAudit = channel.unary_unary(
                 '/billing.v1.InvoiceService/ListInvoiceAudit',
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditRequest.SerializeToString,
@@ -205,9 +210,26 @@ class InvoiceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefundInvoice(self, request, context):
+        """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+        for `amount` (minor units of the invoice's currency; unset: all that is
+        left), refunded to the invoice's payment, with Stripe's `reason` and a
+        `memo`. Answers the record after it, its `amount_credited` and
+        `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+        it is retried or cut off, one key makes at most one credit note. An
+        invoice that is not paid, or an amount above what is left to refund (the
+        message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+        unknown id with NOT_FOUND. It needs a write key.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListInvoiceAudit(self, request, context):
         """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-        each Create, Pay, Void and MarkUncollectible attempt that ended (or that
+        each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
         another attempt found abandoned), with who called (the API key's name, or
         the client certificate's subject), when, its request id and idempotency
         key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
@@ -278,6 +300,11 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
             'MarkUncollectible': grpc.unary_unary_rpc_method_handler(
                     servicer.MarkUncollectible,
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.MarkUncollectibleRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
+            ),
+            'RefundInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundInvoice,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.FromString,
                     response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
             ),
             'ListInvoiceAudit': grpc.unary_unary_rpc_method_handler(
@@ -459,6 +486,33 @@ class InvoiceService:
             target,
             '/billing.v1.InvoiceService/MarkUncollectible',
             billing_dot_v1_dot_invoice__service__pb2.MarkUncollectibleRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.InvoiceService/RefundInvoice',
+            billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.SerializeToString,
             billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
             options,
             channel_credentials,

@@ -131,9 +131,22 @@ class InvoiceServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    RefundInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.RefundInvoiceRequest, _invoice_service_pb2.Invoice]
+    """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+    for `amount` (minor units of the invoice's currency; unset: all that is
+    left), refunded to the invoice's payment, with Stripe's `reason` and a
+    `memo`. Answers the record after it, its `amount_credited` and
+    `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+    it is retried or cut off, one key makes at most one credit note. An
+    invoice that is not paid, or an amount above what is left to refund (the
+    message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+    unknown id with NOT_FOUND. It needs a write key.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListInvoiceAudit: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-    each Create, Pay, Void and MarkUncollectible attempt that ended (or that
+    each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
     another attempt found abandoned), with who called (the API key's name, or
     the client certificate's subject), when, its request id and idempotency
     key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
@@ -265,9 +278,22 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    RefundInvoice: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.RefundInvoiceRequest, _invoice_service_pb2.Invoice]  # type: ignore[assignment]
+    """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+    for `amount` (minor units of the invoice's currency; unset: all that is
+    left), refunded to the invoice's payment, with Stripe's `reason` and a
+    `memo`. Answers the record after it, its `amount_credited` and
+    `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+    it is retried or cut off, one key makes at most one credit note. An
+    invoice that is not paid, or an amount above what is left to refund (the
+    message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+    unknown id with NOT_FOUND. It needs a write key.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListInvoiceAudit: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]  # type: ignore[assignment]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-    each Create, Pay, Void and MarkUncollectible attempt that ended (or that
+    each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
     another attempt found abandoned), with who called (the API key's name, or
     the client certificate's subject), when, its request id and idempotency
     key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
@@ -434,13 +460,32 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def RefundInvoice(
+        self,
+        request: _invoice_service_pb2.RefundInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_invoice_service_pb2.Invoice, _abc.Awaitable[_invoice_service_pb2.Invoice]]:
+        """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+        for `amount` (minor units of the invoice's currency; unset: all that is
+        left), refunded to the invoice's payment, with Stripe's `reason` and a
+        `memo`. Answers the record after it, its `amount_credited` and
+        `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+        it is retried or cut off, one key makes at most one credit note. An
+        invoice that is not paid, or an amount above what is left to refund (the
+        message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+        unknown id with NOT_FOUND. It needs a write key.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
     def ListInvoiceAudit(
         self,
         request: _invoice_service_pb2.ListInvoiceAuditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_invoice_service_pb2.ListInvoiceAuditResponse, _abc.Awaitable[_invoice_service_pb2.ListInvoiceAuditResponse]]:
         """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-        each Create, Pay, Void and MarkUncollectible attempt that ended (or that
+        each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
         another attempt found abandoned), with who called (the API key's name, or
         the client certificate's subject), when, its request id and idempotency
         key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
