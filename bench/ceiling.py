@@ -46,6 +46,12 @@ class Constant(pb_grpc.InvoiceServiceServicer):
     async def VoidInvoice(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
 
+    async def MarkUncollectible(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
+
+    async def RefundInvoice(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
+
     async def ListInvoiceAudit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
 

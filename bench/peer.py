@@ -47,6 +47,8 @@ def record_json(invoice: Invoice, default_currency: str) -> dict[str, Any]:
         "updatedAt": _time(invoice.updated_at),
         "amount": invoice.amount,
         "currency": invoice.currency or default_currency,
+        "amountCredited": invoice.amount_credited,
+        "amountRefunded": invoice.amount_refunded,
     }
 
 

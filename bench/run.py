@@ -8,18 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import re
 import shutil
-import statistics
-import string
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +22,27 @@ import asyncpg
 import psutil
 
 from bench.ceiling import CONSTANT
+from bench.dataset import load
+from bench.report import (
+    CEILING,
+    DEEP_TOKEN,
+    DEEPEST_NUMBERED,
+    DEEPEST_NUMBERED_PAGE,
+    GET,
+    GET_4_PROCS,
+    GET_UNCACHED,
+    PAGE_1,
+    PAGE_SIZE,
+    PEER_GET,
+    PROXY_CEILING,
+    REST_GET,
+    WEBHOOKS,
+    report,
+)
 from bench.webhook_load import lifecycle
 from chaos.storm import applications_counted, applied_once, event_applications
-from service import embedded, pagetoken, storage
-from service.domain import Cursor, FeedPosition, Filters, Outcome, Page, new_record_id
-from service.storage import changes
-from service.storage.postgres import GET_BY_ID, RECORD_COLUMNS, list_query
-from service.validation import DEFAULT_MAX_OFFSET
+from service import embedded
+from service.domain import Outcome
 from tools.stack import (
     LOCALSTRIPE_KEY,
     ROOT,
@@ -50,97 +59,13 @@ from tools.stack import (
 
 API_KEY = "bench-admin-key"
 SECRET = "whsec_bench"  # noqa: S105 - a local benchmark's own secret
-STATUSES = (["paid"] * 80) + (["open"] * 10) + (["void"] * 4) + (["uncollectible"] * 3) + (["draft"] * 3)
-DEEP_PAGE = 20_000
-# Each case's label, written once: the report and the ratios find cases by these.
-CEILING = "framework ceiling (bare grpc.aio)"
-GET = "GetInvoice gRPC"
-REST_GET = "GET /invoices/{id} via Envoy"
-PEER_GET = "GET /invoices/{id}, FastAPI peer"
-PAGE_1 = "ListInvoices page 1 + count"
-PROXY_CEILING = "proxy ceiling (Envoy direct)"
-GET_4_PROCS = "GetInvoice gRPC, 4 client procs"
-GET_UNCACHED = "GetInvoice gRPC, RECORD_CACHE_SIZE=0"
-WEBHOOKS = "webhooks via Envoy (30% dup)"
-PAGE_SIZE = 20
 # Webhook deliveries per second while watchers are measured: a steady trickle, so each
 # delay is one change's, not a queue's.
 WATCH_RATE = 10.0
-# Deeper numbered pages are refused (LIST_MAX_OFFSET): the deepest one served is measured.
-DEEPEST_NUMBERED = DEFAULT_MAX_OFFSET // PAGE_SIZE + 1
-DEEP_TOKEN = f"ListInvoices page {DEEP_PAGE:,} (token)"
-DEEPEST_NUMBERED_PAGE = f"ListInvoices page {DEEPEST_NUMBERED:,} (page/limit, the deepest LIST_MAX_OFFSET allows)"
 
 
 def _env(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
-
-
-def _stripe_id(rng: random.Random) -> str:
-    return "in_" + "".join(rng.choices(string.ascii_letters + string.digits, k=14))
-
-
-def rows(n: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
-    """n invoices over two years: 20,000 users, Stripe's usual status mix, times to the ms."""
-    rng = random.Random(seed)  # noqa: S311 - data shape, not secrets
-    start = datetime.now(UTC) - timedelta(days=730)
-    for _ in range(n):
-        created = start + timedelta(milliseconds=rng.randrange(730 * 86_400_000) + 1)
-        user = rng.randrange(20_000)
-        status = rng.choice(STATUSES)
-        amount = rng.choice((900, 1900, 3300, 4900, 9900, 19900)) * rng.randint(1, 3)
-        sid = _stripe_id(rng)
-        pdf = f"https://pay.stripe.com/invoice/acct_bench/{sid}/pdf" if status != "draft" else ""
-        updated = created + timedelta(milliseconds=rng.randrange(1, 86_400_000))
-        yield (new_record_id(), sid, f"user{user:05d}", f"User {user}", status, amount, "eur", pdf, created, updated)
-
-
-async def load(dsn: str, n: int) -> dict[str, Any]:
-    url = await storage.fresh_database(dsn, "bench")
-    pool = await storage.connect(url, max_size=1, command_timeout=600)
-    started = time.monotonic()
-    columns = list(RECORD_COLUMNS)  # the order rows() yields them in
-    async with pool.acquire() as conn:
-        # The invoices are history, as if recorded long ago: not in the change feed, which
-        # would have pruned them by now (and feeding a million rows doubles the load's time).
-        await conn.execute(f"ALTER TABLE invoices DISABLE TRIGGER {changes.INSERT_TRIGGER}")
-        await conn.copy_records_to_table("invoices", records=rows(n), columns=columns)
-        await conn.execute(f"ALTER TABLE invoices ENABLE TRIGGER {changes.INSERT_TRIGGER}")
-        await conn.execute("ANALYZE invoices")
-        ids = [r["id"] for r in await conn.fetch("SELECT id FROM invoices TABLESAMPLE SYSTEM (1) LIMIT 500")]
-        ids += [r["stripe_invoice_id"] for r in await conn.fetch("SELECT stripe_invoice_id FROM invoices LIMIT 500")]
-        deep = await conn.fetchrow(
-            "SELECT created_at, id FROM invoices ORDER BY created_at DESC, id DESC OFFSET $1 LIMIT 1",
-            DEEP_PAGE * PAGE_SIZE - PAGE_SIZE - 1,
-        )
-        user = await conn.fetchval("SELECT user_id FROM invoices LIMIT 1")
-        explained = _explained(deep, user, ids[0]).items()
-        plans = {name: await _plan(conn, sql, *args) for name, (sql, args) in explained}
-    await pool.close()
-    token = pagetoken.encode(Cursor(deep["created_at"], deep["id"]), Filters()) if deep else ""
-    return {"url": url, "ids": ids, "token": token, "load_s": round(time.monotonic() - started, 1), "plans": plans}
-
-
-def _explained(deep: Any, user: str, some_id: str) -> dict[str, tuple[str, list[Any]]]:
-    """The statements the store runs, taken from it, with the arguments of each case."""
-    after = Cursor(deep["created_at"], deep["id"]) if deep else Cursor(datetime.now(UTC), "0" * 24)
-    year_ago = datetime.now(UTC) - timedelta(days=365)
-    feed_head = FeedPosition(2**62, 0)  # past every change: the reader's idle read
-    return {
-        "page 1": list_query(Page(1, PAGE_SIZE, keyset=True)),
-        "deep page_token": list_query(Page(1, PAGE_SIZE, after=after, keyset=True)),
-        "deepest page/limit": list_query(Page(DEEPEST_NUMBERED, PAGE_SIZE)),
-        "status filter": list_query(Page(1, PAGE_SIZE, Filters(status="uncollectible"), keyset=True)),
-        "user filter": list_query(Page(1, PAGE_SIZE, Filters(user_id=user), keyset=True)),
-        "created filter": list_query(Page(1, PAGE_SIZE, Filters(created_before=year_ago), keyset=True)),
-        "get by id": (GET_BY_ID, [some_id]),
-        "change feed read": (changes.READ_CHANGES, [feed_head.xact, feed_head.seq, 500]),
-    }
-
-
-async def _plan(conn: asyncpg.pool.PoolConnectionProxy, sql: str, *args: Any) -> str:
-    lines = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS OFF, TIMING ON) {sql}", *args)
-    return "\n".join(r[0] for r in lines)
 
 
 class PeakRss:
@@ -218,26 +143,6 @@ def _stopped_after(part: Part) -> Iterator[None]:
         yield
     finally:
         part.stop()
-
-
-def _chart(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["case"] for r in results]
-    fig, ax = plt.subplots(figsize=(11, 5))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [r["p50_ms"] for r in results], width=0.4, label="p50")
-    ax.bar([i + 0.2 for i in x], [r["p99_ms"] for r in results], width=0.4, label="p99")
-    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("latency (ms)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("InvoiceService latency percentiles per case")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -434,100 +339,6 @@ async def _webhook_rows(url: str, invoices: int, webhook_port: int) -> dict[str,
         and applied_once(counted)
         and rows == invoices == paid == created_once,
     }
-
-
-def _collapse(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per case: a case measured in rounds keeps its median round by req/s (the
-    lower middle one for an even count) and lists every round under `rounds`."""
-    rows: list[dict[str, Any]] = []
-    for r in results:
-        if "round" not in r:
-            rows.append(r)
-        elif not any(row["case"] == r["case"] for row in rows):
-            runs = sorted((x for x in results if x["case"] == r["case"]), key=lambda x: x["rps"])
-            keep = {k: v for k, v in runs[(len(runs) - 1) // 2].items() if k != "round"}
-            order = sorted(runs, key=lambda x: x["round"])
-            rows.append(keep | {"rounds": [{k: x[k] for k in ("rps", "p50_ms", "p99_ms")} for x in order]})
-    return rows
-
-
-def _paired(results: list[dict[str, Any]], a: str, b: str, figure: str) -> list[float]:
-    """`a`'s figure over `b`'s, round by round."""
-    rounds = sorted({r["round"] for r in results if "round" in r})
-    value = {(r["case"], r["round"]): r[figure] for r in results if "round" in r}
-    return [value[a, k] / value[b, k] for k in rounds]
-
-
-def report(
-    results: list[dict[str, Any]],
-    data: dict[str, Any],
-    machine: dict[str, Any],
-    n: int,
-    out_dir: Path,
-    watches: list[dict[str, Any]],
-    creates: list[dict[str, Any]],
-) -> None:
-    paired = {
-        "REST get / gRPC get throughput (>= 0.8)": _paired(results, REST_GET, GET, "rps"),
-        "REST get via Envoy / FastAPI peer throughput (>= 1.0)": _paired(results, REST_GET, PEER_GET, "rps"),
-        "gRPC get / framework ceiling throughput (>= 0.7)": _paired(results, GET, CEILING, "rps"),
-        # Both read Postgres: a page against one record's read (a cached Get reads none).
-        "list page 1 p50 / uncached get p50 (<= 2)": _paired(results, PAGE_1, GET_UNCACHED, "p50_ms"),
-        "gRPC get / uncached gRPC get throughput (the record cache)": _paired(results, GET, GET_UNCACHED, "rps"),
-    }
-    service_cases = {GET, REST_GET, PAGE_1, GET_4_PROCS, DEEP_TOKEN, DEEPEST_NUMBERED_PAGE}
-    peak_rss = max(r["peak_rss_mb"] for r in results if r["case"] in service_cases)
-    results = _collapse(results)
-    by = {r["case"]: r for r in results}
-    get, page1 = by[GET], by[PAGE_1]
-    deep = by[DEEP_TOKEN]
-    hooks = by[WEBHOOKS]
-    ratios: dict[str, float | str] = {key: round(statistics.median(values), 2) for key, values in paired.items()}
-    ratios |= {
-        "deep token page p50 / page 1 p50 (<= 1.5)": round(deep["p50_ms"] / page1["p50_ms"], 2),
-        "webhook events/s (>= 1000)": hooks["rps"],
-        "server peak RSS MB (<= 200)": peak_rss,  # over every round
-        "client check: 4 procs / 2 procs get rps (~1 = client not the bottleneck)": round(
-            by[GET_4_PROCS]["rps"] / get["rps"], 2
-        ),
-    }
-    for c in creates:
-        ratios[f"Stripe calls per Create, {c['items']} items (4)"] = c["stripe_calls_per_create"]
-        ratios[f"Create p50 / p99 ms, {c['items']} items"] = f"{c['p50_ms']} / {c['p99_ms']}"
-    for w in watches:
-        ratios[f"watch delay p50 / p99 ms, {w['watchers']} watchers"] = f"{w['delay_p50_ms']} / {w['delay_p99_ms']}"
-        ratios[f"server peak RSS MB, {w['watchers']} watchers (<= 200)"] = w["server_peak_rss_mb"]
-    per_round = {key: [round(v, 2) for v in values] for key, values in paired.items()}
-    stamp = datetime.now(UTC)
-    document = {
-        "date": stamp.isoformat(timespec="seconds"),
-        "invoices": n,
-        "machine": machine,
-        "load_s": data["load_s"],
-    }
-    document |= {"results": results, "ratios": ratios, "ratios_per_round": per_round, "plans": data["plans"]}
-    document |= {"watches": watches, "creates": creates}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"bench-{stamp:%Y%m%d-%H%M%S}"
-    (out_dir / f"{name}.json").write_text(json.dumps(document, indent=2, default=str))
-    _chart(results, out_dir / f"{name}.png")
-    shutil.copyfile(out_dir / f"{name}.json", out_dir / "latest.json")
-    shutil.copyfile(out_dir / f"{name}.png", out_dir / "latest.png")
-    print(f"\n{'case':<36}{'tool':<24}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'RSS MB':>9}")
-    for r in results:
-        print(
-            f"{r['case']:<36}{r['tool']:<24}{r['rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['peak_rss_mb']:>9.1f}"
-        )
-    print("\nratios (paired cases: the median of the rounds' ratios; each round's in brackets):")
-    for key, value in ratios.items():
-        rounds = f"  {per_round[key]}" if key in per_round else ""
-        print(f"  {key}: {value}{rounds}")
-    print(
-        f"\nwebhooks: {hooks.get('deliveries')} deliveries, {hooks.get('retries')} retries,"
-        f" events recorded {hooks.get('events_recorded')}, invoices {hooks.get('invoices_recorded')}"
-        f" (paid: {hooks.get('invoices_paid')}); nothing lost or doubled: {hooks.get('nothing_lost_or_doubled')}"
-    )
-    print(f"results: {out_dir / name}.json and .png")
 
 
 if __name__ == "__main__":

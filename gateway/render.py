@@ -1,10 +1,11 @@
 """Renders envoy.yaml.tmpl with the stack's settings, so every environment gets its ports
 from the same environment variables as the service.
 
-`python -m gateway.render OUT [--descriptor PATH] [--openapi PATH] [--copy-assets]`:
-the paths are where Envoy will find the descriptor set and the OpenAPI document (by
-default this checkout's); with --copy-assets they are copied there first, so that Envoy
-can run from a folder of its own (Kubernetes: an init container fills a shared volume).
+`python -m gateway.render OUT [--descriptor PATH] [--openapi PATH] [--api-page DIR]
+[--copy-assets]`: the paths are where Envoy will find the descriptor set, the OpenAPI
+document and the API page's files (by default this checkout's); with --copy-assets they are
+copied there first, so that Envoy can run from a folder of its own (Kubernetes: an init
+container fills a shared volume).
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ ROOT = HERE.parent
 TEMPLATE = HERE / "envoy.yaml.tmpl"
 OPENAPI = HERE / "openapi.json"
 DESCRIPTOR = ROOT / ".build" / "invoice_service.binpb"
+# The API page (GET /admin/api/docs) and what it loads, by the name each has in an
+# --api-page folder: the page and its start-up script are ours, Swagger UI's script and
+# style come from npm (`make install` unpacks them into .build/swagger-ui).
+SWAGGER_UI = ROOT / ".build" / "swagger-ui"
+API_PAGE = {
+    "index.html": HERE / "api-page" / "index.html",
+    "init.js": HERE / "api-page" / "init.js",
+    "swagger-ui-bundle.js": SWAGGER_UI / "swagger-ui-bundle.js",
+    "swagger-ui.css": SWAGGER_UI / "swagger-ui.css",
+}
 
 # Envoy's own replies (no route, unknown query parameter, body too large, no healthy
 # upstream...) get the JSON shape of the transcoded gRPC errors, google.rpc.Status, with
@@ -143,10 +154,13 @@ def render(
     webhook_port: int | Sequence[int] | None = None,
     descriptor: Path = DESCRIPTOR,
     openapi: Path = OPENAPI,
+    api_page: Path | None = None,
 ) -> str:
     """The Envoy configuration as YAML; the keyword arguments override settings (tests
     pass port 0 and the ports their own servers picked; several ports are replicas in one
-    cluster). In Kubernetes one host name resolves to every replica instead."""
+    cluster). In Kubernetes one host name resolves to every replica instead. `api_page` is
+    a folder holding API_PAGE's files by name (None: this checkout's)."""
+    page = {name: api_page / name if api_page else path for name, path in API_PAGE.items()}
     values = {
         "admin_port": settings.envoy_admin_port if admin_port is None else admin_port,
         "gateway_host": settings.gateway_host,
@@ -163,6 +177,10 @@ def render(
         "watch_cutoff_s": settings.watch_max_stream_s + WATCH_CUTOFF_MARGIN_S,
         "descriptor_path": json.dumps(str(descriptor)),
         "openapi_path": json.dumps(str(openapi)),
+        "api_page_html": json.dumps(str(page["index.html"])),
+        "api_page_init": json.dumps(str(page["init.js"])),
+        "swagger_ui_js": json.dumps(str(page["swagger-ui-bundle.js"])),
+        "swagger_ui_css": json.dumps(str(page["swagger-ui.css"])),
         # JSON is YAML: the generated part is inserted as one flow mapping.
         "local_reply_config": json.dumps(local_reply_config()),
         "delivery_retries": json.dumps(retry_policy()),
@@ -184,20 +202,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="where to write envoy.yaml")
     parser.add_argument("--descriptor", type=Path, default=DESCRIPTOR, help="the descriptor set Envoy loads")
     parser.add_argument("--openapi", type=Path, default=OPENAPI, help="the OpenAPI document Envoy serves")
+    parser.add_argument("--api-page", type=Path, help="the folder of the API page's files (default: this checkout's)")
     parser.add_argument(
         "--copy-assets",
         action="store_true",
-        help="copy this checkout's descriptor set and OpenAPI document to --descriptor and --openapi",
+        help="copy this checkout's files to --descriptor, --openapi and --api-page (if given)",
     )
     args = parser.parse_args(argv)
     if args.copy_assets:
-        for source, target in ((DESCRIPTOR, args.descriptor), (OPENAPI, args.openapi)):
+        copies = [(DESCRIPTOR, args.descriptor), (OPENAPI, args.openapi)]
+        if args.api_page:
+            copies += [(path, args.api_page / name) for name, path in API_PAGE.items()]
+        for source, target in copies:
             if source.resolve() != target.resolve():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(Settings(), descriptor=args.descriptor, openapi=args.openapi))
+    out.write_text(render(Settings(), descriptor=args.descriptor, openapi=args.openapi, api_page=args.api_page))
     print(f"rendered {out}")
 
 

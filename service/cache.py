@@ -25,6 +25,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
+from service.credit_notes import StripeCreditNote
 from service.domain import FeedRead, Invoice, InvoicePage, Page, StripeInvoice
 
 # A lookup's outcome, a metric's label (service/metrics.py).
@@ -183,6 +184,7 @@ class Reads(Protocol):
 class Records(Protocol):
     async def get_invoice(self, key: str) -> Invoice: ...
     async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice: ...
+    async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None: ...
 
 
 class CachedReads:
@@ -200,7 +202,7 @@ class CachedReads:
 
 
 class ForgettingWrites:
-    """Pay's and Void's records: read from the store itself, and each write forgotten by
+    """Pay's, Void's and Refund's records: read from the store itself, and each write forgotten by
     the cache before it answers (the record it left, or everything when it failed
     without saying, since it may have committed)."""
 
@@ -219,3 +221,13 @@ class ForgettingWrites:
             raise
         self._cache.forget((record.id, record.stripe_invoice_id))
         return record
+
+    async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None:
+        """The note changes its invoice's totals: the invoice is forgotten (its record's
+        id with it, once Refund records the invoice after the note)."""
+        try:
+            await self._store.record_stripe_credit_note(note, stripe_time=stripe_time)
+        except BaseException:
+            self._cache.clear()
+            raise
+        self._cache.forget((note.stripe_invoice_id,))

@@ -58,6 +58,10 @@ class Invoice:
     updated_at: datetime
     # Lowercase ISO 4217; None on records from before the service kept it.
     currency: str | None = None
+    # Money given back by the invoice's issued credit notes (service/credit_notes.py), in
+    # minor units of `currency`: all of it, and the part refunded to its payment.
+    amount_credited: int = 0
+    amount_refunded: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 row in Postgres records each step as it is done (the Stripe draft's id first of all), and
 a retry resumes from what Stripe shows, never from Stripe's own idempotency cache alone,
 which forgets after 24 hours and replays a 500 or a refusal for as long (service/attempts.py
-says when a retry moves on to new Stripe keys). Also Pay and Void, the verbs that manage an
-invoice after it exists. Knows no SQL and no status codes."""
+says when a retry moves on to new Stripe keys). Also Pay, Void and MarkUncollectible, the
+verbs that manage an invoice after it exists. Knows no SQL and no status codes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service.attempts import CreateRequests, KeyedAttempts, Timing, audited_call, stripe_key
+from service.attempts import CreateRequests, Timing, audited_call, stripe_key
+from service.credit_notes import RefundAsk
 from service.domain import (
     Audited,
     CreateClaim,
@@ -23,13 +24,13 @@ from service.domain import (
     Invoice,
     NewInvoice,
     NewItem,
-    NotFound,
     Status,
     StripeInvoice,
     Unavailable,
     fingerprint,
 )
 from service.payments import StripePayments
+from service.refunds import Refunding, RefundRecords
 from service.stripe_objects import invoice_from_stripe
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,48 @@ log = logging.getLogger(__name__)
 __all__ = ["InvoiceCreator", "NoStripe", "Timing", "lines_done"]
 
 
-class InvoiceRecords(Protocol):
+class InvoiceRecords(RefundRecords, Protocol):
     async def get_invoice(self, key: str) -> Invoice: ...
     async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice: ...
+
+
+_NO_STRIPE = "Stripe is not configured on this server (STRIPE_API_KEY)"
 
 
 class NoStripe:
     """The creator of a server started without STRIPE_API_KEY: reads work, writes cannot."""
 
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]:
-        raise Unavailable("Stripe is not configured on this server (STRIPE_API_KEY)")
+        raise Unavailable(_NO_STRIPE)
 
     async def pay(self, invoice_id: str, payment_method: str | None, idempotency_key: str | None) -> Invoice:
-        raise Unavailable("Stripe is not configured on this server (STRIPE_API_KEY)")
+        raise Unavailable(_NO_STRIPE)
 
     async def void(self, invoice_id: str, idempotency_key: str | None) -> Invoice:
-        raise Unavailable("Stripe is not configured on this server (STRIPE_API_KEY)")
+        raise Unavailable(_NO_STRIPE)
+
+    async def mark_uncollectible(self, invoice_id: str, idempotency_key: str | None) -> Invoice:
+        raise Unavailable(_NO_STRIPE)
+
+    async def refund(self, invoice_id: str, ask: RefundAsk, idempotency_key: str | None) -> Invoice:
+        raise Unavailable(_NO_STRIPE)
+
+
+@dataclass(frozen=True)
+class _Verb:
+    """A verb that moves an existing invoice to a status of its own: its name (the audit
+    entry's action, the prefix of a keyless call's key), the status it leads to, the
+    statuses Stripe does it from, and the words a refusal names it by."""
+
+    operation: str
+    goal: Status
+    acts_on: tuple[Status, ...]
+    done: str
+
+
+_PAY = _Verb("pay", Status.PAID, (Status.OPEN, Status.UNCOLLECTIBLE), "paid")
+_VOID = _Verb("void", Status.VOID, (Status.OPEN, Status.UNCOLLECTIBLE), "voided")
+_MARK_UNCOLLECTIBLE = _Verb("mark_uncollectible", Status.UNCOLLECTIBLE, (Status.OPEN,), "marked uncollectible")
 
 
 @dataclass
@@ -77,8 +104,9 @@ def lines_done(invoice: dict[str, Any], batches: list[tuple[NewItem, ...]]) -> i
     )
 
 
-class InvoiceCreator(KeyedAttempts):
-    """Create, Pay and Void, each an attempt of its idempotency key (KeyedAttempts)."""
+class InvoiceCreator(Refunding):
+    """Create, Pay, Void and MarkUncollectible (and RefundInvoice, from Refunding), each an
+    attempt of its idempotency key (KeyedAttempts)."""
 
     def __init__(self, requests: CreateRequests, records: InvoiceRecords, payments: StripePayments, timing: Timing):
         super().__init__(requests, timing)
@@ -164,31 +192,35 @@ class InvoiceCreator(KeyedAttempts):
         async def act(invoice_id: str, key: str) -> dict[str, Any]:
             return await self._payments.pay(invoice_id, payment_method, key, declined_ok=False)
 
-        return await self._manage(
-            "pay", Status.PAID, invoice_id, {"payment_method": payment_method}, idempotency_key, act
-        )
+        return await self._manage(_PAY, invoice_id, {"payment_method": payment_method}, idempotency_key, act)
 
     async def void(self, invoice_id: str, idempotency_key: str | None) -> Invoice:
         """Voids an open or uncollectible invoice; a void one is answered as it is."""
-        return await self._manage("void", Status.VOID, invoice_id, {}, idempotency_key, self._payments.void)
+        return await self._manage(_VOID, invoice_id, {}, idempotency_key, self._payments.void)
+
+    async def mark_uncollectible(self, invoice_id: str, idempotency_key: str | None) -> Invoice:
+        """Writes an open invoice off; an uncollectible one is answered as it is."""
+        act = self._payments.mark_uncollectible
+        return await self._manage(_MARK_UNCOLLECTIBLE, invoice_id, {}, idempotency_key, act)
 
     async def _manage(
         self,
-        operation: str,
-        goal: Status,
+        verb: _Verb,
         invoice_id: str,
         fields: dict[str, Any],
         idempotency_key: str | None,
         act: Callable[[str, str], Awaitable[dict[str, Any]]],
     ) -> Invoice:
-        """Pay and Void: the key's rules as for Create (a finished key answers the record
-        without calling Stripe; another request with it is ALREADY_EXISTS), Stripe's
-        current invoice read before acting, and the record written from what Stripe says,
-        so that a GET right after shows it. An invoice already at the `goal` is answered
-        as it is; one in a status from which it cannot get there (draft, or paid for a
-        Void) is FAILED_PRECONDITION naming that status, whether the read before the call
-        shows it or the read after Stripe refused the call (it changed in between: paid
-        or voided from Stripe's dashboard; payments._after_refusal), and recorded."""
+        """Pay, Void and MarkUncollectible: the key's rules as for Create (a finished key
+        answers the record without calling Stripe; another request with it is
+        ALREADY_EXISTS), Stripe's current invoice read before acting, and the record
+        written from what Stripe says, so that a GET right after shows it. An invoice
+        already at the verb's goal is answered as it is; one in a status from which it
+        cannot get there (draft; paid for a Void) is FAILED_PRECONDITION naming that
+        status, whether the read before the call shows it or the read after Stripe refused
+        the call (it changed in between: paid or voided from Stripe's dashboard;
+        payments._after_refusal), and recorded."""
+        operation = verb.operation
         stripe_id = await self._stripe_id(invoice_id)
         key = idempotency_key or f"{operation}:{uuid.uuid4().hex}"
         audited = audited_call(operation, idempotency_key, stripe_id)
@@ -198,13 +230,12 @@ class InvoiceCreator(KeyedAttempts):
             # same second may be newer, and wins the tie (as in reconcile).
             asked_at = int(time.time()) - 1
             answer = await self._payments.retrieve(stripe_id)
-            if answer.get("status") in (Status.OPEN, Status.UNCOLLECTIBLE):
+            if answer.get("status") in verb.acts_on:
                 answer = await act(stripe_id, stripe_key(key, generation, operation))
             record = await self._records.record_stripe_invoice(invoice_from_stripe(answer), stripe_time=asked_at)
-            if answer.get("status") != goal:
-                done = "paid" if goal == Status.PAID else "voided"
-                status = answer.get("status")
-                raise FailedPrecondition(f"invoice {stripe_id} is {status}; only open or uncollectible can be {done}")
+            if answer.get("status") != verb.goal:
+                status, allowed = answer.get("status"), " or ".join(verb.acts_on)
+                raise FailedPrecondition(f"invoice {stripe_id} is {status}; only {allowed} can be {verb.done}")
             return record
 
         async def claimed() -> Invoice:
@@ -214,16 +245,3 @@ class InvoiceCreator(KeyedAttempts):
             return await self._attempt(key, claim, run, lambda _: (stripe_id, {"invoice": stripe_id}), lambda: audited)
 
         return await self._detached(claimed())
-
-    async def _stripe_id(self, invoice_id: str) -> str:
-        """Stripe's id of the invoice named by the service's `_id` or by `in_...`; an
-        `in_...` id the store does not know yet (its webhook has not arrived) is asked of
-        Stripe."""
-        try:
-            return (await self._records.get_invoice(invoice_id)).stripe_invoice_id
-        except NotFound:
-            if not invoice_id.startswith("in_"):
-                raise
-        if not await self._payments.exists(invoice_id):
-            raise NotFound(f"invoice {invoice_id} not found")
-        return invoice_id

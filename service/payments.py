@@ -1,7 +1,8 @@
 """Every call to Stripe: the steps of a Create (an empty draft, its lines added in one
-call, finalize, pay), the look-ups a resumed Create needs, Pay and Void, and the listing
-that reconcile reads. Maps Stripe's errors to domain errors. Nothing here knows gRPC, HTTP
-or the database; service/invoices.py decides the order of the calls and their keys."""
+call, finalize, pay), the look-ups a resumed Create needs, Pay, Void and MarkUncollectible,
+a refund's credit note, and the listings that reconcile reads. Maps Stripe's errors to
+domain errors. Nothing here knows gRPC, HTTP or the database; service/invoices.py and
+service/refunds.py decide the order of the calls and their keys."""
 
 from __future__ import annotations
 
@@ -13,8 +14,16 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
-from stripe.params import InvoiceAddLinesParamsLine, InvoiceListParams, InvoicePayParams
+from stripe import RequestOptions
+from stripe.params import (
+    CreditNoteCreateParams,
+    CreditNoteListParams,
+    InvoiceAddLinesParamsLine,
+    InvoiceListParams,
+    InvoicePayParams,
+)
 
+from service.credit_notes import RefundAsk
 from service.domain import (
     AlreadyExists,
     DomainError,
@@ -95,9 +104,11 @@ def _outcome(exc: BaseException | None) -> str:
 # invoice (changelog 2016-02-22); a Create has at most validation.MAX_ITEMS (100), so one
 # call carries them all. Batches of this size are sent beyond it.
 LINES_PER_CALL = 250
-# The statuses in which Stripe pays (a draft: finalized first) and voids an invoice.
+# The statuses in which Stripe pays (a draft: finalized first), voids an invoice and marks
+# it uncollectible.
 PAYABLE = (Status.DRAFT, Status.OPEN, Status.UNCOLLECTIBLE)
 VOIDABLE = (Status.OPEN, Status.UNCOLLECTIBLE)
+COLLECTIBLE = (Status.OPEN,)
 # Metadata key on the Stripe invoice: the idempotency key of the Create that made it, so
 # that a retry that never learned the draft's id finds it in the customer's invoices.
 CREATE_KEY = "invoice_service_key"
@@ -284,22 +295,35 @@ class StripePayments:
     async def void(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
         """Voids the invoice; as pay, a refusal because it is no longer open or
         uncollectible answers the invoice as it is now."""
+        options: RequestOptions = {"idempotency_key": stripe_key}
+        call = self._stripe.v1.invoices.void_invoice_async(invoice_id, options=options)
+        return await self._transition(invoice_id, "invoices.void", call, VOIDABLE)
+
+    async def mark_uncollectible(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
+        """Writes the open invoice off; as pay, a refusal because it is no longer open
+        answers the invoice as it is now."""
+        options: RequestOptions = {"idempotency_key": stripe_key}
+        call = self._stripe.v1.invoices.mark_uncollectible_async(invoice_id, options=options)
+        return await self._transition(invoice_id, "invoices.mark_uncollectible", call, COLLECTIBLE)
+
+    async def _transition(
+        self, invoice_id: str, operation: str, call: Awaitable[stripe.Invoice], acted_on: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """One call that moves the invoice to a status of its own, for the invoice in one
+        of `acted_on`."""
         try:
-            invoice = await self._call(
-                "invoices.void",
-                self._stripe.v1.invoices.void_invoice_async(invoice_id, options={"idempotency_key": stripe_key}),
-            )
+            invoice = await self._call(operation, call)
         except DomainError as error:
-            return await self._after_refusal(invoice_id, error, VOIDABLE)
+            return await self._after_refusal(invoice_id, error, acted_on)
         return invoice.to_dict(for_json=True)
 
     async def _after_refusal(self, invoice_id: str, error: DomainError, acted_on: tuple[str, ...]) -> dict[str, Any]:
-        """Stripe's invoice as it is after Stripe refused (400) to pay or void it, when its
-        status no longer allows that: it changed between the caller's read and the call
-        (paid or voided from Stripe's dashboard, or by a concurrent call). The caller
-        answers from the status and records it. Any other error, or a refusal of an
-        invoice still in a status that allows the call (the payment method, say), is
-        raised as it is."""
+        """Stripe's invoice as it is after Stripe refused (400) to pay, void or write it
+        off, when its status no longer allows that: it changed between the caller's read
+        and the call (paid or voided from Stripe's dashboard, or by a concurrent call).
+        The caller answers from the status and records it. Any other error, or a refusal
+        of an invoice still in a status that allows the call (the payment method, say),
+        is raised as it is."""
         cause = error.__cause__
         if (
             isinstance(error, StripeReplayed)
@@ -312,6 +336,33 @@ class StripePayments:
             raise error
         log.info("stripe refused a call on an invoice whose status changed", extra={"invoice": invoice_id})
         return current
+
+    async def credit_notes(self, invoice_id: str) -> list[dict[str, Any]]:
+        """Every credit note of the invoice, newest first, page by page."""
+        params: CreditNoteListParams = {"invoice": invoice_id, "limit": 100}
+        found: list[dict[str, Any]] = []
+        while True:
+            page = await self._call("credit_notes.list", self._stripe.v1.credit_notes.list_async(params))
+            found += [note.to_dict(for_json=True) for note in page.data]
+            if not page.has_more or not page.data:
+                return found
+            params = {**params, "starting_after": str(page.data[-1].id)}
+
+    async def refund(self, invoice_id: str, amount: int, ask: RefundAsk, key: str, stripe_key: str) -> dict[str, Any]:
+        """A credit note for `amount`, all of it refunded to the invoice's payment, carrying
+        the RefundInvoice's key in its metadata (service/refunds.py finds it by that)."""
+        params: CreditNoteCreateParams = {
+            "invoice": invoice_id,
+            "amount": amount,
+            "refund_amount": amount,
+            "metadata": {CREATE_KEY: key},
+        }
+        if ask.reason:
+            params["reason"] = ask.reason
+        if ask.memo:
+            params["memo"] = ask.memo
+        call = self._stripe.v1.credit_notes.create_async(params, {"idempotency_key": stripe_key})
+        return (await self._call("credit_notes.create", call)).to_dict(for_json=True)
 
     async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
         """Every Stripe invoice object created at or after `since`, newest first, each with

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
+from service.credit_notes import RefundAsk
 from service.domain import (
     AuditPage,
     Change,
@@ -45,6 +46,8 @@ class Creator(Protocol):
     async def create(self, new: NewInvoice, idempotency_key: str | None) -> dict[str, Any]: ...
     async def pay(self, invoice_id: str, payment_method: str | None, idempotency_key: str | None) -> Invoice: ...
     async def void(self, invoice_id: str, idempotency_key: str | None) -> Invoice: ...
+    async def mark_uncollectible(self, invoice_id: str, idempotency_key: str | None) -> Invoice: ...
+    async def refund(self, invoice_id: str, ask: RefundAsk, idempotency_key: str | None) -> Invoice: ...
 
 
 def _set_time(target: timestamp_pb2.Timestamp, moment: datetime) -> None:
@@ -79,6 +82,8 @@ def fill_invoice(target: pb.Invoice, invoice: Invoice, default_currency: str) ->
     target.amount_int32 = invoice.amount if _INT32_MIN <= invoice.amount <= _INT32_MAX else 0
     target.currency = invoice.currency or default_currency
     target.invoice_pdf = invoice.invoice_pdf
+    target.amount_credited = invoice.amount_credited
+    target.amount_refunded = invoice.amount_refunded
     _set_time(target.created_at, invoice.created_at)
     _set_time(target.updated_at, invoice.updated_at)
     return target
@@ -190,6 +195,28 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         invoice_id = validation.invoice_id(request.id)
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
         return fill_invoice(pb.Invoice(), await self._creator.void(invoice_id, key), self._default_currency)
+
+    async def MarkUncollectible(
+        self,
+        request: pb.MarkUncollectibleRequest,
+        context: grpc.aio.ServicerContext[pb.MarkUncollectibleRequest, pb.Invoice],
+    ) -> pb.Invoice:
+        invoice_id = validation.invoice_id(request.id)
+        key = validation.idempotency_key(_metadata(context, "idempotency-key"))
+        invoice = await self._creator.mark_uncollectible(invoice_id, key)
+        return fill_invoice(pb.Invoice(), invoice, self._default_currency)
+
+    async def RefundInvoice(
+        self,
+        request: pb.RefundInvoiceRequest,
+        context: grpc.aio.ServicerContext[pb.RefundInvoiceRequest, pb.Invoice],
+    ) -> pb.Invoice:
+        invoice_id = validation.invoice_id(request.id)
+        amount = request.amount if request.HasField("amount") else None
+        ask = validation.refund_ask(amount, request.reason, request.memo)
+        key = validation.idempotency_key(_metadata(context, "idempotency-key"))
+        invoice = await self._creator.refund(invoice_id, ask, key)
+        return fill_invoice(pb.Invoice(), invoice, self._default_currency)
 
     async def ListInvoiceAudit(
         self,

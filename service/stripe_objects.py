@@ -1,6 +1,6 @@
-"""Reading Stripe's invoice object, of any API version since the seed's 2023 sample, into
-the service's StripeInvoice: from the answers of service/payments.py and the events of
-service/webhooks.py. No I/O."""
+"""Reading Stripe's invoice and credit note objects, of any API version since the seed's
+2023 sample, into the service's StripeInvoice and StripeCreditNote: from the answers of
+service/payments.py and the events of service/webhooks.py. No I/O."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from service import validation
+from service.credit_notes import NoteStatus, StripeCreditNote
 from service.domain import STATUSES, InvalidArgument, StripeInvoice, User
 
 # Metadata keys that carry the invoice's owner to Stripe and back through webhooks.
@@ -66,3 +67,61 @@ def invoice_from_stripe(obj: Mapping[str, Any]) -> StripeInvoice:
     if invoice.status not in STATUSES:
         raise InvalidArgument("data.object.status", f"unknown invoice status {invoice.status!r}")
     return invoice
+
+
+def _minor_units(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _INT64:
+        raise ValueError(f"{key} {value!r} is not a non-negative 64-bit integer")
+    return value
+
+
+def _refunded(obj: Mapping[str, Any], amount: int, out_of_band: int) -> int:
+    """What the note refunded to the invoice's payment. Since 2024 Stripe lists each refund
+    with its amount (`refunds`); before, it named one refund (`refund`) and the balance
+    transaction of a credit (`customer_balance_transaction`) without their amounts, so the
+    split is known only when one of them is absent."""
+    refunds = obj.get("refunds")
+    if isinstance(refunds, list):
+        return sum(_minor_units(r, "amount_refunded") for r in refunds)
+    if not obj.get("refund"):
+        return 0
+    if obj.get("customer_balance_transaction"):
+        raise ValueError("refunded and credited at once in an API version that does not say how much of each")
+    return amount - out_of_band
+
+
+def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
+    """Reads a Stripe credit note object of any API version since 2023."""
+    try:
+        invoice = obj["invoice"]
+        invoice_id = invoice.get("id") if isinstance(invoice, Mapping) else invoice  # expanded or not
+        amount, out_of_band = _minor_units(obj, "amount"), _minor_units(obj, "out_of_band_amount")
+        refunded = _refunded(obj, amount, out_of_band)
+        if refunded + out_of_band > amount:
+            raise ValueError(f"refunded {refunded} and out of band {out_of_band} exceed the amount {amount}")
+        currency, created = obj.get("currency"), obj.get("created")
+        if currency is not None and not (isinstance(currency, str) and validation.CURRENCY.fullmatch(currency)):
+            raise ValueError(f"currency {currency!r} is not a lowercase ISO 4217 code")
+        if created is not None and (isinstance(created, bool) or not isinstance(created, int) or created < 0):
+            raise ValueError(f"created {created!r} is not a Unix time")
+        note = StripeCreditNote(
+            id=_text(obj["id"]),
+            stripe_invoice_id=_text(invoice_id),
+            status=NoteStatus(obj["status"]),
+            amount=amount,
+            refunded=refunded,
+            credited=amount - refunded - out_of_band,
+            out_of_band=out_of_band,
+            reason=_text(obj.get("reason") or ""),
+            memo=_text(obj.get("memo") or ""),
+            currency=currency,
+            created=created,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidArgument("data.object", f"not a Stripe credit note: {type(exc).__name__} {exc}") from exc
+    if not validation.STRIPE_ID["cn"].fullmatch(note.id) or not validation.STRIPE_ID["in"].fullmatch(
+        note.stripe_invoice_id
+    ):
+        raise InvalidArgument("data.object.id", "not a Stripe credit note id on an invoice")
+    return note

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from service import pagetoken
+from service.credit_notes import REASONS, RefundAsk
 from service.domain import (
     RECORD_ID,
     STATUSES,
@@ -39,7 +40,7 @@ MAX_USER_FIELD = 200
 CURRENCY = re.compile(r"[a-z]{3}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
-STRIPE_ID = {prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm")}
+STRIPE_ID = {prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm", "cn")}
 
 
 def page(
@@ -182,3 +183,19 @@ def idempotency_key(value: str | None) -> str | None:
     if not IDEMPOTENCY_KEY.fullmatch(value):
         raise InvalidArgument("idempotency-key", "must be 1 to 200 printable ASCII characters")
     return value
+
+
+MAX_MEMO = 5000  # Stripe's limit on a credit note's memo
+# Past this, a double (the record's amounts on the wire) no longer holds every integer.
+MAX_REFUND = 2**53 - 1
+
+
+def refund_ask(amount: int | None, reason: str, memo: str) -> RefundAsk:
+    """A RefundInvoice's amount, reason and memo, checked as Stripe would refuse them."""
+    if amount is not None and not 1 <= amount <= MAX_REFUND:
+        raise InvalidArgument("amount", f"must be between 1 and {MAX_REFUND:,} minor units, or left out for all")
+    if reason and reason not in REASONS:
+        raise InvalidArgument("reason", f"must be one of {', '.join(sorted(REASONS))}, or empty")
+    if len(memo) > MAX_MEMO:
+        raise InvalidArgument("memo", f"must be at most {MAX_MEMO:,} characters")
+    return RefundAsk(amount, reason, memo)

@@ -1,5 +1,6 @@
 """The Stripe webhook sidecar (aiohttp): verifies each delivery's Stripe-Signature over
-the raw body, then records the event and applies it to the invoice in one transaction.
+the raw body, then records the event and applies it to the invoice (or to the invoice's
+credit note, for `credit_note.*`) in one transaction.
 Stripe retries anything but a 2xx for days, so the answers are chosen for that: 400 for
 a delivery that is not Stripe's (no valid signature, not an event), 503 while Postgres
 is away (Stripe will retry; nothing accepted is lost), 200 for applied, duplicate and
@@ -22,11 +23,12 @@ import stripe
 from aiohttp import web
 
 from service.config import default
+from service.credit_notes import StripeCreditNote
 from service.domain import DomainError, Internal, InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.errors import status_of
 from service.logs import REQUEST_ID, request_id
 from service.metrics import METRICS, WEBHOOK_OUTCOMES, Metrics, add_routes
-from service.stripe_objects import invoice_from_stripe
+from service.stripe_objects import credit_note_from_stripe, invoice_from_stripe
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,17 @@ INVOICE_EVENTS = frozenset(
         "invoice.deleted",
     }
 )
+# The credit note events: money given back on an invoice, by this service or anyone else.
+CREDIT_NOTE_EVENTS = frozenset({"credit_note.created", "credit_note.updated", "credit_note.voided"})
 
 
 class EventStore(Protocol):
     async def apply_stripe_invoice(
         self, invoice: StripeInvoice, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
+    ) -> Outcome: ...
+
+    async def apply_stripe_credit_note(
+        self, note: StripeCreditNote, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
     ) -> Outcome: ...
 
     async def check_ready(self) -> None: ...
@@ -165,20 +173,14 @@ async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
         return _error(error), delivery
     delivery.type, delivery.event = str(event["type"]), str(event["id"])
     livemode = event.get("livemode")
-    if event["type"] not in INVOICE_EVENTS or (isinstance(livemode, bool) and livemode != request.app[LIVEMODE]):
+    recorded = event["type"] in INVOICE_EVENTS or event["type"] in CREDIT_NOTE_EVENTS
+    if not recorded or (isinstance(livemode, bool) and livemode != request.app[LIVEMODE]):
         delivery.outcome = "ignored"
-        if event["type"] in INVOICE_EVENTS:
+        if recorded:
             delivery.reason = f"a {'live' if livemode else 'test'}-mode event; this service runs in the other mode"
         return _received("ignored"), delivery
     try:
-        invoice = invoice_from_stripe(_data_object(event))
-        delivery.invoice = invoice.stripe_invoice_id
-        created = event.get("created")
-        if isinstance(created, bool) or not isinstance(created, int):
-            raise InvalidArgument("created", "must be the event's Unix time")
-        outcome = await request.app[STORE].apply_stripe_invoice(
-            invoice, stripe_time=created, event_id=event["id"], event_type=event["type"]
-        )
+        outcome = await _apply(request.app[STORE], event, delivery)
     except (InvalidArgument, Unrecordable) as error:
         # Signed by Stripe, so retrying cannot change it: taken, and left to an operator.
         delivery.outcome, delivery.reason = "rejected", str(error)
@@ -192,6 +194,21 @@ async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
         return _error(Internal("internal error")), delivery
     delivery.outcome = WEBHOOK_OUTCOMES.get(outcome, outcome)
     return _received(outcome), delivery
+
+
+async def _apply(store: EventStore, event: dict[str, Any], delivery: Delivery) -> Outcome:
+    """The event's invoice or credit note, applied as of the event's time."""
+    created = event.get("created")
+    if isinstance(created, bool) or not isinstance(created, int):
+        raise InvalidArgument("created", "must be the event's Unix time")
+    event_id, event_type = str(event["id"]), str(event["type"])
+    if event_type in CREDIT_NOTE_EVENTS:
+        note = credit_note_from_stripe(_data_object(event))
+        delivery.invoice = note.stripe_invoice_id
+        return await store.apply_stripe_credit_note(note, stripe_time=created, event_id=event_id, event_type=event_type)
+    invoice = invoice_from_stripe(_data_object(event))
+    delivery.invoice = invoice.stripe_invoice_id
+    return await store.apply_stripe_invoice(invoice, stripe_time=created, event_id=event_id, event_type=event_type)
 
 
 def _data_object(event: dict[str, Any]) -> dict[str, Any]:

@@ -159,7 +159,7 @@ async def stack_store(stack: Stack) -> AsyncIterator[storage.Storage]:
     is still on its way to it."""
     await until_delivered(stack.localstripe)
     pool = await asyncpg.create_pool(stack.database, min_size=1, max_size=2)
-    await pool.execute("TRUNCATE invoices, stripe_events, create_requests, deleted_invoices")
+    await pool.execute("TRUNCATE invoices, stripe_events, create_requests, deleted_invoices, credit_notes")
     yield storage.Storage(pool)
     await pool.close()
 

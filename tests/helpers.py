@@ -77,7 +77,7 @@ def json_shape(value: object) -> object:
 
 # Keys the service adds to the original API's invoice (adding keys is allowed; renaming or
 # retyping one is not).
-ADDED_INVOICE_KEYS = {"amountInt32", "currency"}
+ADDED_INVOICE_KEYS = {"amountInt32", "currency", "amountCredited", "amountRefunded"}
 
 
 def has_shape(value: object, reference: object) -> bool:

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from service.cache import BYPASS, HIT, MAX_AGE_S, MISS, CachedReads, ForgettingWrites, RecordCache
+from service.credit_notes import NoteStatus, StripeCreditNote
 from service.domain import (
     Change,
     ChangeKind,
@@ -257,12 +258,20 @@ class FailingStore:
     async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice:
         raise ConnectionResetError("lost after COMMIT was sent")
 
+    async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None:
+        raise ConnectionResetError("lost after COMMIT was sent")
+
 
 async def test_a_write_that_fails_without_saying_forgets_everything(cache: RecordCache) -> None:
     invoice = make_invoice(1)
     await cache.get(invoice.id, Postgres(invoice).read)
     with pytest.raises(ConnectionResetError):
         await ForgettingWrites(FailingStore(), cache).record_stripe_invoice(_stripe(invoice, "void"), stripe_time=1)
+    assert len(cache) == 0
+    await cache.get(invoice.id, Postgres(invoice).read)
+    note = StripeCreditNote("cn_1", invoice.stripe_invoice_id, NoteStatus.ISSUED, 100, 100, 0, 0, "", "")
+    with pytest.raises(ConnectionResetError):
+        await ForgettingWrites(FailingStore(), cache).record_stripe_credit_note(note, stripe_time=1)
     assert len(cache) == 0
 
 

@@ -41,7 +41,7 @@ def test_the_contract_as_it_is_passes(workspace: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "says"),
     [
-        ("string status = 4;", "string status = 11;", 'Previously present field "4"'),
+        ("string status = 4;", "string status = 99;", 'Previously present field "4"'),
         ("rpc GetInvoice(GetInvoiceRequest)", "rpc FetchInvoice(GetInvoiceRequest)", "GetInvoice"),
     ],
 )

@@ -85,7 +85,15 @@ async def emulator(localstripe: str, method: str, path: str, body: object = None
 
 
 async def stripe_invoices(client: stripe.StripeClient, customer: str) -> list[Any]:
-    return list((await client.v1.invoices.list_async({"customer": customer, "limit": 100})).data)
+    """Every invoice of the customer, page by page (a page holds at most 100)."""
+    found: list[Any] = []
+    params: Any = {"customer": customer, "limit": 100}
+    while True:
+        page = await client.v1.invoices.list_async(params)
+        found += page.data
+        if not page.has_more or not page.data:
+            return found
+        params = {**params, "starting_after": page.data[-1].id}
 
 
 def request(customer: str, method: str, amounts: list[int] | None = None) -> NewInvoice:

@@ -20,6 +20,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from gateway.render import API_PAGE
 from tests.helpers import checkov
 from tools import tls as local_tls
 from tools.direct import MIN_READY_S
@@ -353,6 +354,9 @@ def test_envoys_init_container_renders_a_valid_config_for_the_headless_service(
     assert f'proto_descriptor: "{tmp_path}/invoice_service.binpb"' in config
     assert f'filename: "{tmp_path}/openapi.json"' in config
     assert (tmp_path / "openapi.json").read_bytes() == (ROOT / "gateway" / "openapi.json").read_bytes()
+    for name, path in API_PAGE.items():
+        assert f'filename: "{tmp_path}/api-page/{name}"' in config
+        assert (tmp_path / "api-page" / name).read_bytes() == path.read_bytes(), name
     assert (tmp_path / "invoice_service.binpb").read_bytes() == (ROOT / ".build" / "invoice_service.binpb").read_bytes()
     # The TLS overlay: HTTPS at the listener, TLS (with Envoy's certificate) to the server.
     listener = yaml.safe_load(config)["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]

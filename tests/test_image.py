@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from packaging.utils import canonicalize_name
 
+from gateway.render import API_PAGE
 from service import announce
 from tests.helpers import checkov
 from tools import image, lock
@@ -225,11 +226,18 @@ def test_smoke_the_gateway_image_renders_its_config_and_envoy_accepts_it(tmp_pat
     env = {"GATEWAY_UPSTREAM_HOST": "invoice-service-grpc", "GRPC_PORT": "50051", "WEBHOOK_PORT": "8081"}
     env_args = tuple(arg for name, value in env.items() for arg in ("--env", f"{name}={value}"))
     render = ["python", "-m", "gateway.render", "/config/envoy.yaml", "--descriptor", "/config/invoice_service.binpb"]
-    render += ["--openapi", "/config/openapi.json", "--copy-assets"]
+    render += ["--openapi", "/config/openapi.json", "--api-page", "/config/api-page", "--copy-assets"]
     rendered = _run(ref, GATEWAY_UID, *render, options=("--volume", f"{config}:/config", *env_args))
     assert rendered.returncode == 0, rendered.stderr
-    assert sorted(p.name for p in config.iterdir()) == ["envoy.yaml", "invoice_service.binpb", "openapi.json"]
+    assert sorted(p.name for p in config.iterdir()) == [
+        "api-page",
+        "envoy.yaml",
+        "invoice_service.binpb",
+        "openapi.json",
+    ]
     assert (config / "invoice_service.binpb").read_bytes() == (ROOT / ".build" / "invoice_service.binpb").read_bytes()
+    for name, path in API_PAGE.items():
+        assert (config / "api-page" / name).read_bytes() == path.read_bytes(), name
     validate = ["envoy", "--mode", "validate", "-c", "/config/envoy.yaml"]
     validated = _run(ref, GATEWAY_UID, *validate, options=("--volume", f"{config}:/config:ro"))
     assert validated.returncode == 0, validated.stdout + validated.stderr

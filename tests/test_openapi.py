@@ -22,6 +22,8 @@ def test_paths_and_parameters_follow_the_http_annotations() -> None:
         "/admin/api/invoices/{id}",
         "/admin/api/invoices/{id}:pay",
         "/admin/api/invoices/{id}:void",
+        "/admin/api/invoices/{id}:markUncollectible",
+        "/admin/api/invoices/{id}:refund",
         "/admin/api/invoices/{id}/audit",
         "/admin/api/invoices:watch",
     }
@@ -70,9 +72,12 @@ def test_schemas_use_json_names_and_json_types() -> None:
         "updatedAt",
         "amount",
         "currency",
+        "amountCredited",
+        "amountRefunded",
     ]
     # A double on the wire, printed by Envoy as a JSON number (whole: see the proto).
-    assert invoice["properties"]["amount"]["type"] == "number"
+    for amount in ("amount", "amountCredited", "amountRefunded"):
+        assert invoice["properties"][amount]["type"] == "number"
     created = invoice["properties"]["createdAt"]
     assert (created["type"], created["format"]) == ("string", "date-time")
     assert created["description"].startswith("When Stripe created the invoice")

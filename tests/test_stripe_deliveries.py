@@ -26,12 +26,11 @@ from chaos.records import records_against_stripe
 from service import payments, storage
 from service.app import SERVICE_ROLE
 from tests.helpers import API_KEY, WEBHOOK_SECRET, poll_until, stack_env
-from tools.customers import customer_with_card
+from tools.customers import DECLINED_ON_CHARGE, customer_with_card
 from tools.stack import LOCALSTRIPE_KEY, backend, free_port, register_webhook, start_localstripe, wait_until_routed
 
 LATE_S = 3.0
 DUPLICATES = 0.5
-DECLINED_ON_CHARGE = "4000000000000341"
 
 
 @dataclass

@@ -148,8 +148,8 @@ async def raced(localstripe: str) -> list[Any]:
 
 @pytest.mark.parametrize(
     ("call", "then", "status", "charged"),
-    [("void", "pay", "paid", [4000]), ("pay", "void", "void", [])],
-    ids=["void-after-paid", "pay-after-voided"],
+    [("void", "pay", "paid", [4000]), ("pay", "void", "void", []), ("mark_uncollectible", "pay", "paid", [4000])],
+    ids=["void-after-paid", "pay-after-voided", "mark-after-paid"],
 )
 async def test_a_call_on_an_invoice_changed_at_stripe_meanwhile_names_its_status_and_records_it(
     store: Storage,
@@ -166,9 +166,11 @@ async def test_a_call_on_an_invoice_changed_at_stripe_meanwhile_names_its_status
     good = await new_card(stripe_client, customer)
     await race(races, call, invoice["id"], then, {"payment_method": good} if then == "pay" else {})
     one = creator(store, Payments(stripe_client))
-    with pytest.raises(FailedPrecondition, match=f"invoice {invoice['id']} is {status}; only open or uncollectible"):
+    with pytest.raises(FailedPrecondition, match=f"invoice {invoice['id']} is {status}; only open"):
         if call == "void":
             await one.void(invoice["id"], uuid.uuid4().hex)
+        elif call == "mark_uncollectible":
+            await one.mark_uncollectible(invoice["id"], uuid.uuid4().hex)
         else:
             await one.pay(invoice["id"], good, uuid.uuid4().hex)
     assert await raced(races) == [(200, status)]
@@ -188,6 +190,18 @@ async def test_a_pay_of_an_invoice_paid_at_stripe_meanwhile_answers_it_paid_once
     assert await raced(races) == [(200, "paid")]
     assert (record.status, (await store.get_invoice(invoice["id"])).status) == ("paid", "paid")
     await billed_once(stripe_client, customer, invoice["id"], 4000)
+
+
+async def test_a_mark_of_an_invoice_marked_at_stripe_meanwhile_answers_it_uncollectible(
+    store: Storage, stripe_client: stripe.StripeClient, races: str
+) -> None:
+    """Stripe refuses the second mark (the invoice is no longer open); the read after it
+    shows the goal reached, so the call answers the record instead of an error."""
+    _, invoice = await open_invoice(store, stripe_client)
+    await race(races, "mark_uncollectible", invoice["id"], "mark_uncollectible", {})
+    record = await creator(store, Payments(stripe_client)).mark_uncollectible(invoice["id"], uuid.uuid4().hex)
+    assert await raced(races) == [(200, "uncollectible")]
+    assert (record.status, (await store.get_invoice(invoice["id"])).status) == ("uncollectible", "uncollectible")
 
 
 async def test_a_refusal_that_is_not_about_the_status_stays_the_callers_mistake(

@@ -39,7 +39,7 @@ _XMIN = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _XMAX = "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
 _CHANGE = (
     "seq, xact, kind, changed_at, id, stripe_invoice_id, user_id, user_name, status, amount, currency,"
-    " invoice_pdf, created_at, updated_at"
+    " invoice_pdf, created_at, updated_at, amount_refunded, amount_credited"
 )
 # Everything after `after` written by transactions older than this statement's snapshot's
 # xmin: all of those have finished, so nothing can still commit below the answer's end.
@@ -83,6 +83,8 @@ def invoice_of(row: asyncpg.Record) -> Invoice:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         currency=row["currency"],
+        amount_refunded=row["amount_refunded"],
+        amount_credited=row["amount_credited"],
     )
 
 

@@ -1,17 +1,18 @@
-"""The invoice store on Postgres: the records, the Stripe events applied to them, the list
-and its counts. Every statement about invoices and events lives here (the storage
-package holds all of the service's SQL); callers get domain objects and domain errors,
-never asyncpg types."""
+"""The invoice store on Postgres: the records, the Stripe events applied to them (invoices'
+and their credit notes', storage/credit_notes.py), the list and its counts. Every statement
+about invoices and events lives here or there (the storage package holds all of the
+service's SQL); callers get domain objects and domain errors, never asyncpg types."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import asyncpg
 
+from service.credit_notes import StripeCreditNote
 from service.domain import (
     Cursor,
     Filters,
@@ -26,7 +27,7 @@ from service.domain import (
     Unrecordable,
     new_record_id,
 )
-from service.storage import migrations
+from service.storage import credit_notes, migrations
 from service.storage.changes import ChangeFeed, invoice_of
 from service.storage.creates import CreateRequests
 
@@ -46,7 +47,9 @@ RECORD_COLUMNS = (
     "updated_at",
 )
 _COLUMNS = ", ".join(RECORD_COLUMNS)
-_SELECT = f"SELECT {_COLUMNS}"
+# Read too, written only from the invoice's credit notes (storage/credit_notes.py).
+GIVEN_BACK_COLUMNS = ("amount_refunded", "amount_credited")
+_SELECT = f"SELECT {_COLUMNS}, {', '.join(GIVEN_BACK_COLUMNS)}"
 _ORDER = "ORDER BY created_at DESC, id DESC"
 _FILTERS = {
     "status": "status = ${}",
@@ -198,16 +201,48 @@ class Storage(CreateRequests, ChangeFeed):
         the event's record, so each event counts once. Returns the outcome: `created`,
         `updated`, `unchanged`, `duplicate` (event seen before), `stale` (older than the
         record) or `deleted`/`ignored-deleted` for invoices Stripe deleted."""
-        key = invoice.stripe_invoice_id
+        deleted = event_type == "invoice.deleted"
+        return await self._applied(
+            invoice.stripe_invoice_id,
+            event_id,
+            event_type,
+            lambda conn: self._apply(conn, invoice, stripe_time, deleted=deleted),
+        )
+
+    async def apply_stripe_credit_note(
+        self, note: StripeCreditNote, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
+    ) -> Outcome:
+        """Brings the credit note to what Stripe said at `stripe_time`, and its invoice's
+        totals with it, in one transaction with the event's record (as for invoices)."""
+        return await self._applied(
+            note.stripe_invoice_id,
+            event_id,
+            event_type,
+            lambda conn: credit_notes.apply(conn, note, stripe_time, record_time()),
+        )
+
+    async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None:
+        """Applies a credit note Stripe answered to a call of the service's own (Refund)."""
+        await self.apply_stripe_credit_note(note, stripe_time=stripe_time)
+
+    async def _applied(
+        self,
+        invoice_key: str,
+        event_id: str | None,
+        event_type: str,
+        apply: Callable[[asyncpg.pool.PoolConnectionProxy], Awaitable[Outcome]],
+    ) -> Outcome:
+        """Runs `apply` under the invoice's lock, once per event: `duplicate` for an event
+        recorded before, else its outcome, stored with the event."""
         # Read committed, whatever the database's default: the lock and the ON CONFLICT
         # clauses rely on seeing what committed while waiting.
         with _recordable():
             async with self._connection() as conn, conn.transaction(isolation="read_committed"):
                 if event_id is None:
-                    await conn.execute(_LOCK_INVOICE, key)
-                elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, key) is None:
+                    await conn.execute(_LOCK_INVOICE, invoice_key)
+                elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, invoice_key) is None:
                     return Outcome.DUPLICATE
-                outcome = await self._apply(conn, invoice, stripe_time, deleted=event_type == "invoice.deleted")
+                outcome = await apply(conn)
                 if event_id is not None:
                     await conn.execute(_SET_EVENT_OUTCOME, event_id, outcome)
         return outcome
@@ -228,6 +263,7 @@ class Storage(CreateRequests, ChangeFeed):
         user = invoice.user
         values = (user.id, user.name, invoice.status, invoice.amount, invoice.currency, invoice.invoice_pdf, created)
         if await conn.fetchval(INSERT_RECORD, new_record_id(), key, *values, now, stripe_time) is not None:
+            await conn.execute(credit_notes.REFRESH_TOTALS, key, now)  # notes that arrived before it
             return Outcome.CREATED
         current = await conn.fetchrow(_LOCK_FROM_STRIPE, key)
         if current is None:  # deleted by a concurrent invoice.deleted

@@ -32,7 +32,19 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
   that draft; a non-draft invoice is a 400 invoice_not_editable, and an invoice holds at
   most 250 lines.
 - customers: POST /v1/customers and /v1/customers/{id} take `balance` (negative is
-  credit), and customers show it.
+  credit), and customers show it; a credit note's credit to the balance is recorded as a
+  customer balance transaction (expandable from the note).
+- credit_notes (with credit_note_params, which checks the parameters): POST, GET
+  /v1/credit_notes, GET /v1/credit_notes/preview, GET and POST /v1/credit_notes/{id},
+  GET /v1/credit_notes/{id}/lines, POST /v1/credit_notes/{id}/void (new). A note on an
+  open invoice first reduces its amount_due; the rest (all of it on a paid invoice) must
+  be split into refund_amount or `refunds`, credit_amount and out_of_band_amount, and the
+  invoice's pre/post_payment_credit_notes_amount grow; an invoice's notes never exceed
+  its total. Voiding undoes a note, unless it refunded. Events: credit_note.created,
+  .updated, .voided, invoice.updated (with previous_attributes).
+- refunds: POST /v1/refunds refuses more than the charge still holds, in Stripe's words,
+  and, like a credit note's refund, sends refund.created and charge.refunded; GET
+  /v1/refunds takes charge, payment_intent and created, newest first.
 - payment_methods: POST /v1/payment_methods/{id}/attach: Stripe's declining test cards
   (4000000000000002, ...) are refused with a card_error, as Stripe refuses them;
   4000000000000341 attaches and declines when charged.
@@ -47,7 +59,7 @@ to its aiohttp app before it starts, and serves it. One module per thing it exte
 - shapes: objects are exported as API 2026-10-28.endive shows them (the version the
   service's SDK pins), not as stock localstripe's 2017 ones: removed fields go
   (invoice.charge, line.invoice_item, now line.parent.invoice_item_details...), fields
-  Stripe always answers come; events carry pending_webhooks.
+  Stripe always answers come (refunds too); events carry pending_webhooks.
 - recorder: with LOCALSTRIPE_RECORD_DIR set (the tests set it), every /v1 exchange and
   every event is appended to a JSON-lines file there, for the Stripe referee
   (tests/referee).

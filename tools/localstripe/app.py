@@ -12,12 +12,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from tools.localstripe import (
+    credit_notes,
     customers,
     errors,
     invoice_items,
     invoice_lifecycle,
     invoices,
     payment_methods,
+    refunds,
     shapes,
     version,
 )
@@ -49,6 +51,8 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
     invoice_items.patch()
     customers.patch()
     payment_methods.patch()
+    refunds.patch()
+    credit_notes.patch()
     shapes.patch()
 
     # Only the routes change: localstripe's subscriptions keep calling the stock
@@ -61,6 +65,14 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
     set_route("POST", "/v1/invoices/{id}/mark_uncollectible", invoice_lifecycle.mark_uncollectible)
     attach = payment_methods.attach_with(resources.PaymentMethod._api_attach)
     set_route("POST", "/v1/payment_methods/{id}/attach", attach)
+    notes = credit_notes.CreditNotes(public_base)
+    set_route("POST", "/v1/credit_notes", notes.create)
+    set_route("GET", "/v1/credit_notes", credit_notes.list_notes)
+    set_route("GET", "/v1/credit_notes/preview", notes.preview)  # before {id}, which would take it
+    set_route("GET", "/v1/credit_notes/{id}", credit_notes.retrieve)
+    set_route("POST", "/v1/credit_notes/{id}", credit_notes.update)
+    set_route("POST", "/v1/credit_notes/{id}/void", credit_notes.void)
+    set_route("GET", "/v1/credit_notes/{id}/lines", credit_notes.list_lines)
     setattr(resources, _INSTALLED, public_base)
 
 

@@ -27,7 +27,9 @@ from tools.localstripe.idempotency import Idempotency
 from tools.localstripe.races import Races
 
 # Ids in paths no route matched (a matched route names its own pattern, /v1/invoices/{id}).
-OBJECT_ID = re.compile(r"(?<=/)(?:in|cus|pm|ii|il|pi|ch|card|src|sub|si|txr|evt|prod|price|plan|seti)_[A-Za-z0-9]+")
+OBJECT_ID = re.compile(
+    r"(?<=/)(?:in|cus|pm|ii|il|pi|ch|card|src|sub|si|txr|evt|prod|price|plan|seti|cn|re|cbtxn)_[A-Za-z0-9]+"
+)
 
 
 class Calls:

@@ -7,26 +7,24 @@ specific currency to an invoice ... in the same currency", Customer.invoice_cred
 `balance` is the one in the customer's currency, which Stripe fixes with the customer's
 first invoice; the emulator takes a balance set before then to be in that currency. The
 balances in other currencies (what an invoice in another currency carries forward: an
-amount under its minimum charge) are kept apart and applied to that currency's invoices."""
+amount under its minimum charge) are kept apart and applied to that currency's invoices.
+A credit note's credit_amount (credit_notes.py) changes the balance in the invoice's
+currency through adjust_balance, which records it as Stripe does: a customer balance
+transaction."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from tools.localstripe.errors import invalid_param
+from tools.localstripe.errors import as_int
 from tools.localstripe.stock import resources
 
 
 def _with_int_balance(data: dict[str, Any]) -> dict[str, Any]:
     """Customer `balance` is an integer in minor units (a form sends it as a string)."""
     if "balance" in data:
-        value = resources.try_convert_to_int(data["balance"])
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise invalid_param(
-                f"Invalid integer: {data['balance']}", param="balance", code="parameter_invalid_integer"
-            )
-        data["balance"] = value
+        data["balance"] = as_int(data["balance"], "balance")
     return data
 
 
@@ -106,3 +104,27 @@ def patch() -> None:
     customer.currency = _currency_with(customer.currency)
     customer._api_create = classmethod(_customer_create_with(customer._api_create))
     customer._api_update = classmethod(_customer_update_with(customer._api_update))
+
+
+class CustomerBalanceTransaction(resources.StripeObject):  # type: ignore[misc]  # localstripe is untyped
+    """Stripe's record of a change to a customer's balance; the emulator makes the ones
+    credit notes make (type `credit_note`), so a credit note's customer_balance_transaction
+    names a real object (expandable)."""
+
+    object = "customer_balance_transaction"
+    _id_prefix = "cbtxn_"
+
+    def __init__(self, customer: str, currency: str, amount: int, ending_balance: int, credit_note: str) -> None:
+        super().__init__()
+        self.amount, self.currency, self.customer, self.ending_balance = amount, currency, customer, ending_balance
+        self.credit_note, self.invoice, self.type = credit_note, None, "credit_note"
+        self.checkout_session = self.customer_account = self.description = None
+        self.metadata: dict[str, str] = {}
+
+
+def adjust_balance(customer_id: str, currency: str, amount: int, credit_note: str) -> str:
+    """Adds `amount` (negative is credit) to the customer's balance in `currency` on behalf
+    of a credit note, as Stripe records it: the id of the customer balance transaction."""
+    ending = balance_of(customer_id, currency) + amount
+    settle_balance(customer_id, currency, ending)
+    return str(CustomerBalanceTransaction(customer_id, currency, amount, ending, credit_note).id)

@@ -96,6 +96,28 @@ def reject_unknown(params: dict[str, Any]) -> None:
         raise invalid_param("Received unknown parameters: " + ", ".join(sorted(params)), param=sorted(params)[0])
 
 
+def missing(param: str) -> Any:
+    return invalid_param(f"Missing required param: {param}.", param=param, code="parameter_missing")
+
+
+def one_of(value: Any, allowed: tuple[str, ...], param: str) -> str:
+    """An enum parameter, refused in Stripe's words for enums."""
+    if value not in allowed:
+        choices = ", ".join(allowed[:-1]) + f", or {allowed[-1]}" if len(allowed) > 2 else " or ".join(allowed)
+        raise invalid_param(f"Invalid {param}: must be one of {choices}", param=param)
+    return str(value)
+
+
+def as_int(value: Any, param: str, minimum: int | None = None) -> int:
+    """An integer parameter (a form sends it as a string), refused as Stripe refuses it."""
+    number = resources.try_convert_to_int(value)
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise invalid_param(f"Invalid integer: {value}", param=param, code="parameter_invalid_integer")
+    if minimum is not None and number < minimum:
+        raise invalid_param(f"This value must be greater than or equal to {minimum}.", param=param)
+    return number
+
+
 def as_bool(value: Any, param: str) -> bool | None:
     value = resources.try_convert_to_bool(value)
     if value is None or isinstance(value, bool):

@@ -12,7 +12,7 @@ from typing import Any
 
 from service.domain import STATUSES
 from tools.localstripe.customers import balance_of
-from tools.localstripe.errors import as_bool, bad_request, invalid_param, reject_unknown
+from tools.localstripe.errors import as_bool, as_int, bad_request, invalid_param, missing, reject_unknown
 from tools.localstripe.invoice_items import MAX_LINES_PER_INVOICE, not_editable, too_many_lines
 from tools.localstripe.payment_methods import payment_method_of
 from tools.localstripe.stock import emit, resources
@@ -124,13 +124,26 @@ def _create_invoice(cls: Any, /, **params: Any) -> Any:
 ADD_LINE_PARAMS = frozenset({"amount", "description", "metadata"})
 
 
-def _metadata_of(value: Any, param: str) -> dict[str, Any]:
+def metadata_of(value: Any, param: str) -> dict[str, Any]:
     """A metadata parameter: a hash, or "" for none."""
     if value is None or value == "":
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise invalid_param("Invalid metadata: must be a hash of strings.", param=param)
     return value
+
+
+def merge_metadata(obj: Any, value: Any) -> None:
+    """Stripe's update of an object's metadata: "" unsets all of it, a hash merges, and an
+    empty value unsets its key (`value` already checked with metadata_of)."""
+    if value == "":
+        obj.metadata = {}
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if item == "":
+                obj.metadata.pop(key, None)
+            else:
+                obj.metadata[key] = item
 
 
 def _line_params(index: int, line: Any) -> dict[str, Any]:
@@ -142,18 +155,12 @@ def _line_params(index: int, line: Any) -> dict[str, Any]:
     # one-off amount lines the service sends, and refuses the rest rather than ignore them.
     reject_unknown({f"{prefix}[{k}]": v for k, v in line.items() if k not in ADD_LINE_PARAMS})
     if "amount" not in line:
-        raise invalid_param(
-            f"Missing required param: {prefix}[amount].", param=f"{prefix}[amount]", code="parameter_missing"
-        )
-    amount = resources.try_convert_to_int(line["amount"])
-    if not isinstance(amount, int) or isinstance(amount, bool):
-        raise invalid_param(
-            f"Invalid integer: {line['amount']}", param=f"{prefix}[amount]", code="parameter_invalid_integer"
-        )
+        raise missing(f"{prefix}[amount]")
+    amount = as_int(line["amount"], f"{prefix}[amount]")
     description = line.get("description")
     if description is not None and not isinstance(description, str):
         raise invalid_param(f"Invalid string: {description!r}", param=f"{prefix}[description]")
-    metadata = _metadata_of(line.get("metadata"), f"{prefix}[metadata]")
+    metadata = metadata_of(line.get("metadata"), f"{prefix}[metadata]")
     return {"amount": amount, "description": description, "metadata": metadata}
 
 
@@ -163,12 +170,12 @@ def add_lines(id: str, lines: Any = None, invoice_metadata: Any = None, **unknow
     adds none of them, as on Stripe."""
     reject_unknown(unknown)
     if not isinstance(lines, list) or not lines:
-        raise invalid_param("Missing required param: lines.", param="lines", code="parameter_missing")
+        raise missing("lines")
     if len(lines) > MAX_LINES_PER_ADD:
         raise invalid_param(f"You can add at most {MAX_LINES_PER_ADD} lines at once.", param="lines")
     items = [_line_params(index, line) for index, line in enumerate(lines)]
     if invoice_metadata is not None and invoice_metadata != "":
-        _metadata_of(invoice_metadata, "invoice_metadata")
+        metadata_of(invoice_metadata, "invoice_metadata")
     invoice = resources.Invoice._api_retrieve(id)
     if invoice.status != "draft":
         raise not_editable(invoice)
@@ -179,14 +186,7 @@ def add_lines(id: str, lines: Any = None, invoice_metadata: Any = None, **unknow
         resources.InvoiceItem._api_create(
             invoice=invoice.id, customer=invoice.customer, currency=invoice.currency, **params
         )
-    if invoice_metadata == "":
-        invoice.metadata = {}
-    elif isinstance(invoice_metadata, dict):  # Stripe merges; an empty value unsets its key
-        for key, value in invoice_metadata.items():
-            if value == "":
-                invoice.metadata.pop(key, None)
-            else:
-                invoice.metadata[key] = value
+    merge_metadata(invoice, invoice_metadata)
     emit("invoice.updated", invoice)
     return invoice
 
@@ -202,18 +202,22 @@ def _created_filter(op: str, raw: Any) -> Callable[[Any], bool]:
     return lambda obj: bool(compare(obj.created, bound))
 
 
+def created_filters(created: Any) -> list[Callable[[Any], bool]]:
+    """A list's `created` parameter (an exact time, or created[gt|gte|lt|lte]) as filters."""
+    if isinstance(created, dict) and created and set(created) <= {"gt", "gte", "lt", "lte"}:
+        return [_created_filter(op, raw) for op, raw in created.items()]
+    if created is None:
+        return []
+    if isinstance(created, str):
+        return [_created_filter("eq", created)]
+    raise invalid_param("Invalid created: use created, created[gt], created[gte], created[lt] or created[lte].")
+
+
 def _list_invoices_with(stock_list: Callable[..., Any]) -> Callable[..., Any]:
     def list_invoices(cls: Any, url: str, created: Any = None, status: Any = None, **params: Any) -> Any:
         """GET /v1/invoices, with Stripe's created[...] and status filters, newest first."""
         reject_unknown({k: v for k, v in params.items() if k not in INVOICE_LIST_PARAMS})
-        if isinstance(created, dict) and created and set(created) <= {"gt", "gte", "lt", "lte"}:
-            filters = [_created_filter(op, raw) for op, raw in created.items()]
-        elif created is None:
-            filters = []
-        elif isinstance(created, str):
-            filters = [_created_filter("eq", created)]
-        else:
-            raise invalid_param("Invalid created: use created, created[gt], created[gte], created[lt] or created[lte].")
+        filters = created_filters(created)
         if status is not None and status not in INVOICE_STATUSES:
             raise invalid_param(f"Invalid status: {status!r}", param="status")
         page = stock_list(url, **params)

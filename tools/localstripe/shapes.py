@@ -16,6 +16,9 @@ Stripe's published description:
   `discountable`, `quantity_decimal`, `parent` come;
 - customer: the stock's `account_balance` and `business_vat_id` (removed in 2019 and
   2018; `balance` is answered by customers.py);
+- refund: the stock's `date` (`created` says it) and `livemode` go, and `customer`,
+  `payment_method`, `destination_details`, `reason`, `receipt_number` and the transfer
+  reversals come (set by refunds.py where it knows them);
 - event: `pending_webhooks`, and the API version the objects are shaped as.
 
 Only the exported shape changes: localstripe's own attributes stay, for its own code."""
@@ -78,6 +81,17 @@ def _item(obj: dict[str, Any]) -> None:
     obj.setdefault("parent", None)
 
 
+def _refund(obj: dict[str, Any]) -> None:
+    obj.pop("date", None)
+    obj.pop("livemode", None)  # a refund has none (its charge does)
+    for name in ("customer", "customer_account", "payment_method", "reason", "receipt_number"):
+        obj.setdefault(name, None)
+    obj.setdefault("source_transfer_reversal", None)
+    obj.setdefault("transfer_reversal", None)
+    # A card refund made before the charge settled reverses the authorization.
+    obj.setdefault("destination_details", {"card": {"type": "reversal"}, "type": "card"})
+
+
 def _customer(obj: dict[str, Any]) -> None:
     obj.pop("account_balance", None)
     obj.pop("business_vat_id", None)
@@ -103,6 +117,7 @@ def patch() -> None:
         (resources.InvoiceLineItem, _line),
         (resources.InvoiceItem, _item),
         (resources.Customer, _customer),
+        (resources.Refund, _refund),
         (resources.Event, _event),
     ):
         cls._export = _shaped(cls._export, reshape)

@@ -35,6 +35,10 @@ def set_route(method: str, path: str, func: Callable[..., Any]) -> None:
     routes.append((method, path, func))
 
 
-def emit(event_type: str, obj: Any) -> None:
-    """Schedules a signed webhook with localstripe's own machinery (a snapshot taken now)."""
-    resources.schedule_webhook(resources.Event(event_type, obj))
+def emit(event_type: str, obj: Any, previous: dict[str, Any] | None = None) -> None:
+    """Schedules a signed webhook with localstripe's own machinery (a snapshot taken now);
+    `previous` is a *.updated event's data.previous_attributes (the changed fields' old values)."""
+    event = resources.Event(event_type, obj)
+    if previous:
+        event.data["previous_attributes"] = previous
+    resources.schedule_webhook(event)

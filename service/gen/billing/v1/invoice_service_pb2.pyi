@@ -44,6 +44,8 @@ class Invoice(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
+    AMOUNT_CREDITED_FIELD_NUMBER: _builtins.int
+    AMOUNT_REFUNDED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The service's own id of the record: 24 lowercase hex digits."""
     invoice_id: _builtins.str
@@ -84,6 +86,15 @@ class Invoice(_message.Message):
     """
     currency: _builtins.str
     """The currency of `amount`: a lowercase ISO 4217 code such as `eur`."""
+    amount_credited: _builtins.float
+    """Money given back on this invoice by its issued Stripe credit notes, in
+    minor units of `currency`, however it was given (refunded to the payment,
+    credited to the customer's balance, or outside Stripe) and whoever gave it
+    (this service, Stripe's dashboard, a dispute). 0 when none. A double for
+    the reason `amount` is.
+    """
+    amount_refunded: _builtins.float
+    """The part of `amount_credited` refunded to the invoice's payment."""
     @_builtins.property
     def user(self) -> Global___User:
         """The team member or customer the invoice belongs to."""
@@ -112,10 +123,12 @@ class Invoice(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         amount: _builtins.float = ...,
         currency: _builtins.str = ...,
+        amount_credited: _builtins.float = ...,
+        amount_refunded: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_int32", b"amount_int32", "created_at", b"created_at", "currency", b"currency", "id", b"id", "invoice_id", b"invoice_id", "invoice_pdf", b"invoice_pdf", "status", b"status", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_credited", b"amount_credited", "amount_int32", b"amount_int32", "amount_refunded", b"amount_refunded", "created_at", b"created_at", "currency", b"currency", "id", b"id", "invoice_id", b"invoice_id", "invoice_pdf", b"invoice_pdf", "status", b"status", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,6 +437,68 @@ class VoidInvoiceRequest(_message.Message):
 Global___VoidInvoiceRequest: _TypeAlias = VoidInvoiceRequest  # noqa: Y015
 
 @_typing.final
+class MarkUncollectibleRequest(_message.Message):
+    """MarkUncollectibleRequest names the invoice to write off."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkUncollectibleRequest: _TypeAlias = MarkUncollectibleRequest  # noqa: Y015
+
+@_typing.final
+class RefundInvoiceRequest(_message.Message):
+    """RefundInvoiceRequest names the invoice and how much to give back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MEMO_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    amount: _builtins.int
+    """Minor units of the invoice's currency, at least 1; unset: all that is left
+    to refund.
+    """
+    reason: _builtins.str
+    """Stripe's reason: `duplicate`, `fraudulent`, `order_change` or
+    `product_unsatisfactory`; empty for none.
+    """
+    memo: _builtins.str
+    """A note printed on the credit note, at most 5,000 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        amount: _builtins.int | None = ...,
+        reason: _builtins.str = ...,
+        memo: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount", "id", b"id", "memo", b"memo", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__amount: _TypeAlias = _typing.Literal["amount"]  # noqa: Y015
+    _WhichOneofArgType__amount: _TypeAlias = _typing.Literal["_amount", b"_amount"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__amount) -> _WhichOneofReturnType__amount | None: ...
+
+Global___RefundInvoiceRequest: _TypeAlias = RefundInvoiceRequest  # noqa: Y015
+
+@_typing.final
 class WatchInvoicesRequest(_message.Message):
     """WatchInvoicesRequest opens a watch; every filter is optional and they
     combine. A filter applies to the record as each change left it: a watch of
@@ -587,7 +662,9 @@ class ListInvoiceAuditResponse(_message.Message):
     """The token of the next page; absent on the last page."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
-        """One per attempt of a Create, Pay or Void that ended or was abandoned."""
+        """One per attempt of a Create, Pay, Void or MarkUncollectible that ended or
+        was abandoned.
+        """
 
     def __init__(
         self,
@@ -625,7 +702,7 @@ class AuditEntry(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     action: _builtins.str
-    """`create`, `pay` or `void`."""
+    """`create`, `pay`, `void` or `mark_uncollectible`."""
     caller: _builtins.str
     """Who called: the API key's name (never the key) or the client
     certificate's subject.

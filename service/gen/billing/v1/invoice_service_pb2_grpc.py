@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class InvoiceServiceStub:
-    """InvoiceService lists, reads and creates invoices, and pays or voids them.
+    """InvoiceService lists, reads and creates invoices, and pays, voids or writes
+    them off.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -66,6 +67,16 @@ class InvoiceServiceStub:
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
                 _registered_method=True)
+        self.MarkUncollectible = channel.unary_unary(
+                '/billing.v1.InvoiceService/MarkUncollectible',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.MarkUncollectibleRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+                _registered_method=True)
+        self.RefundInvoice = channel.unary_unary(
+                '/billing.v1.InvoiceService/RefundInvoice',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+                _registered_method=True)
         self.ListInvoiceAudit = channel.unary_unary(
                 '/billing.v1.InvoiceService/ListInvoiceAudit',
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditRequest.SerializeToString,
@@ -79,7 +90,8 @@ class InvoiceServiceStub:
 
 
 class InvoiceServiceServicer:
-    """InvoiceService lists, reads and creates invoices, and pays or voids them.
+    """InvoiceService lists, reads and creates invoices, and pays, voids or writes
+    them off.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -184,12 +196,43 @@ class InvoiceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MarkUncollectible(self, request, context):
+        """MarkUncollectible writes an `open` invoice off as uncollectible at Stripe
+        (it can still be paid or voided later) and answers the service's record
+        after the change. An uncollectible invoice is answered as it is; a draft,
+        paid or void one fails with FAILED_PRECONDITION naming its status (REST
+        400); an unknown id with NOT_FOUND. `idempotency-key` as for
+        CreateInvoice.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefundInvoice(self, request, context):
+        """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+        for `amount` (minor units of the invoice's currency; unset: all that is
+        left), refunded to the invoice's payment, with Stripe's `reason` and a
+        `memo`. Answers the record after it, its `amount_credited` and
+        `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+        it is retried or cut off, one key makes at most one credit note. An
+        invoice that is not paid, or an amount above what is left to refund (the
+        message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+        unknown id with NOT_FOUND. It needs a write key.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListInvoiceAudit(self, request, context):
         """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-        each Create, Pay and Void attempt that ended (or that another attempt
-        found abandoned), with who called (the API key's name, or the client
-        certificate's subject), when, its request id and idempotency key, and how
-        it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+        each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
+        another attempt found abandoned), with who called (the API key's name, or
+        the client certificate's subject), when, its request id and idempotency
+        key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
         by `limit` and `page_token` as ListInvoices pages by token: a caller
         retrying a refused Void grows the trail without bound.
         """
@@ -254,6 +297,16 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.FromString,
                     response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
             ),
+            'MarkUncollectible': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkUncollectible,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.MarkUncollectibleRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
+            ),
+            'RefundInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundInvoice,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
+            ),
             'ListInvoiceAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInvoiceAudit,
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditRequest.FromString,
@@ -273,7 +326,8 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InvoiceService:
-    """InvoiceService lists, reads and creates invoices, and pays or voids them.
+    """InvoiceService lists, reads and creates invoices, and pays, voids or writes
+    them off.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -405,6 +459,60 @@ class InvoiceService:
             target,
             '/billing.v1.InvoiceService/VoidInvoice',
             billing_dot_v1_dot_invoice__service__pb2.VoidInvoiceRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkUncollectible(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.InvoiceService/MarkUncollectible',
+            billing_dot_v1_dot_invoice__service__pb2.MarkUncollectibleRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.InvoiceService/RefundInvoice',
+            billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.SerializeToString,
             billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
             options,
             channel_credentials,

@@ -31,7 +31,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InvoiceServiceStub:
-    """InvoiceService lists, reads and creates invoices, and pays or voids them.
+    """InvoiceService lists, reads and creates invoices, and pays, voids or writes
+    them off.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -120,12 +121,35 @@ class InvoiceServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    MarkUncollectible: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.MarkUncollectibleRequest, _invoice_service_pb2.Invoice]
+    """MarkUncollectible writes an `open` invoice off as uncollectible at Stripe
+    (it can still be paid or voided later) and answers the service's record
+    after the change. An uncollectible invoice is answered as it is; a draft,
+    paid or void one fails with FAILED_PRECONDITION naming its status (REST
+    400); an unknown id with NOT_FOUND. `idempotency-key` as for
+    CreateInvoice.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    RefundInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.RefundInvoiceRequest, _invoice_service_pb2.Invoice]
+    """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+    for `amount` (minor units of the invoice's currency; unset: all that is
+    left), refunded to the invoice's payment, with Stripe's `reason` and a
+    `memo`. Answers the record after it, its `amount_credited` and
+    `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+    it is retried or cut off, one key makes at most one credit note. An
+    invoice that is not paid, or an amount above what is left to refund (the
+    message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+    unknown id with NOT_FOUND. It needs a write key.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListInvoiceAudit: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-    each Create, Pay and Void attempt that ended (or that another attempt
-    found abandoned), with who called (the API key's name, or the client
-    certificate's subject), when, its request id and idempotency key, and how
-    it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+    each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
+    another attempt found abandoned), with who called (the API key's name, or
+    the client certificate's subject), when, its request id and idempotency
+    key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
     by `limit` and `page_token` as ListInvoices pages by token: a caller
     retrying a refused Void grows the trail without bound.
     """
@@ -157,7 +181,8 @@ class InvoiceServiceStub:
 
 @_typing.type_check_only
 class InvoiceServiceAsyncStub(InvoiceServiceStub):
-    """InvoiceService lists, reads and creates invoices, and pays or voids them.
+    """InvoiceService lists, reads and creates invoices, and pays, voids or writes
+    them off.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -243,12 +268,35 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    MarkUncollectible: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.MarkUncollectibleRequest, _invoice_service_pb2.Invoice]  # type: ignore[assignment]
+    """MarkUncollectible writes an `open` invoice off as uncollectible at Stripe
+    (it can still be paid or voided later) and answers the service's record
+    after the change. An uncollectible invoice is answered as it is; a draft,
+    paid or void one fails with FAILED_PRECONDITION naming its status (REST
+    400); an unknown id with NOT_FOUND. `idempotency-key` as for
+    CreateInvoice.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    RefundInvoice: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.RefundInvoiceRequest, _invoice_service_pb2.Invoice]  # type: ignore[assignment]
+    """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+    for `amount` (minor units of the invoice's currency; unset: all that is
+    left), refunded to the invoice's payment, with Stripe's `reason` and a
+    `memo`. Answers the record after it, its `amount_credited` and
+    `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+    it is retried or cut off, one key makes at most one credit note. An
+    invoice that is not paid, or an amount above what is left to refund (the
+    message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+    unknown id with NOT_FOUND. It needs a write key.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListInvoiceAudit: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]  # type: ignore[assignment]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-    each Create, Pay and Void attempt that ended (or that another attempt
-    found abandoned), with who called (the API key's name, or the client
-    certificate's subject), when, its request id and idempotency key, and how
-    it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+    each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
+    another attempt found abandoned), with who called (the API key's name, or
+    the client certificate's subject), when, its request id and idempotency
+    key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
     by `limit` and `page_token` as ListInvoices pages by token: a caller
     retrying a refused Void grows the trail without bound.
     """
@@ -279,7 +327,8 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     """
 
 class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """InvoiceService lists, reads and creates invoices, and pays or voids them.
+    """InvoiceService lists, reads and creates invoices, and pays, voids or writes
+    them off.
 
     Every call needs the metadata `api-key` (REST: header `Api-Key`) to match one
     of the service's admin keys; without it the call fails with UNAUTHENTICATED.
@@ -395,16 +444,51 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def MarkUncollectible(
+        self,
+        request: _invoice_service_pb2.MarkUncollectibleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_invoice_service_pb2.Invoice, _abc.Awaitable[_invoice_service_pb2.Invoice]]:
+        """MarkUncollectible writes an `open` invoice off as uncollectible at Stripe
+        (it can still be paid or voided later) and answers the service's record
+        after the change. An uncollectible invoice is answered as it is; a draft,
+        paid or void one fails with FAILED_PRECONDITION naming its status (REST
+        400); an unknown id with NOT_FOUND. `idempotency-key` as for
+        CreateInvoice.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def RefundInvoice(
+        self,
+        request: _invoice_service_pb2.RefundInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_invoice_service_pb2.Invoice, _abc.Awaitable[_invoice_service_pb2.Invoice]]:
+        """RefundInvoice gives money back on a `paid` invoice: a Stripe credit note
+        for `amount` (minor units of the invoice's currency; unset: all that is
+        left), refunded to the invoice's payment, with Stripe's `reason` and a
+        `memo`. Answers the record after it, its `amount_credited` and
+        `amount_refunded` grown. `idempotency-key` as for CreateInvoice: however
+        it is retried or cut off, one key makes at most one credit note. An
+        invoice that is not paid, or an amount above what is left to refund (the
+        message says how much is), fails with FAILED_PRECONDITION (REST 400); an
+        unknown id with NOT_FOUND. It needs a write key.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
     def ListInvoiceAudit(
         self,
         request: _invoice_service_pb2.ListInvoiceAuditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_invoice_service_pb2.ListInvoiceAuditResponse, _abc.Awaitable[_invoice_service_pb2.ListInvoiceAuditResponse]]:
         """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
-        each Create, Pay and Void attempt that ended (or that another attempt
-        found abandoned), with who called (the API key's name, or the client
-        certificate's subject), when, its request id and idempotency key, and how
-        it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
+        each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
+        another attempt found abandoned), with who called (the API key's name, or
+        the client certificate's subject), when, its request id and idempotency
+        key, and how it ended. It needs a write key. An unknown id fails with NOT_FOUND. Paged
         by `limit` and `page_token` as ListInvoices pages by token: a caller
         retrying a refused Void grows the trail without bound.
         """

@@ -1,0 +1,60 @@
+"""Money given back on an invoice: Stripe's credit notes as the service records them, and
+which of two descriptions of one note is the later. A note's amount is split the way
+Stripe gives it back: `refunded` to the invoice's payment, `credited` to the customer's
+balance, `out_of_band` outside Stripe. No I/O (service/stripe_objects.py reads Stripe's
+object, service/storage/credit_notes.py keeps it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class NoteStatus(StrEnum):
+    ISSUED = "issued"
+    VOID = "void"  # final: Stripe never issues a voided note again
+
+
+@dataclass(frozen=True, slots=True)
+class StripeCreditNote:
+    """A credit note as Stripe described it, in minor units of `currency`."""
+
+    id: str
+    stripe_invoice_id: str
+    status: NoteStatus
+    amount: int
+    refunded: int
+    credited: int
+    out_of_band: int
+    reason: str
+    memo: str
+    currency: str | None = None
+    created: int | None = None
+
+
+# Stripe's credit note reasons (the `reason` parameter's enum).
+REASONS = frozenset({"duplicate", "fraudulent", "order_change", "product_unsatisfactory"})
+
+
+@dataclass(frozen=True, slots=True)
+class RefundAsk:
+    """What a RefundInvoice asks for: an amount (None: all that is left), Stripe's reason
+    (empty for none) and a memo."""
+
+    amount: int | None
+    reason: str
+    memo: str
+
+    def fields(self) -> dict[str, object]:
+        """The request's fields, for the idempotency key's fingerprint."""
+        return {"amount": self.amount, "reason": self.reason, "memo": self.memo}
+
+
+def note_overtaken(stored: NoteStatus, stored_time: int, new: NoteStatus, new_time: int) -> bool:
+    """Whether `new`, true at Stripe time `new_time`, is a later state of the note than the
+    stored one: void after issued whenever it arrives (Stripe delivers in any order); else
+    the later Stripe second, or the same one (a note's fields do not change within its
+    status but for its memo and metadata, so either description of that second will do)."""
+    if new != stored:
+        return new == NoteStatus.VOID
+    return new_time >= stored_time

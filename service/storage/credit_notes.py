@@ -1,0 +1,61 @@
+"""The statements that keep credit notes (migration 0010) and the invoice record's totals
+of them, run inside the transaction of service/storage/postgres.py that holds the invoice's
+advisory lock, so that a note and its invoice's events apply one at a time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+
+from service.credit_notes import NoteStatus, StripeCreditNote, note_overtaken
+from service.domain import Outcome
+
+_LOCK_NOTE = "SELECT status, stripe_updated FROM credit_notes WHERE id = $1 FOR UPDATE"
+_NOTE_COLUMNS = (
+    "stripe_invoice_id, status, amount, refunded, credited, out_of_band, currency, reason, memo, created_at,"
+    " stripe_updated, updated_at"
+)
+_INSERT_NOTE = f"""
+    INSERT INTO credit_notes (id, {_NOTE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+    ON CONFLICT (id) DO NOTHING RETURNING id"""  # noqa: S608 - constants
+_UPDATE_NOTE = """
+    UPDATE credit_notes SET status = $3, amount = $4, refunded = $5, credited = $6, out_of_band = $7,
+        currency = coalesce($8, currency), reason = $9, memo = $10, created_at = coalesce($11, created_at),
+        stripe_updated = greatest(stripe_updated, $12), updated_at = $13
+    WHERE id = $1 AND stripe_invoice_id = $2"""
+# The invoice's totals, summed afresh from its issued notes (never added to, so that a
+# replay or a reorder cannot drift them); written only when they change, so that the change
+# feed hears of real changes only.
+REFRESH_TOTALS = """
+    UPDATE invoices AS i SET amount_refunded = t.refunded, amount_credited = t.credited, updated_at = $2
+    FROM (SELECT coalesce(sum(refunded), 0) AS refunded, coalesce(sum(amount), 0) AS credited
+          FROM credit_notes WHERE stripe_invoice_id = $1 AND status = 'issued') AS t
+    WHERE i.stripe_invoice_id = $1
+      AND (i.amount_refunded, i.amount_credited) IS DISTINCT FROM (t.refunded, t.credited)"""
+
+
+async def apply(
+    conn: asyncpg.pool.PoolConnectionProxy, note: StripeCreditNote, stripe_time: int, now: datetime
+) -> Outcome:
+    """Brings the note to what Stripe said at `stripe_time`, unless it holds a later state,
+    then the invoice's totals to its notes."""
+    created = datetime.fromtimestamp(note.created, UTC) if note.created is not None else None
+    values = (note.amount, note.refunded, note.credited, note.out_of_band, note.currency, note.reason, note.memo)
+    inserted = await conn.fetchval(
+        _INSERT_NOTE, note.id, note.stripe_invoice_id, note.status, *values, created or now, stripe_time, now
+    )
+    if inserted is not None:
+        outcome = Outcome.CREATED
+    else:
+        stored = await conn.fetchrow(_LOCK_NOTE, note.id)
+        if stored is None or not note_overtaken(
+            NoteStatus(stored["status"]), stored["stripe_updated"], note.status, stripe_time
+        ):
+            return Outcome.STALE
+        await conn.execute(
+            _UPDATE_NOTE, note.id, note.stripe_invoice_id, note.status, *values, created, stripe_time, now
+        )
+        outcome = Outcome.UPDATED
+    await conn.execute(REFRESH_TOTALS, note.stripe_invoice_id, now)
+    return outcome
