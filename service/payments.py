@@ -364,17 +364,27 @@ class StripePayments:
         call = self._stripe.v1.credit_notes.create_async(params, {"idempotency_key": stripe_key})
         return (await self._call("credit_notes.create", call)).to_dict(for_json=True)
 
-    async def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
-        """Every Stripe invoice object created at or after `since`, newest first, each with
-        the time (Unix seconds) its page was asked for: what it says is true as of then, so
-        an event from after the request is not taken as older than it. The second before,
-        in fact: an event of the same second may be newer, and wins the tie. Objects come
-        unread, so that one the service cannot read does not end the listing."""
-        params: InvoiceListParams = {"created": {"gte": int(since.timestamp())}, "limit": page_size}
+    def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
+        """Every Stripe invoice object created at or after `since` (see `_since`)."""
+        return self._since("invoices.list", self._stripe.v1.invoices.list_async, since, page_size)
+
+    def credit_notes_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
+        """Every Stripe credit note created at or after `since` (see `_since`)."""
+        return self._since("credit_notes.list", self._stripe.v1.credit_notes.list_async, since, page_size)
+
+    async def _since(
+        self, operation: str, list_async: Callable[[Any], Awaitable[Any]], since: datetime, page_size: int
+    ) -> AsyncIterator[tuple[dict[str, Any], int]]:
+        """Every object the listing holds created at or after `since`, newest first, each
+        with the time (Unix seconds) its page was asked for: what it says is true as of
+        then, so an event from after the request is not taken as older than it. The second
+        before, in fact: an event of the same second may be newer, and wins the tie.
+        Objects come unread, so that one the service cannot read does not end the listing."""
+        params: dict[str, Any] = {"created": {"gte": int(since.timestamp())}, "limit": page_size}
         seen: set[str] = set()
         while True:
             asked_at = int(time.time()) - 1
-            page = await self._call("invoices.list", self._stripe.v1.invoices.list_async(params))
+            page = await self._call(operation, list_async(params))
             fresh = [obj for obj in page.data if obj.id not in seen]
             for obj in fresh:
                 seen.add(str(obj.id))

@@ -19,8 +19,9 @@ import pytest
 import stripe
 
 from service import embedded, payments, storage
-from service.app import SERVICE_ROLE, GrpcServer, start_grpc
+from service.app import SERVICE_ROLE
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import GrpcServer, start_grpc
 from service.storage import changes, with_database
 from service.watch import Watches, WatchLimits
 from tests.helpers import API_KEY, ROTATED_KEY, WEBHOOK_SECRET, Stack, stack_env, until_delivered

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import grpc
 
-from service.app import GrpcServer, start_grpc
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import GrpcServer, start_grpc
 from service.metrics import Metrics
 from service.storage import Storage
 from tests.helpers import API_KEY, AUTH, poll_until

@@ -13,10 +13,10 @@ import grpc
 import pytest
 from google.protobuf import symbol_database
 
-from service.app import GrpcServer, start_grpc
 from service.auth import READ_METHODS
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import GrpcServer, start_grpc
 from service.metrics import Metrics
 from service.rpc import InvoiceServicer
 from service.storage import Storage

@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from gateway.render import LOCAL_REPLY_CODES, render
-from service.app import start_grpc
 from service.config import Settings
 from service.domain import DomainError, Invoice, InvoicePage, Page
 from service.errors import STATUSES, status_of
+from service.grpc_server import start_grpc
 from tests.helpers import API_KEY, until_envoy_routes
 from tools.stack import start_envoy
 

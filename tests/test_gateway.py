@@ -15,9 +15,9 @@ import pytest
 from openapi_spec_validator import validate
 
 from gateway.render import OPENAPI, render
-from service.app import start_grpc
 from service.config import Settings
 from service.domain import Invoice, InvoicePage, NewInvoice, Page, ResourceExhausted, Unavailable
+from service.grpc_server import start_grpc
 from service.invoices import NoStripe
 from service.storage import Storage
 from tests.helpers import (

@@ -21,10 +21,11 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from service import stripe_objects
-from service.app import reconcile_from, webhook_secrets
+from service.app import webhook_secrets
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.reconcile import reconcile_from
 from service.storage import Storage
 from tests.helpers import AUTH, Stack, deliver
 

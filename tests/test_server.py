@@ -18,11 +18,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.app import SERVICE_NAME, GrpcServer, become_ready, start_grpc
+from service.app import become_ready
 from service.config import Settings
 from service.domain import Invoice, InvoicePage, Page, Unavailable
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import SERVICE_NAME, GrpcServer, start_grpc
 from service.metrics import METRICS, Metrics, ready
 from service.storage import Storage
 from tests.helpers import API_KEY, AUTH, make_invoice, save_invoice, stack_env

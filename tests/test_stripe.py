@@ -11,6 +11,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -228,13 +229,15 @@ async def test_invoices_since_pages_through_stripe_and_stamps_each_page_when_ask
 async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_state(
     database: str, localstripe: str, stripe_client: stripe.StripeClient, store: Storage
 ) -> None:
-    """A database that received no webhook at all: reconcile creates the records, and a
-    second run changes nothing."""
+    """A database that received no webhook at all: reconcile creates the records, with the
+    money a dashboard refund gave back, and a second run changes nothing."""
     since = datetime.now(UTC) - timedelta(seconds=5)
     creator = InvoiceCreator(store, store, payments.StripePayments(stripe_client), Timing(lease_s=40))
     customer, method = await customer_with_card(stripe_client)
     new = validation.new_invoice([("a", 1200), ("b", 34)], customer, method, currency="eur")
     created = [await creator.create(new, uuid.uuid4().hex) for _ in range(2)]
+    refund: Any = {"invoice": created[0]["id"], "amount": 500, "refund_amount": 500}
+    await stripe_client.v1.credit_notes.create_async(refund)
     settings = Settings(
         database_url=SecretStr(database), stripe_api_key=SecretStr(LOCALSTRIPE_KEY), stripe_api_base=localstripe
     )
@@ -244,11 +247,13 @@ async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_sta
     pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
     try:
         store = Storage(pool)
-        for invoice in created:
+        for invoice, refunded in zip(created, (500, 0), strict=True):
             record = await store.get_invoice(invoice["id"])
             assert (record.status, record.amount, record.user.id) == ("paid", 1234, customer)
+            assert (record.amount_credited, record.amount_refunded) == (refunded, refunded)
     finally:
         await pool.close()
+    assert first["notes_created"] >= 1
     second = await reconcile(settings, since)
-    assert set(second) == {"unchanged"}
-    assert second["unchanged"] == sum(first.values())
+    assert set(second) == {"unchanged", "notes_unchanged"}
+    assert second["unchanged"] + second["notes_unchanged"] == sum(first.values())

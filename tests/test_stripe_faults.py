@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 
 from service import embedded, payments, storage, webhooks
-from service.app import start_grpc
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import start_grpc
 from service.invoices import InvoiceCreator, Timing
 from tests.helpers import API_KEY, AUTH, WEBHOOK_SECRET, event, sign
 from tools.stack import free_port

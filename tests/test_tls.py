@@ -19,10 +19,10 @@ import grpc
 import httpx
 import pytest
 
-from service.app import GrpcServer, ServerTls, start_grpc
 from service.config import Settings
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import GrpcServer, ServerTls, start_grpc
 from service.metrics import Metrics
 from service.storage import Storage
 from tests.helpers import API_KEY, READ_KEY, READER, envoy_hosts, stack_env, wait_until

@@ -13,10 +13,10 @@ import asyncpg
 import grpc
 import pytest
 
-from service.app import GrpcServer, start_grpc
 from service.domain import StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import GrpcServer, start_grpc
 from service.storage import Storage
 from service.watch import Watches, WatchLimits
 from tests.helpers import API_KEY, AUTH, make_invoice, poll_until, save_invoices

@@ -19,11 +19,11 @@ import httpx
 import stripe
 
 from gateway.render import render
-from service.app import start_grpc
 from service.config import Settings
 from service.domain import StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import start_grpc
 from service.storage import Storage
 from service.watch import Watches, WatchLimits
 from tests.helpers import API_KEY, AUTH, REQUEST, Stack, until_envoy_routes

@@ -11,7 +11,9 @@ import asyncpg
 from service.credit_notes import NoteStatus, StripeCreditNote, note_overtaken
 from service.domain import Outcome
 
-_LOCK_NOTE = "SELECT status, stripe_updated FROM credit_notes WHERE id = $1 FOR UPDATE"
+_LOCK_NOTE = """
+    SELECT status, amount, refunded, credited, out_of_band, currency, reason, memo, stripe_updated
+    FROM credit_notes WHERE id = $1 FOR UPDATE"""
 _NOTE_COLUMNS = (
     "stripe_invoice_id, status, amount, refunded, credited, out_of_band, currency, reason, memo, created_at,"
     " stripe_updated, updated_at"
@@ -53,6 +55,10 @@ async def apply(
             NoteStatus(stored["status"]), stored["stripe_updated"], note.status, stripe_time
         ):
             return Outcome.STALE
+        described: tuple[object, ...] = (note.status, note.amount, note.refunded, note.credited, note.out_of_band)
+        described += (note.currency or stored["currency"], note.reason, note.memo)
+        if tuple(stored)[:8] == described:  # _LOCK_NOTE's columns, in its order
+            return Outcome.UNCHANGED
         await conn.execute(
             _UPDATE_NOTE, note.id, note.stripe_invoice_id, note.status, *values, created, stripe_time, now
         )
