@@ -360,6 +360,7 @@ def main() -> None:
             print(
                 f"REST  admin API        {scheme}://localhost:{gateway}/admin/api/invoices (header Api-Key)\n"
                 f"REST  OpenAPI          {scheme}://localhost:{gateway}/admin/api/openapi.json\n"
+                f"REST  API page         {scheme}://localhost:{gateway}/admin/api/docs (in a browser)\n"
                 f"HTTP  Stripe webhooks  {scheme}://localhost:{gateway}/webhooks/stripe (through Envoy)\n"
                 f"HTTP  metrics          http://localhost:{settings.metrics_port}/metrics (server), "
                 f"{scheme}://localhost:{running.webhook_port}/metrics (sidecar)\n"
