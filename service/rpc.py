@@ -13,18 +13,8 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
 from service.credit_notes import RefundAsk, StripeCreditNote
-from service.domain import (
-    AuditPage,
-    Change,
-    ChangeKind,
-    FeedPosition,
-    InvalidArgument,
-    Invoice,
-    InvoicePage,
-    NewInvoice,
-    Page,
-    WatchFilter,
-)
+from service.domain import AuditPage, InvalidArgument, Invoice, InvoicePage, NewInvoice, Page
+from service.feed import Change, ChangeKind, FeedPosition, WatchFilter
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 
