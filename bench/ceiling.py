@@ -52,6 +52,9 @@ class Constant(pb_grpc.InvoiceServiceServicer):
     async def RefundInvoice(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
 
+    async def ListInvoiceCreditNotes(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
+
     async def ListInvoiceAudit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the ceiling serves GetInvoice only")
 

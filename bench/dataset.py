@@ -15,7 +15,8 @@ import asyncpg
 
 from bench.report import DEEP_PAGE, DEEPEST_NUMBERED, PAGE_SIZE
 from service import pagetoken, storage
-from service.domain import Cursor, FeedPosition, Filters, Page, new_record_id
+from service.domain import Cursor, Filters, Page, new_record_id
+from service.feed import FeedPosition
 from service.storage import changes
 from service.storage.postgres import GET_BY_ID, RECORD_COLUMNS, list_query
 

@@ -237,6 +237,7 @@ async def serve(settings: Settings) -> None:
             max_offset=settings.list_max_offset,
             watches=watches,
             audit=store,
+            notes=store,
             tls=server_tls(settings),
         )
         log.info("gRPC server listening", extra={"port": running.port, "service": SERVICE_NAME})

@@ -17,7 +17,7 @@ from typing import Literal, get_args
 Scope = Literal["read", "write"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 # The calls a `read` key may make; every other method (those added later too) needs `write`.
-READ_METHODS = frozenset({"ListInvoices", "GetInvoice", "WatchInvoices"})
+READ_METHODS = frozenset({"ListInvoices", "GetInvoice", "WatchInvoices", "ListInvoiceCreditNotes"})
 
 
 @dataclass(frozen=True)

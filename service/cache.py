@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from service.credit_notes import StripeCreditNote
-from service.domain import FeedRead, Invoice, InvoicePage, Page, StripeInvoice
+from service.domain import Invoice, InvoicePage, Page, StripeInvoice
+from service.feed import FeedRead
 
 # A lookup's outcome, a metric's label (service/metrics.py).
 HIT, MISS, BYPASS = "hit", "miss", "bypass"

@@ -17,7 +17,7 @@ from service.edge import Edge
 from service.gen.billing.v1 import invoice_service_pb2, invoice_service_pb2_grpc
 from service.invoices import NoStripe
 from service.metrics import Metrics
-from service.rpc import AuditTrail, Creator, InvoiceServicer, InvoiceStore
+from service.rpc import AuditTrail, Creator, CreditNotes, InvoiceServicer, InvoiceStore
 from service.validation import DEFAULT_MAX_OFFSET
 from service.watch import Watches
 
@@ -77,6 +77,7 @@ async def start_grpc(
     max_offset: int = DEFAULT_MAX_OFFSET,
     watches: Watches | None = None,
     audit: AuditTrail | None = None,
+    notes: CreditNotes | None = None,
     tls: ServerTls | None = None,
 ) -> GrpcServer:
     """Starts the server on `address` (port 0 picks a free one) and returns it running;
@@ -88,7 +89,7 @@ async def start_grpc(
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ]
     )
-    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset, watches, audit)
+    servicer = InvoiceServicer(store, creator or NoStripe(), default_currency, max_offset, watches, audit, notes)
     metrics = metrics or Metrics()
     edge = Edge(api_keys, metrics, ready=ready, subjects=tls.client_subjects if tls else ())
     methods = invoice_service_pb2.DESCRIPTOR.services_by_name["InvoiceService"].methods_by_name

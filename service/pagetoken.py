@@ -12,7 +12,8 @@ import binascii
 import json
 from datetime import UTC, datetime
 
-from service.domain import RECORD_ID, Cursor, FeedPosition, Filters, InvalidArgument
+from service.domain import RECORD_ID, Cursor, Filters, InvalidArgument
+from service.feed import FeedPosition
 
 FIELD = "page_token"
 RESUME_FIELD = "resume_token"

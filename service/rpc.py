@@ -12,19 +12,9 @@ import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from service import pagetoken, validation
-from service.credit_notes import RefundAsk
-from service.domain import (
-    AuditPage,
-    Change,
-    ChangeKind,
-    FeedPosition,
-    InvalidArgument,
-    Invoice,
-    InvoicePage,
-    NewInvoice,
-    Page,
-    WatchFilter,
-)
+from service.credit_notes import RefundAsk, StripeCreditNote
+from service.domain import AuditPage, InvalidArgument, Invoice, InvoicePage, NewInvoice, Page
+from service.feed import Change, ChangeKind, FeedPosition, WatchFilter
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 
@@ -36,6 +26,10 @@ class InvoiceStore(Protocol):
 
 class AuditTrail(Protocol):
     async def audit_of(self, stripe_invoice_id: str, after: int, limit: int) -> AuditPage: ...
+
+
+class CreditNotes(Protocol):
+    async def credit_notes_of(self, stripe_invoice_id: str) -> list[StripeCreditNote]: ...
 
 
 class Watcher(Protocol):
@@ -130,9 +124,11 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         max_offset: int = validation.DEFAULT_MAX_OFFSET,
         watches: Watcher | None = None,
         audit: AuditTrail | None = None,
+        notes: CreditNotes | None = None,
     ) -> None:
         self._store = store
         self._audit = audit
+        self._notes = notes
         self._creator = creator
         self._watches = watches
         self._default_currency = default_currency
@@ -217,6 +213,32 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         key = validation.idempotency_key(_metadata(context, "idempotency-key"))
         invoice = await self._creator.refund(invoice_id, ask, key)
         return fill_invoice(pb.Invoice(), invoice, self._default_currency)
+
+    async def ListInvoiceCreditNotes(
+        self,
+        request: pb.ListInvoiceCreditNotesRequest,
+        context: grpc.aio.ServicerContext[pb.ListInvoiceCreditNotesRequest, pb.ListInvoiceCreditNotesResponse],
+    ) -> pb.ListInvoiceCreditNotesResponse:
+        key = validation.invoice_id(request.id)
+        if self._notes is None:
+            raise NotImplementedError("this server was built without credit notes")
+        record = await self._store.get_invoice(key)  # NOT_FOUND for an invoice the service does not know
+        reply = pb.ListInvoiceCreditNotesResponse()
+        for note in await self._notes.credit_notes_of(record.stripe_invoice_id):
+            target = reply.credit_notes.add(
+                id=note.id,
+                status=note.status,
+                amount=note.amount,
+                refunded=note.refunded,
+                credited=note.credited,
+                out_of_band=note.out_of_band,
+                currency=note.currency or record.currency or self._default_currency,
+                reason=note.reason,
+                memo=note.memo,
+            )
+            if note.created is not None:
+                target.created_at.seconds = note.created
+        return reply
 
     async def ListInvoiceAudit(
         self,

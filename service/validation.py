@@ -9,17 +9,8 @@ from datetime import datetime
 
 from service import pagetoken
 from service.credit_notes import REASONS, RefundAsk
-from service.domain import (
-    RECORD_ID,
-    STATUSES,
-    Filters,
-    InvalidArgument,
-    NewInvoice,
-    NewItem,
-    Page,
-    User,
-    WatchFilter,
-)
+from service.domain import RECORD_ID, STATUSES, Filters, InvalidArgument, NewInvoice, NewItem, Page, User
+from service.feed import WatchFilter
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100

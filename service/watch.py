@@ -20,17 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from service.domain import (
-    Change,
-    ChangeKind,
-    DomainError,
-    FeedPosition,
-    FeedRead,
-    OutOfRange,
-    ResourceExhausted,
-    Unavailable,
-    WatchFilter,
-)
+from service.domain import DomainError, OutOfRange, ResourceExhausted, Unavailable
+from service.feed import Change, ChangeKind, FeedPosition, FeedRead, WatchFilter
 
 log = logging.getLogger(__name__)
 

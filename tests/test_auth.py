@@ -21,7 +21,9 @@ def test_named_keys_have_their_scope_and_bare_keys_mean_write() -> None:
 
 def test_a_read_caller_may_only_list_get_and_watch() -> None:
     reader, writer = Caller("r", "read"), Caller("w", "write")
-    assert [m for m in ("ListInvoices", "GetInvoice", "WatchInvoices") if not reader.may_call(m)] == []
+    assert [
+        m for m in ("ListInvoices", "GetInvoice", "WatchInvoices", "ListInvoiceCreditNotes") if not reader.may_call(m)
+    ] == []
     assert [
         m
         for m in (

@@ -17,17 +17,8 @@ import pytest
 
 from service.cache import BYPASS, HIT, MAX_AGE_S, MISS, CachedReads, ForgettingWrites, RecordCache
 from service.credit_notes import NoteStatus, StripeCreditNote
-from service.domain import (
-    Change,
-    ChangeKind,
-    FeedPosition,
-    FeedRead,
-    Invoice,
-    NotFound,
-    StripeInvoice,
-    User,
-    WatchFilter,
-)
+from service.domain import Invoice, NotFound, StripeInvoice, User
+from service.feed import Change, ChangeKind, FeedPosition, FeedRead, WatchFilter
 from service.storage import Storage, changes
 from service.watch import Watches, WatchLimits
 from tests.helpers import make_invoice, poll_until, save_invoices, until

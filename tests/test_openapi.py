@@ -24,6 +24,7 @@ def test_paths_and_parameters_follow_the_http_annotations() -> None:
         "/admin/api/invoices/{id}:void",
         "/admin/api/invoices/{id}:markUncollectible",
         "/admin/api/invoices/{id}:refund",
+        "/admin/api/invoices/{id}/creditNotes",
         "/admin/api/invoices/{id}/audit",
         "/admin/api/invoices:watch",
     }

@@ -78,6 +78,15 @@ async def test_partial_refunds_add_up_and_one_beyond_what_is_left_is_refused(
     assert (rest.json()["amountCredited"], rest.json()["amountRefunded"]) == (TOTAL, TOTAL)
     notes, refunded = await at_stripe(stripe_client, invoice["id"])
     assert sorted(n.amount for n in notes) == [500, 1000, 2500] and refunded == TOTAL
+    # Each note on the record's sub-resource, oldest first, as Stripe gave it back; a read key will do.
+    listed = await http.get(f"/admin/api/invoices/{invoice['id']}/creditNotes", headers={"Api-Key": READ_KEY})
+    assert listed.status_code == 200, listed.text
+    rows = [
+        (n["amount"], n["refunded"], n["credited"], n["status"], n["currency"]) for n in listed.json()["creditNotes"]
+    ]
+    assert sorted(rows) == [(a, a, 0, "issued", "eur") for a in (500, 1000, 2500)]
+    assert {n["id"] for n in listed.json()["creditNotes"]} == {n.id for n in notes}
+    assert (await http.get("/admin/api/invoices/in_doesnotexist/creditNotes")).status_code == 404
 
 
 async def test_a_refund_cut_off_at_stripe_and_retried_with_its_key_makes_one_credit_note(

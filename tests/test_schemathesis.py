@@ -34,6 +34,7 @@ def test_api_conforms_to_its_document(stack: Stack, mode: GenerationMode) -> Non
         "POST /admin/api/invoices/{id}:void",
         "POST /admin/api/invoices/{id}:markUncollectible",
         "POST /admin/api/invoices/{id}:refund",
+        "GET /admin/api/invoices/{id}/creditNotes",
         "GET /admin/api/invoices/{id}/audit",
         "GET /admin/api/invoices:watch",
     }

@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.domain import Change, ChangeKind, FeedPosition, FeedRead, OutOfRange, Unavailable, WatchFilter
+from service.domain import OutOfRange, Unavailable
+from service.feed import Change, ChangeKind, FeedPosition, FeedRead, WatchFilter
 from service.watch import Watches, WatchLimits
 from tests.helpers import make_invoice, poll_until, until
 

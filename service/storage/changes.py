@@ -13,17 +13,8 @@ from datetime import datetime
 
 import asyncpg
 
-from service.domain import (
-    Change,
-    ChangeKind,
-    FeedPosition,
-    FeedRead,
-    InvalidArgument,
-    Invoice,
-    OutOfRange,
-    User,
-    WatchFilter,
-)
+from service.domain import InvalidArgument, Invoice, OutOfRange, User
+from service.feed import Change, ChangeKind, FeedPosition, FeedRead, WatchFilter
 from service.storage.connecting import CONNECTION_ERRORS, Connector
 from service.storage.pool import Pooled
 

@@ -36,6 +36,15 @@ REFRESH_TOTALS = """
     WHERE i.stripe_invoice_id = $1
       AND (i.amount_refunded, i.amount_credited) IS DISTINCT FROM (t.refunded, t.credited)"""
 
+NOTES_OF = """
+    SELECT id, stripe_invoice_id, status, amount, refunded, credited, out_of_band, reason, memo, currency,
+        extract(epoch FROM created_at)::bigint AS created
+    FROM credit_notes WHERE stripe_invoice_id = $1 ORDER BY created_at, id"""
+
+
+def note_of(row: asyncpg.Record) -> StripeCreditNote:
+    return StripeCreditNote(**{**dict(row), "status": NoteStatus(row["status"])})
+
 
 async def apply(
     conn: asyncpg.pool.PoolConnectionProxy, note: StripeCreditNote, stripe_time: int, now: datetime

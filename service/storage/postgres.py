@@ -221,6 +221,12 @@ class Storage(CreateRequests, ChangeFeed):
             lambda conn: credit_notes.apply(conn, note, stripe_time, record_time()),
         )
 
+    async def credit_notes_of(self, stripe_invoice_id: str) -> list[StripeCreditNote]:
+        """The invoice's credit notes, oldest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(credit_notes.NOTES_OF, stripe_invoice_id)
+        return [credit_notes.note_of(row) for row in rows]
+
     async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None:
         """Applies a credit note Stripe answered to a call of the service's own (Refund)."""
         await self.apply_stripe_credit_note(note, stripe_time=stripe_time)

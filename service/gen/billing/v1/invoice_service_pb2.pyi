@@ -615,6 +615,112 @@ class InvoiceEvent(_message.Message):
 Global___InvoiceEvent: _TypeAlias = InvoiceEvent  # noqa: Y015
 
 @_typing.final
+class ListInvoiceCreditNotesRequest(_message.Message):
+    """ListInvoiceCreditNotesRequest names the invoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The service's `_id` (24 lowercase hex digits) or Stripe's `in_...` id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoiceCreditNotesRequest: _TypeAlias = ListInvoiceCreditNotesRequest  # noqa: Y015
+
+@_typing.final
+class ListInvoiceCreditNotesResponse(_message.Message):
+    """ListInvoiceCreditNotesResponse is every credit note of the invoice, oldest
+    first (an invoice has few: their amounts add up to at most its total).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_NOTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credit_notes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditNote]: ...
+    def __init__(
+        self,
+        *,
+        credit_notes: _abc.Iterable[Global___CreditNote] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_notes", b"credit_notes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoiceCreditNotesResponse: _TypeAlias = ListInvoiceCreditNotesResponse  # noqa: Y015
+
+@_typing.final
+class CreditNote(_message.Message):
+    """CreditNote is money given back on an invoice, in minor units of `currency`,
+    split the way Stripe gave it: `refunded` to the invoice's payment,
+    `credited` to the customer's balance, `out_of_band` outside Stripe. Doubles
+    for the reason Invoice.amount is.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REFUNDED_FIELD_NUMBER: _builtins.int
+    CREDITED_FIELD_NUMBER: _builtins.int
+    OUT_OF_BAND_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MEMO_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Stripe's id, `cn_...`."""
+    status: _builtins.str
+    """`issued`, or `void` (gives nothing back; not counted in the invoice's
+    amount_credited).
+    """
+    amount: _builtins.float
+    refunded: _builtins.float
+    credited: _builtins.float
+    out_of_band: _builtins.float
+    currency: _builtins.str
+    reason: _builtins.str
+    """Stripe's reason, or empty."""
+    memo: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When Stripe created the note."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        amount: _builtins.float = ...,
+        refunded: _builtins.float = ...,
+        credited: _builtins.float = ...,
+        out_of_band: _builtins.float = ...,
+        currency: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        memo: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "credited", b"credited", "currency", b"currency", "id", b"id", "memo", b"memo", "out_of_band", b"out_of_band", "reason", b"reason", "refunded", b"refunded", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditNote: _TypeAlias = CreditNote  # noqa: Y015
+
+@_typing.final
 class ListInvoiceAuditRequest(_message.Message):
     """ListInvoiceAuditRequest names the invoice whose trail to read."""
 

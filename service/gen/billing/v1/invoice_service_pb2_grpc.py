@@ -77,6 +77,11 @@ class InvoiceServiceStub:
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
                 _registered_method=True)
+        self.ListInvoiceCreditNotes = channel.unary_unary(
+                '/billing.v1.InvoiceService/ListInvoiceCreditNotes',
+                request_serializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceCreditNotesRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceCreditNotesResponse.FromString,
+                _registered_method=True)
         self.ListInvoiceAudit = channel.unary_unary(
                 '/billing.v1.InvoiceService/ListInvoiceAudit',
                 request_serializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceAuditRequest.SerializeToString,
@@ -227,6 +232,16 @@ class InvoiceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInvoiceCreditNotes(self, request, context):
+        """ListInvoiceCreditNotes answers the money given back on one invoice, oldest
+        first: each Stripe credit note, whoever made it (RefundInvoice, Stripe's
+        dashboard, a dispute), as Stripe last described it, with how it was given
+        back. A read key suffices. An unknown id fails with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListInvoiceAudit(self, request, context):
         """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
         each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
@@ -306,6 +321,11 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
                     servicer.RefundInvoice,
                     request_deserializer=billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.FromString,
                     response_serializer=billing_dot_v1_dot_invoice__service__pb2.Invoice.SerializeToString,
+            ),
+            'ListInvoiceCreditNotes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvoiceCreditNotes,
+                    request_deserializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceCreditNotesRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_invoice__service__pb2.ListInvoiceCreditNotesResponse.SerializeToString,
             ),
             'ListInvoiceAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInvoiceAudit,
@@ -514,6 +534,33 @@ class InvoiceService:
             '/billing.v1.InvoiceService/RefundInvoice',
             billing_dot_v1_dot_invoice__service__pb2.RefundInvoiceRequest.SerializeToString,
             billing_dot_v1_dot_invoice__service__pb2.Invoice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvoiceCreditNotes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.InvoiceService/ListInvoiceCreditNotes',
+            billing_dot_v1_dot_invoice__service__pb2.ListInvoiceCreditNotesRequest.SerializeToString,
+            billing_dot_v1_dot_invoice__service__pb2.ListInvoiceCreditNotesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -144,6 +144,12 @@ class InvoiceServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    ListInvoiceCreditNotes: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceCreditNotesRequest, _invoice_service_pb2.ListInvoiceCreditNotesResponse]
+    """ListInvoiceCreditNotes answers the money given back on one invoice, oldest
+    first: each Stripe credit note, whoever made it (RefundInvoice, Stripe's
+    dashboard, a dispute), as Stripe last described it, with how it was given
+    back. A read key suffices. An unknown id fails with NOT_FOUND.
+    """
     ListInvoiceAudit: _grpc.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
     each Create, Pay, Void, MarkUncollectible and RefundInvoice attempt that ended (or that
@@ -290,6 +296,12 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     unknown id with NOT_FOUND. It needs a write key.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    ListInvoiceCreditNotes: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceCreditNotesRequest, _invoice_service_pb2.ListInvoiceCreditNotesResponse]  # type: ignore[assignment]
+    """ListInvoiceCreditNotes answers the money given back on one invoice, oldest
+    first: each Stripe credit note, whoever made it (RefundInvoice, Stripe's
+    dashboard, a dispute), as Stripe last described it, with how it was given
+    back. A read key suffices. An unknown id fails with NOT_FOUND.
     """
     ListInvoiceAudit: _aio.UnaryUnaryMultiCallable[_invoice_service_pb2.ListInvoiceAuditRequest, _invoice_service_pb2.ListInvoiceAuditResponse]  # type: ignore[assignment]
     """ListInvoiceAudit answers the audit trail of one invoice, oldest first:
@@ -476,6 +488,18 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         unknown id with NOT_FOUND. It needs a write key.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def ListInvoiceCreditNotes(
+        self,
+        request: _invoice_service_pb2.ListInvoiceCreditNotesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_invoice_service_pb2.ListInvoiceCreditNotesResponse, _abc.Awaitable[_invoice_service_pb2.ListInvoiceCreditNotesResponse]]:
+        """ListInvoiceCreditNotes answers the money given back on one invoice, oldest
+        first: each Stripe credit note, whoever made it (RefundInvoice, Stripe's
+        dashboard, a dispute), as Stripe last described it, with how it was given
+        back. A read key suffices. An unknown id fails with NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
