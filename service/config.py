@@ -109,8 +109,8 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     """The gRPC server's port; 0 picks a free one."""
     admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
-    """Comma-separated `name:scope:key` entries, scope `read` (List, Get, Watch) or `write`
-    (every call), e.g. `console:write:<key>,provisioner:read:<key>`; a bare `key` means
+    """Comma-separated `name:scope:key` entries, scope `read` (List, Get, Watch, the credit
+    notes) or `write` (every call), e.g. `console:write:<key>,provisioner:read:<key>`; a bare `key` means
     `write` and is named `key1`, `key2`... by its place. All are accepted at once, for
     rotation. Required when DATABASE_URL is set; unset in a local run, a dev key is made and
     printed."""
