@@ -33,6 +33,7 @@ import httpx
 
 from bench.load import percentile
 from chaos import API_KEY, STRIPE_LIKE_DELIVERIES, prepare, stack_env
+from chaos.refunds import refund_some, refunded_once, refunds_at_stripe
 from chaos.storm import applications_at, applied_once
 from service import payments
 from tools.customers import customer_with_card
@@ -291,6 +292,11 @@ async def customers_of(direct: str) -> list[tuple[str, str]]:
     return [await customer_with_card(client) for _ in range(CUSTOMERS)]
 
 
+def _charged(order: str) -> int:
+    """What a keyed order charged (its number is its key's last part)."""
+    return expected_amount(int(order.rsplit("-", 1)[1]))
+
+
 def main() -> None:
     creates = int(os.environ.get("CHAOS_CREATES", "1000"))
     keyless = int(os.environ.get("CHAOS_KEYLESS", str(creates // 10)))
@@ -324,9 +330,11 @@ def main() -> None:
                 started = time.monotonic()
                 tally, bursts = asyncio.run(create_all(base, direct, customers, creates, keyless, run))
                 elapsed = time.monotonic() - started
+                refunds = asyncio.run(refund_some(base, tally.invoice_of, run, _charged))
                 with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/_proxy/stats", timeout=5) as reply:
                     faults = json.load(reply)
                 invoices, keys, rows = asyncio.run(settle(url, direct))
+                at_stripe = asyncio.run(refunds_at_stripe(direct, refunds["asked"]))
         finally:
             proxy.stop()
             emulator.stop()
@@ -348,6 +356,9 @@ def main() -> None:
         "replays_naming_another_invoice": tally.replays_with_other_invoice,
     }
     figures |= verify(invoices, keys, rows, (tally, bursts), run, (creates, keyless))
+    figures |= at_stripe
+    figures |= {"refunds_answered": refunds["answered"], "refund_answers": refunds["answers"]}
+    figures["ok"] = figures["ok"] and refunded_once(figures)
     # The emulator's webhooks, each applied once by the count its applying transaction kept.
     figures |= (counted := asyncio.run(applications_at(url)))
     figures["ok"] = figures["ok"] and applied_once(counted)

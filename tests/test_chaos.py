@@ -73,6 +73,11 @@ def test_creates_under_stripe_faults_make_exactly_one_invoice_per_key() -> None:
     assert figures["answers_naming_another_invoice"] == figures["create_records_naming_another_invoice"] == 0
     assert figures["rows_disagreeing_with_stripe"] == 0
     assert figures["replays_naming_another_invoice"] == 0
+    # Every fifth keyed order refunded by half through the same faults: one credit note each,
+    # for the amount asked, none refunded twice.
+    assert figures["refunds_asked"] == figures["refunds_answered"] == figures["credit_notes"] == 12
+    assert figures["credit_notes_per_refund_max"] == 1
+    assert figures["orders_refunded_twice"] == figures["refunds_not_as_asked"] == figures["credit_notes_not_asked"] == 0
     # The emulator's webhooks, each applied once by the count its applying transaction kept.
     assert figures["events_doubled"] == figures["events_uncounted"] == 0
     assert figures["event_applications"] == figures["events_recorded"] > 0

@@ -6,6 +6,7 @@ Stripe directly (its dashboard) reaches the record by webhook."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -15,6 +16,7 @@ import stripe
 
 from tests.helpers import READ_KEY, REQUEST, Stack, poll_until, wait_for_status
 from tests.test_manage import create
+from tests.test_watch_gateway import ndjson
 from tools.customers import customer_with_card
 
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -48,9 +50,17 @@ async def test_a_full_refund_gives_everything_back_once(
 ) -> None:
     invoice = await paid_invoice(http, stripe_client)
     key = uuid.uuid4().hex
-    first = await refund(http, invoice["id"], key, reason="duplicate", memo="charged twice by mistake")
-    assert first.status_code == 200, first.text
+    async with ndjson(http, invoiceId=invoice["id"]) as lines:
+        assert (await asyncio.wait_for(lines.get(), 10))["kind"] == "KIND_BOOKMARK"
+        first = await refund(http, invoice["id"], key, reason="duplicate", memo="charged twice by mistake")
+        assert first.status_code == 200, first.text
+        watched = await asyncio.wait_for(lines.get(), 20)
+        while watched["kind"] == "KIND_BOOKMARK":  # a quiet watch's periodic position
+            watched = await asyncio.wait_for(lines.get(), 20)
     record = first.json()
+    # A watcher hears the money given back, as the record now holds it.
+    assert watched["kind"] == "KIND_UPDATED"
+    assert (watched["invoice"]["amountCredited"], watched["invoice"]["amountRefunded"]) == (TOTAL, TOTAL)
     assert (record["status"], record["amountCredited"], record["amountRefunded"]) == ("paid", TOTAL, TOTAL)
     again = await refund(http, invoice["id"], key, reason="duplicate", memo="charged twice by mistake")
     assert (again.status_code, again.json()["amountRefunded"]) == (200, TOTAL)
