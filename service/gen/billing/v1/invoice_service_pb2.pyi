@@ -768,7 +768,7 @@ class ListInvoiceAuditResponse(_message.Message):
     """The token of the next page; absent on the last page."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
-        """One per attempt of a Create, Pay, Void or MarkUncollectible that ended or
+        """One per attempt of a Create, Pay, Void, MarkUncollectible or RefundInvoice that ended or
         was abandoned.
         """
 
@@ -808,7 +808,7 @@ class AuditEntry(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     action: _builtins.str
-    """`create`, `pay`, `void` or `mark_uncollectible`."""
+    """`create`, `pay`, `void`, `mark_uncollectible` or `refund`."""
     caller: _builtins.str
     """Who called: the API key's name (never the key) or the client
     certificate's subject.
