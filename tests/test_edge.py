@@ -115,7 +115,7 @@ class Partial(InvoiceServicer):
 
 async def test_a_method_the_servicer_lacks_is_unimplemented(store: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Partial, "VoidInvoice", pb_grpc.InvoiceServiceServicer.VoidInvoice)
-    monkeypatch.setattr("service.app.InvoiceServicer", Partial)
+    monkeypatch.setattr("service.grpc_server.InvoiceServicer", Partial)
     running = await start_grpc(store, [API_KEY], "127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
