@@ -28,7 +28,7 @@ from service.grpc_server import SERVICE_NAME, GrpcServer, ServerTls, start_grpc
 from service.invoices import InvoiceCreator, Timing
 from service.metrics import Metrics, add_routes, ready
 from service.payments import StripePayments
-from service.reconcile import reconcile_from, reconcile_notes_from
+from service.reconcile import reconcile_from, reconcile_notes_from, reconcile_refunds_from
 from service.storage import changes
 from service.watch import Watches, WatchLimits
 
@@ -329,10 +329,10 @@ async def run_webhooks(settings: Settings) -> None:
 
 
 async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
-    """Brings the store to Stripe's state for every invoice and credit note created since
-    `since`: the fix for webhooks that never arrived. Idempotent: a second run changes
-    nothing. The notes after the invoices, so that their totals land on the records (a note
-    of an invoice older than `since` counts too)."""
+    """Brings the store to Stripe's state for every invoice, credit note and refund created
+    since `since`: the fix for webhooks that never arrived. Idempotent: a second run changes
+    nothing. The notes and refunds after the invoices, so that their totals land on the
+    records (one of an invoice older than `since` counts too)."""
     settings.require("reconcile")
     stripe = stripe_payments(settings)
     if stripe is None:
@@ -342,6 +342,7 @@ async def reconcile(settings: Settings, since: datetime) -> Counter[str]:
         store = storage.Storage(pool, budget_s=settings.db_command_timeout_s)
         outcomes = await reconcile_from(stripe.invoices_since(since), store)
         outcomes += await reconcile_notes_from(stripe.credit_notes_since(since), store)
+        outcomes += await reconcile_refunds_from(stripe.refunds_since(since), stripe.invoice_payment_of, store)
     finally:
         await pool.close()
     log.info("reconciled", extra={"since": since.isoformat(), **outcomes})

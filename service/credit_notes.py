@@ -1,8 +1,10 @@
-"""Money given back on an invoice: Stripe's credit notes as the service records them, and
-which of two descriptions of one note is the later. A note's amount is split the way
+"""Money given back on an invoice: Stripe's credit notes and refunds as the service records
+them, and which of two descriptions of one is the later. A note's amount is split the way
 Stripe gives it back: `refunded` to the invoice's payment, `credited` to the customer's
-balance, `out_of_band` outside Stripe. No I/O (service/stripe_objects.py reads Stripe's
-object, service/storage/credit_notes.py keeps it)."""
+balance, `out_of_band` outside Stripe. A refund made outside a note (the Dashboard, the
+API, a dispute's support) names the payment intent it refunds, not the invoice; an
+invoice payment says whose that is. No I/O (service/stripe_objects.py reads Stripe's
+objects, service/storage/credit_notes.py and refunds.py keep them)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,40 @@ class StripeCreditNote:
     memo: str
     currency: str | None = None
     created: int | None = None
+    # The refunds the note made or linked: counted in `refunded`, never again on their own.
+    refund_ids: tuple[str, ...] = ()
+
+
+class RefundStatus(StrEnum):
+    PENDING = "pending"
+    REQUIRES_ACTION = "requires_action"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # final, and gave nothing back (a closed card, ...)
+    CANCELED = "canceled"  # final, as failed
+
+
+_REFUND_FINAL = frozenset({RefundStatus.FAILED, RefundStatus.CANCELED})
+
+
+@dataclass(frozen=True, slots=True)
+class StripeRefund:
+    """A refund as Stripe described it, in minor units of `currency`."""
+
+    id: str
+    payment_intent: str
+    status: RefundStatus
+    amount: int
+    reason: str
+    currency: str | None = None
+    created: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePayment:
+    """That `payment_intent` pays `stripe_invoice_id` (Stripe never moves it to another)."""
+
+    payment_intent: str
+    stripe_invoice_id: str
 
 
 # Stripe's credit note reasons (the `reason` parameter's enum).
@@ -57,4 +93,15 @@ def note_overtaken(stored: NoteStatus, stored_time: int, new: NoteStatus, new_ti
     status but for its memo and metadata, so either description of that second will do)."""
     if new != stored:
         return new == NoteStatus.VOID
+    return new_time >= stored_time
+
+
+def refund_overtaken(stored: RefundStatus, stored_time: int, new: RefundStatus, new_time: int) -> bool:
+    """As note_overtaken, for a refund: failed and canceled are final, whenever they
+    arrive (a refund that succeeded can still fail later, Stripe's "failed refunds"); else
+    the later Stripe second, or the same one."""
+    if stored in _REFUND_FINAL:
+        return False
+    if new != stored and new in _REFUND_FINAL:
+        return True
     return new_time >= stored_time

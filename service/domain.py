@@ -315,6 +315,9 @@ class StripeInvoice:
     user: User
     currency: str | None = None
     created: int | None = None
+    # The payment intent paying it, which API versions before 2025-03-31.basil name here
+    # (later ones in an invoice payment): the link from a refund to its invoice.
+    payment_intent: str | None = None
 
 
 # Stripe's invoice state machine: draft -> open -> paid | uncollectible | void, and

@@ -205,19 +205,14 @@ class StripePayments:
         currency, for its owner, with exactly the request's lines. Drafts are left out:
         never charged, a half-built one is simply not reused."""
         params: InvoiceListParams = {"customer": new.customer, "created": {"gte": int(since.timestamp()) - 60}}
-        total = sum(item.amount for item in new.items)
-        owner = new.user.id if new.user else None
+        wanted = (new.currency, sum(item.amount for item in new.items), new.user.id if new.user else None)
         lines = [(item.name, item.amount) for item in new.items]
         found = []
         async for invoice in self._invoices(params):
             metadata = invoice.get("metadata") or {}
             if CREATE_KEY in metadata or invoice.get("status") == Status.DRAFT:
                 continue
-            if (invoice.get("currency"), invoice.get("subtotal"), metadata.get(USER_ID)) != (
-                new.currency,
-                total,
-                owner,
-            ):
+            if (invoice.get("currency"), invoice.get("subtotal"), metadata.get(USER_ID)) != wanted:
                 continue
             listed = await self._call(
                 "invoices.lines", self._stripe.v1.invoices.line_items.list_async(str(invoice["id"]), {"limit": 100})
@@ -371,6 +366,16 @@ class StripePayments:
     def credit_notes_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
         """Every Stripe credit note created at or after `since` (see `_since`)."""
         return self._since("credit_notes.list", self._stripe.v1.credit_notes.list_async, since, page_size)
+
+    async def invoice_payment_of(self, payment_intent: str) -> dict[str, Any] | None:
+        """The invoice payment a payment intent made, if it paid an invoice."""
+        params: Any = {"payment": {"type": "payment_intent", "payment_intent": payment_intent}, "limit": 1}
+        page = await self._call("invoice_payments.list", self._stripe.v1.invoice_payments.list_async(params))
+        return page.data[0].to_dict(for_json=True) if page.data else None
+
+    def refunds_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
+        """Every refund created at or after `since`, with a credit note or without (see `_since`)."""
+        return self._since("refunds.list", self._stripe.v1.refunds.list_async, since, page_size)
 
     async def _since(
         self, operation: str, list_async: Callable[[Any], Awaitable[Any]], since: datetime, page_size: int

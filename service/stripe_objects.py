@@ -1,6 +1,6 @@
-"""Reading Stripe's invoice and credit note objects, of any API version since the seed's
-2023 sample, into the service's StripeInvoice and StripeCreditNote: from the answers of
-service/payments.py and the events of service/webhooks.py. No I/O."""
+"""Reading Stripe's invoice, credit note, refund and invoice payment objects, of any API
+version since the seed's 2023 sample, into the service's domain objects: from the answers
+of service/payments.py and the events of service/webhooks.py. No I/O."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from service import validation
-from service.credit_notes import NoteStatus, StripeCreditNote
+from service.credit_notes import InvoicePayment, NoteStatus, RefundStatus, StripeCreditNote, StripeRefund
 from service.domain import STATUSES, InvalidArgument, StripeInvoice, User
 
 # Metadata keys that carry the invoice's owner to Stripe and back through webhooks.
@@ -41,32 +41,39 @@ def invoice_from_stripe(obj: Mapping[str, Any]) -> StripeInvoice:
             user = User(id=_text(obj["customer"]), name=_text(obj.get("customer_name") or ""))
         else:
             raise ValueError("no owner: neither metadata names a user nor is there a customer id")
-        total, created = obj.get("total") or 0, obj.get("created")
+        total = obj.get("total") or 0
         if isinstance(total, bool) or not isinstance(total, int) or not -_INT64 <= total < _INT64:
             raise ValueError(f"total {total!r} is not a 64-bit integer")
-        if created is not None and (
-            isinstance(created, bool) or not isinstance(created, int) or not 0 <= created < _YEAR_10000
-        ):
-            raise ValueError(f"created {created!r} is not a Unix time")
-        currency = obj.get("currency")
-        if currency is not None and not (isinstance(currency, str) and validation.CURRENCY.fullmatch(currency)):
-            raise ValueError(f"currency {currency!r} is not a lowercase ISO 4217 code")
         invoice = StripeInvoice(
             stripe_invoice_id=_text(obj["id"]),
             status=str(obj["status"]),
             amount=total,
             invoice_pdf=_text(obj.get("invoice_pdf") or ""),
             user=user,
-            currency=currency,
-            created=created,
+            currency=_currency(obj),
+            created=_created(obj),
+            payment_intent=_optional_id(obj.get("payment_intent")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidArgument("data.object", f"not a Stripe invoice: {type(exc).__name__} {exc}") from exc
     if not validation.STRIPE_ID["in"].fullmatch(invoice.stripe_invoice_id):
         raise InvalidArgument("data.object.id", "not a Stripe invoice id")
+    if invoice.payment_intent is not None and not validation.STRIPE_ID["pi"].fullmatch(invoice.payment_intent):
+        raise InvalidArgument("data.object.payment_intent", "not a Stripe payment intent id")
     if invoice.status not in STATUSES:
         raise InvalidArgument("data.object.status", f"unknown invoice status {invoice.status!r}")
     return invoice
+
+
+def _optional_id(value: object) -> str | None:
+    """An id Stripe gives as a string, or inside the object when expanded, or null."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an id")
+    return value
 
 
 def _minor_units(obj: Mapping[str, Any], key: str) -> int:
@@ -91,6 +98,13 @@ def _refunded(obj: Mapping[str, Any], amount: int, out_of_band: int) -> int:
     return amount - out_of_band
 
 
+def _refund_ids(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """The refunds the note made or linked, in either API version's field."""
+    refunds = obj.get("refunds")
+    named = [r.get("refund") for r in refunds] if isinstance(refunds, list) else [obj.get("refund")]
+    return tuple(ref for ref in map(_optional_id, named) if ref is not None)
+
+
 def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
     """Reads a Stripe credit note object of any API version since 2023."""
     try:
@@ -100,11 +114,6 @@ def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
         refunded = _refunded(obj, amount, out_of_band)
         if refunded + out_of_band > amount:
             raise ValueError(f"refunded {refunded} and out of band {out_of_band} exceed the amount {amount}")
-        currency, created = obj.get("currency"), obj.get("created")
-        if currency is not None and not (isinstance(currency, str) and validation.CURRENCY.fullmatch(currency)):
-            raise ValueError(f"currency {currency!r} is not a lowercase ISO 4217 code")
-        if created is not None and (isinstance(created, bool) or not isinstance(created, int) or created < 0):
-            raise ValueError(f"created {created!r} is not a Unix time")
         note = StripeCreditNote(
             id=_text(obj["id"]),
             stripe_invoice_id=_text(invoice_id),
@@ -115,8 +124,9 @@ def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
             out_of_band=out_of_band,
             reason=_text(obj.get("reason") or ""),
             memo=_text(obj.get("memo") or ""),
-            currency=currency,
-            created=created,
+            currency=_currency(obj),
+            created=_created(obj),
+            refund_ids=_refund_ids(obj),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidArgument("data.object", f"not a Stripe credit note: {type(exc).__name__} {exc}") from exc
@@ -125,3 +135,62 @@ def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
     ):
         raise InvalidArgument("data.object.id", "not a Stripe credit note id on an invoice")
     return note
+
+
+def _currency(obj: Mapping[str, Any]) -> str | None:
+    currency = obj.get("currency")
+    if currency is not None and not (isinstance(currency, str) and validation.CURRENCY.fullmatch(currency)):
+        raise ValueError(f"currency {currency!r} is not a lowercase ISO 4217 code")
+    return currency
+
+
+def _created(obj: Mapping[str, Any]) -> int | None:
+    created = obj.get("created")
+    if created is not None and (
+        isinstance(created, bool) or not isinstance(created, int) or not 0 <= created < _YEAR_10000
+    ):
+        raise ValueError(f"created {created!r} is not a Unix time")
+    return created
+
+
+def refund_from_stripe(obj: Mapping[str, Any]) -> StripeRefund | None:
+    """Reads a Stripe refund object of any API version since 2023; None for a refund of no
+    payment intent (a charge made without one), which pays no invoice."""
+    try:
+        payment_intent = _optional_id(obj.get("payment_intent"))
+        if payment_intent is None:
+            return None
+        refund = StripeRefund(
+            id=_text(obj["id"]),
+            payment_intent=payment_intent,
+            status=RefundStatus(obj["status"]),
+            amount=_minor_units(obj, "amount"),
+            reason=_text(obj.get("reason") or ""),
+            currency=_currency(obj),
+            created=_created(obj),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidArgument("data.object", f"not a Stripe refund: {type(exc).__name__} {exc}") from exc
+    if not validation.STRIPE_ID["re"].fullmatch(refund.id) or not validation.STRIPE_ID["pi"].fullmatch(payment_intent):
+        raise InvalidArgument("data.object.id", "not a Stripe refund id of a payment intent")
+    return refund
+
+
+def invoice_payment_from_stripe(obj: Mapping[str, Any]) -> InvoicePayment | None:
+    """Reads a Stripe invoice payment (2025-03-31.basil on); None for one paid by other
+    than a payment intent (a payment record, an old charge), which no refund event names."""
+    try:
+        payment = obj["payment"]
+        if payment.get("type") != "payment_intent":
+            return None
+        paid = InvoicePayment(
+            payment_intent=_text(_optional_id(payment.get("payment_intent")) or ""),
+            stripe_invoice_id=_text(_optional_id(obj["invoice"]) or ""),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidArgument("data.object", f"not a Stripe invoice payment: {type(exc).__name__} {exc}") from exc
+    if not validation.STRIPE_ID["pi"].fullmatch(paid.payment_intent) or not validation.STRIPE_ID["in"].fullmatch(
+        paid.stripe_invoice_id
+    ):
+        raise InvalidArgument("data.object.payment", "not a payment intent paying a Stripe invoice")
+    return paid

@@ -1,6 +1,7 @@
 """The Stripe webhook sidecar (aiohttp): verifies each delivery's Stripe-Signature over
 the raw body, then records the event and applies it to the invoice (or to the invoice's
-credit note, for `credit_note.*`) in one transaction.
+credit note, refund or payment, for `credit_note.*`, `refund.*`, `invoice_payment.paid`)
+in one transaction.
 Stripe retries anything but a 2xx for days, so the answers are chosen for that: 400 for
 a delivery that is not Stripe's (no valid signature, not an event), 503 while Postgres
 is away (Stripe will retry; nothing accepted is lost), 200 for applied, duplicate and
@@ -23,12 +24,17 @@ import stripe
 from aiohttp import web
 
 from service.config import default
-from service.credit_notes import StripeCreditNote
+from service.credit_notes import InvoicePayment, StripeCreditNote, StripeRefund
 from service.domain import DomainError, Internal, InvalidArgument, Outcome, StripeInvoice, Unavailable, Unrecordable
 from service.errors import status_of
 from service.logs import REQUEST_ID, request_id
 from service.metrics import METRICS, WEBHOOK_OUTCOMES, Metrics, add_routes
-from service.stripe_objects import credit_note_from_stripe, invoice_from_stripe
+from service.stripe_objects import (
+    credit_note_from_stripe,
+    invoice_from_stripe,
+    invoice_payment_from_stripe,
+    refund_from_stripe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,14 @@ INVOICE_EVENTS = frozenset(
 )
 # The credit note events: money given back on an invoice, by this service or anyone else.
 CREDIT_NOTE_EVENTS = frozenset({"credit_note.created", "credit_note.updated", "credit_note.voided"})
+# Refunds, with or without a credit note: one made in the Dashboard or by support has none.
+# Each refund has its own event since 2024-10-28.acacia ("created, updated, and failed
+# events for all refund types"); `charge.refund.updated` is the older name of an update.
+# `charge.refunded` is not taken: it says the charge's total, not which refund is whose.
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"})
+# Which invoice a payment intent pays (2025-03-31.basil on; before, the invoice said it).
+PAYMENT_EVENTS = frozenset({"invoice_payment.paid"})
+RECORDED_EVENTS = INVOICE_EVENTS | CREDIT_NOTE_EVENTS | REFUND_EVENTS | PAYMENT_EVENTS
 
 
 class EventStore(Protocol):
@@ -60,6 +74,14 @@ class EventStore(Protocol):
 
     async def apply_stripe_credit_note(
         self, note: StripeCreditNote, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
+    ) -> Outcome: ...
+
+    async def apply_stripe_refund(
+        self, refund: StripeRefund, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
+    ) -> Outcome: ...
+
+    async def apply_stripe_invoice_payment(
+        self, payment: InvoicePayment, *, event_id: str | None = None, event_type: str = ""
     ) -> Outcome: ...
 
     async def check_ready(self) -> None: ...
@@ -173,7 +195,7 @@ async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
         return _error(error), delivery
     delivery.type, delivery.event = str(event["type"]), str(event["id"])
     livemode = event.get("livemode")
-    recorded = event["type"] in INVOICE_EVENTS or event["type"] in CREDIT_NOTE_EVENTS
+    recorded = event["type"] in RECORDED_EVENTS
     if not recorded or (isinstance(livemode, bool) and livemode != request.app[LIVEMODE]):
         delivery.outcome = "ignored"
         if recorded:
@@ -181,6 +203,9 @@ async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
         return _received("ignored"), delivery
     try:
         outcome = await _apply(request.app[STORE], event, delivery)
+        if outcome is None:
+            delivery.outcome, delivery.reason = "ignored", "pays or refunds no invoice (no payment intent)"
+            return _received("ignored"), delivery
     except (InvalidArgument, Unrecordable) as error:
         # Signed by Stripe, so retrying cannot change it: taken, and left to an operator.
         delivery.outcome, delivery.reason = "rejected", str(error)
@@ -196,8 +221,9 @@ async def _handle(request: web.Request) -> tuple[web.Response, Delivery]:
     return _received(outcome), delivery
 
 
-async def _apply(store: EventStore, event: dict[str, Any], delivery: Delivery) -> Outcome:
-    """The event's invoice or credit note, applied as of the event's time."""
+async def _apply(store: EventStore, event: dict[str, Any], delivery: Delivery) -> Outcome | None:
+    """The event's invoice, credit note, refund or invoice payment, applied as of the
+    event's time; None for a refund or payment that no invoice's payment intent made."""
     created = event.get("created")
     if isinstance(created, bool) or not isinstance(created, int):
         raise InvalidArgument("created", "must be the event's Unix time")
@@ -206,6 +232,18 @@ async def _apply(store: EventStore, event: dict[str, Any], delivery: Delivery) -
         note = credit_note_from_stripe(_data_object(event))
         delivery.invoice = note.stripe_invoice_id
         return await store.apply_stripe_credit_note(note, stripe_time=created, event_id=event_id, event_type=event_type)
+    if event_type in REFUND_EVENTS:
+        refund = refund_from_stripe(_data_object(event))
+        if refund is None:
+            return None
+        delivery.invoice = refund.payment_intent  # its invoice may not be known yet
+        return await store.apply_stripe_refund(refund, stripe_time=created, event_id=event_id, event_type=event_type)
+    if event_type in PAYMENT_EVENTS:
+        payment = invoice_payment_from_stripe(_data_object(event))
+        if payment is None:
+            return None
+        delivery.invoice = payment.stripe_invoice_id
+        return await store.apply_stripe_invoice_payment(payment, event_id=event_id, event_type=event_type)
     invoice = invoice_from_stripe(_data_object(event))
     delivery.invoice = invoice.stripe_invoice_id
     return await store.apply_stripe_invoice(invoice, stripe_time=created, event_id=event_id, event_type=event_type)

@@ -324,3 +324,10 @@ async def until_caught_up(watchers: list[ResumingWatch], changes: int) -> None:
         return True if all(len(w.changes) >= changes for w in watchers) else None
 
     await poll_until(seen, f"every watcher seeing {changes} changes")
+
+
+async def intents_of(client: Any, invoice_id: str) -> list[str]:
+    """The payment intents that paid the invoice, from its invoice payments (Stripe took
+    `payment_intent` off the invoice in 2025-03-31.basil)."""
+    payments = await client.v1.invoice_payments.list_async({"invoice": invoice_id})
+    return [str(p.payment["payment_intent"]) for p in payments.data if p.payment["type"] == "payment_intent"]

@@ -16,6 +16,7 @@ import pytest
 import stripe
 
 from tests import test_localstripe as launcher
+from tests.helpers import intents_of
 from tests.test_localstripe import Receiver, draft_with_items, key, open_invoice, replayed
 from tools.customers import customer_with_card
 
@@ -55,8 +56,8 @@ async def paid_invoice(client: stripe.StripeClient) -> tuple[str, str]:
 
 
 async def charge_of(client: stripe.StripeClient, invoice_id: str) -> Any:
-    invoice = await client.v1.invoices.retrieve_async(invoice_id)
-    intent = await client.v1.payment_intents.retrieve_async(invoice["payment_intent"])  # not in the SDK's types
+    (paid_by,) = await intents_of(client, invoice_id)
+    intent = await client.v1.payment_intents.retrieve_async(paid_by)
     return await client.v1.charges.retrieve_async(str(intent["latest_charge"]["id"]))
 
 

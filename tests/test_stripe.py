@@ -24,7 +24,7 @@ from service.app import reconcile
 from service.config import Settings
 from service.invoices import InvoiceCreator, Timing
 from service.storage import Storage
-from tests.helpers import OLD_WEBHOOK_SECRET, REQUEST, deliver, event, sign, wait_for_status
+from tests.helpers import OLD_WEBHOOK_SECRET, REQUEST, deliver, event, intents_of, sign, wait_for_status
 from tools.customers import customer_with_card
 from tools.stack import LOCALSTRIPE_KEY
 
@@ -230,7 +230,9 @@ async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_sta
     database: str, localstripe: str, stripe_client: stripe.StripeClient, store: Storage
 ) -> None:
     """A database that received no webhook at all: reconcile creates the records, with the
-    money a dashboard refund gave back, and a second run changes nothing."""
+    money given back by a dashboard's credit note and by a refund made without one (whose
+    payment intent only Stripe's invoice payments link to the invoice), each once; a
+    second run changes nothing."""
     since = datetime.now(UTC) - timedelta(seconds=5)
     creator = InvoiceCreator(store, store, payments.StripePayments(stripe_client), Timing(lease_s=40))
     customer, method = await customer_with_card(stripe_client)
@@ -238,6 +240,8 @@ async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_sta
     created = [await creator.create(new, uuid.uuid4().hex) for _ in range(2)]
     refund: Any = {"invoice": created[0]["id"], "amount": 500, "refund_amount": 500}
     await stripe_client.v1.credit_notes.create_async(refund)
+    (paid_by,) = await intents_of(stripe_client, created[1]["id"])
+    await stripe_client.v1.refunds.create_async({"payment_intent": paid_by, "amount": 300})
     settings = Settings(
         database_url=SecretStr(database), stripe_api_key=SecretStr(LOCALSTRIPE_KEY), stripe_api_base=localstripe
     )
@@ -247,13 +251,13 @@ async def test_reconcile_brings_a_store_that_missed_every_webhook_to_stripes_sta
     pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
     try:
         store = Storage(pool)
-        for invoice, refunded in zip(created, (500, 0), strict=True):
+        for invoice, given_back in zip(created, ((500, 500), (0, 300)), strict=True):
             record = await store.get_invoice(invoice["id"])
             assert (record.status, record.amount, record.user.id) == ("paid", 1234, customer)
-            assert (record.amount_credited, record.amount_refunded) == (refunded, refunded)
+            assert (record.amount_credited, record.amount_refunded) == given_back
     finally:
         await pool.close()
-    assert first["notes_created"] >= 1
+    assert first["notes_created"] >= 1 and first["refunds_created"] >= 2  # the note's refund and the other
     second = await reconcile(settings, since)
-    assert set(second) == {"unchanged", "notes_unchanged"}
-    assert second["unchanged"] + second["notes_unchanged"] == sum(first.values())
+    assert set(second) == {"unchanged", "notes_unchanged", "refunds_unchanged"}
+    assert sum(second.values()) == sum(first.values())

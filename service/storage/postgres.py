@@ -1,5 +1,6 @@
-"""The invoice store on Postgres: the records, the Stripe events applied to them (invoices'
-and their credit notes', storage/credit_notes.py), the list and its counts. Every statement
+"""The invoice store on Postgres: the records, the Stripe events applied to them (invoices',
+their credit notes' and refunds', storage/credit_notes.py and refunds.py), the list and its
+counts. Every statement
 about invoices and events lives here or there (the storage package holds all of the
 service's SQL); callers get domain objects and domain errors, never asyncpg types."""
 
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from service.credit_notes import StripeCreditNote
+from service.credit_notes import InvoicePayment, StripeCreditNote, StripeRefund
 from service.domain import (
     Cursor,
     Filters,
@@ -27,7 +28,7 @@ from service.domain import (
     Unrecordable,
     new_record_id,
 )
-from service.storage import credit_notes, migrations
+from service.storage import credit_notes, migrations, refunds
 from service.storage.changes import ChangeFeed, invoice_of
 from service.storage.creates import CreateRequests
 
@@ -202,12 +203,50 @@ class Storage(CreateRequests, ChangeFeed):
         `updated`, `unchanged`, `duplicate` (event seen before), `stale` (older than the
         record) or `deleted`/`ignored-deleted` for invoices Stripe deleted."""
         deleted = event_type == "invoice.deleted"
+        paid_by = invoice.payment_intent
+
+        async def apply(conn: asyncpg.pool.PoolConnectionProxy) -> Outcome:
+            outcome = await self._apply(conn, invoice, stripe_time, deleted=deleted)
+            if paid_by is not None and outcome not in (Outcome.DELETED, Outcome.IGNORED_DELETED):
+                # An API version before basil names the invoice's payment here.
+                payment = InvoicePayment(paid_by, invoice.stripe_invoice_id)
+                await refunds.apply_payment(conn, payment, self._lock_invoice(conn), record_time())
+            return outcome
+
+        # The payment intent is locked before the invoice, the order every path takes.
         return await self._applied(
-            invoice.stripe_invoice_id,
+            invoice.stripe_invoice_id, event_id, event_type, apply, first=() if paid_by is None else (paid_by,)
+        )
+
+    async def apply_stripe_refund(
+        self, refund: StripeRefund, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
+    ) -> Outcome:
+        """Brings a refund to what Stripe said at `stripe_time`, and its invoice's totals
+        with it once the invoice is known, under its payment intent's lock."""
+        return await self._applied(
+            refund.payment_intent,
             event_id,
             event_type,
-            lambda conn: self._apply(conn, invoice, stripe_time, deleted=deleted),
+            lambda conn: refunds.apply_refund(conn, refund, stripe_time, self._lock_invoice(conn), record_time()),
         )
+
+    async def apply_stripe_invoice_payment(
+        self, payment: InvoicePayment, *, event_id: str | None = None, event_type: str = ""
+    ) -> Outcome:
+        """Records which invoice a payment intent pays, under the intent's lock."""
+        return await self._applied(
+            payment.payment_intent,
+            event_id,
+            event_type,
+            lambda conn: refunds.apply_payment(conn, payment, self._lock_invoice(conn), record_time()),
+        )
+
+    @staticmethod
+    def _lock_invoice(conn: asyncpg.pool.PoolConnectionProxy) -> refunds.LockInvoice:
+        async def lock(invoice_key: str) -> None:
+            await conn.execute(_LOCK_INVOICE, invoice_key)
+
+        return lock
 
     async def apply_stripe_credit_note(
         self, note: StripeCreditNote, *, stripe_time: int, event_id: str | None = None, event_type: str = ""
@@ -237,13 +276,18 @@ class Storage(CreateRequests, ChangeFeed):
         event_id: str | None,
         event_type: str,
         apply: Callable[[asyncpg.pool.PoolConnectionProxy], Awaitable[Outcome]],
+        *,
+        first: tuple[str, ...] = (),
     ) -> Outcome:
-        """Runs `apply` under the invoice's lock, once per event: `duplicate` for an event
-        recorded before, else its outcome, stored with the event."""
+        """Runs `apply` under the lock of `invoice_key` (an invoice, or the payment intent
+        of a refund), once per event: `duplicate` for an event recorded before, else its
+        outcome, stored with the event. The keys `first` are locked before it."""
         # Read committed, whatever the database's default: the lock and the ON CONFLICT
         # clauses rely on seeing what committed while waiting.
         with _recordable():
             async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+                for key in first:
+                    await conn.execute(_LOCK_INVOICE, key)
                 if event_id is None:
                     await conn.execute(_LOCK_INVOICE, invoice_key)
                 elif await conn.fetchval(_RECORD_EVENT, event_id, event_type, invoice_key) is None:

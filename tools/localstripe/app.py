@@ -17,6 +17,7 @@ from tools.localstripe import (
     errors,
     invoice_items,
     invoice_lifecycle,
+    invoice_payments,
     invoices,
     payment_methods,
     refunds,
@@ -66,6 +67,7 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
     attach = payment_methods.attach_with(resources.PaymentMethod._api_attach)
     set_route("POST", "/v1/payment_methods/{id}/attach", attach)
     notes = credit_notes.CreditNotes(public_base)
+    set_route("GET", "/v1/invoice_payments", invoice_payments.list_payments)
     set_route("POST", "/v1/credit_notes", notes.create)
     set_route("GET", "/v1/credit_notes", credit_notes.list_notes)
     set_route("GET", "/v1/credit_notes/preview", notes.preview)  # before {id}, which would take it

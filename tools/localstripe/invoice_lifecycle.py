@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from tools.localstripe import invoice_payments
 from tools.localstripe.customers import balance_of, settle_balance
 from tools.localstripe.errors import as_bool, bad_request, reject_unknown
 from tools.localstripe.payment_methods import payment_method_of
@@ -183,9 +184,11 @@ def mark_uncollectible(id: str, **unknown: Any) -> Any:
 
 def _on_payment_success_with(stock: Callable[[Any], None]) -> Callable[[Any], None]:
     def on_payment_success(self: Any) -> None:
-        """Stripe sends invoice.paid along with invoice.payment_succeeded; stock sends only the latter."""
+        """Stripe sends invoice.paid along with invoice.payment_succeeded, and an invoice
+        payment with its own event; stock sends only the first."""
         stock(self)
         emit("invoice.paid", self)
+        invoice_payments.record_paid(self)
 
     return on_payment_success
 

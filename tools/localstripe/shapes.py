@@ -3,9 +3,10 @@
 them. Found by the referee (tests/referee), which judges every answer and event against
 Stripe's published description:
 
-- invoice: fields Stripe removed are no longer answered (`charge`, `subscription`,
-  `discount`, `date`, `tax`, `tax_percent`, `total_tax_amounts`, `application_fee`:
-  removed by 2025-03-31.basil and earlier), and the ones it always answers are
+- invoice: fields Stripe removed are no longer answered (`charge`, `payment_intent`,
+  `subscription`, `discount`, `date`, `tax`, `tax_percent`, `total_tax_amounts`,
+  `application_fee`: removed by 2025-03-31.basil and earlier; an invoice payment,
+  invoice_payments.py, names the payment intent now), and the ones it always answers are
   (`amount_overpaid`, `amount_shipping`, `automatic_tax`, `discounts`, `issuer`,
   `payment_settings`, the credit-note amounts, `default_tax_rates` as a list, and
   `period_start`/`period_end`, which are the creation time for a one-off invoice);
@@ -36,7 +37,9 @@ _webhooks: Any = importlib.import_module("localstripe.webhooks")
 
 API_VERSION = "2026-10-28.endive"
 
-_INVOICE_REMOVED = ("application_fee", "charge", "date", "discount", "subscription", "tax", "tax_percent")
+_INVOICE_REMOVED = (
+    *("application_fee", "charge", "date", "discount", "payment_intent", "subscription", "tax", "tax_percent"),
+)
 _LINE_REMOVED = ("created", "invoice_item", "plan", "proration", "tax_amounts", "tax_rates", "type")
 
 

@@ -1,0 +1,141 @@
+"""Money given back without a credit note, reaching the record through the webhook: a refund
+made on an invoice's payment in Stripe's Dashboard, by its API or by support names only its
+payment intent (refund.created, .updated, .failed); an invoice payment
+(invoice_payment.paid, since 2025-03-31.basil) or, before, the invoice itself
+(`payment_intent`) says whose that is. Either may arrive first, events arrive in any order
+and twice, a refund a credit note made or linked counts once, a failed one not at all.
+Objects are shaped as Stripe's fixtures at the current API version; events are signed and
+delivered through the real Envoy, sidecar and Postgres, or made at the real emulator."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import stripe
+
+from service.storage import Storage
+from tests.helpers import deliver, event, intents_of, poll_until
+from tests.test_credit_notes import note_event, note_object
+from tests.test_refunds import paid_invoice
+
+
+def refund_object(refund_id: str, intent: str | None, amount: int, status: str = "succeeded") -> dict[str, Any]:
+    """A refund in the shape of Stripe's fixture (`refund`) at the current API version."""
+    return {
+        "id": refund_id,
+        "object": "refund",
+        "amount": amount,
+        "balance_transaction": None,
+        "charge": f"ch_{refund_id[3:]}",
+        "created": int(time.time()),
+        "currency": "eur",
+        "customer": "cus_webhooktest",
+        "destination_details": {"card": {"type": "refund"}, "type": "card"},
+        "metadata": {},
+        "payment_intent": intent,
+        "payment_method": None,
+        "reason": "requested_by_customer",
+        "receipt_number": None,
+        "source_transfer_reversal": None,
+        "status": status,
+        "transfer_reversal": None,
+    }
+
+
+def payment_object(intent: str, invoice_id: str, amount: int) -> dict[str, Any]:
+    """An invoice payment in the shape of Stripe's fixture (`invoice_payment`)."""
+    return {
+        "id": f"inpay_{intent[3:]}",
+        "object": "invoice_payment",
+        "amount_paid": amount,
+        "amount_requested": amount,
+        "created": int(time.time()),
+        "currency": "eur",
+        "invoice": invoice_id,
+        "is_default": True,
+        "livemode": False,
+        "payment": {"type": "payment_intent", "payment_intent": intent},
+        "status": "paid",
+        "status_transitions": {"canceled_at": None, "paid_at": int(time.time())},
+    }
+
+
+def signed(obj: dict[str, Any], kind: str, created: int) -> str:
+    return note_event(obj, kind, created)
+
+
+async def outcome(http: httpx.AsyncClient, payload: str) -> str:
+    reply = await deliver(http, payload)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["outcome"])
+
+
+async def given_back(http: httpx.AsyncClient, invoice_id: str) -> tuple[int, int]:
+    reply = await http.get(f"/admin/api/invoices/{invoice_id}")
+    assert reply.status_code == 200, reply.text
+    return reply.json()["amountRefunded"], reply.json()["amountCredited"]
+
+
+async def test_refunds_without_a_note_count_once_whatever_order_they_and_their_payment_arrive_in(
+    http: httpx.AsyncClient, stack_store: Storage
+) -> None:
+    """Three orders of one invoice's story, each with its events delivered twice: 2,000
+    refunded outside a note (pending, then succeeded), 1,000 refunded and then failed, and a
+    note of 1,500 whose refund also arrives as a refund event. 3,500 refunded, 1,500
+    credited, whether the payment came last (each refund waits for it), first, or in
+    reverse order with the rest (a failure before its refund's creation)."""
+    for order in ("payment last", "as it happened", "reversed"):
+        run = uuid.uuid4().hex[:10]
+        invoice_id, intent, t = f"in_gb{run}", f"pi_gb{run}", int(time.time()) - 100
+        note = note_object(f"cn_gb{run}", invoice_id, amount=1500, refunded=1500)
+        linked = note["refunds"][0]["refund"]
+        story = [
+            signed(payment_object(intent, invoice_id, 9000), "invoice_payment.paid", t + 1),
+            signed(refund_object(f"re_a{run}", intent, 2000, "pending"), "refund.created", t + 2),
+            signed(refund_object(f"re_a{run}", intent, 2000), "refund.updated", t + 3),
+            signed(refund_object(f"re_b{run}", intent, 1000), "refund.created", t + 4),
+            signed(refund_object(f"re_b{run}", intent, 1000, "failed"), "refund.failed", t + 5),
+            signed(refund_object(linked, intent, 1500), "refund.created", t + 6),
+            note_event(note, "credit_note.created", t + 6),
+        ]
+        if order == "payment last":
+            story = story[1:] + story[:1]
+        elif order == "reversed":
+            story.reverse()
+        assert await outcome(http, event(invoice_id, "invoice.paid", "paid", t, total=9000)) == "created"
+        outcomes = [await outcome(http, payload) for payload in story + story]
+        assert outcomes[len(story) :] == ["duplicate"] * len(story), outcomes
+        assert await given_back(http, invoice_id) == (2000 + 1500, 1500), (order, outcomes)
+
+
+async def test_an_older_api_versions_invoice_names_its_payment_and_a_refund_of_no_invoice_is_ignored(
+    http: httpx.AsyncClient, stack_store: Storage
+) -> None:
+    invoice_id, intent, t = f"in_old{uuid.uuid4().hex[:10]}", f"pi_old{uuid.uuid4().hex[:10]}", int(time.time()) - 50
+    assert await outcome(http, signed(refund_object("re_old1", intent, 700), "refund.created", t + 1)) == "created"
+    old: dict[str, Any] = json.loads(event(invoice_id, "invoice.paid", "paid", t, total=4000))
+    old["data"]["object"] |= {"payment_intent": intent, "charge": "ch_old1", "paid": True}  # the 2023 shape
+    old["api_version"] = "2023-10-16"
+    assert await outcome(http, json.dumps(old)) == "created"
+    assert await given_back(http, invoice_id) == (700, 0)
+    # A refund of a charge made without a payment intent pays back no invoice: taken, ignored.
+    reply = await deliver(http, signed(refund_object("re_nopi1", None, 100), "refund.created", t + 2))
+    assert (reply.status_code, reply.json()["outcome"]) == (200, "ignored")
+
+
+async def test_a_refund_made_at_stripe_without_a_note_reaches_the_record_by_webhook(
+    http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    invoice = await paid_invoice(http, stripe_client)
+    (paid_by,) = await intents_of(stripe_client, invoice["id"])
+    await stripe_client.v1.refunds.create_async({"payment_intent": paid_by, "amount": 900})
+
+    async def refunded() -> tuple[int, int] | None:
+        totals = await given_back(http, invoice["id"])
+        return totals if totals[0] else None
+
+    assert await poll_until(refunded, "the dashboard's refund without a note") == (900, 0)
