@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
 
@@ -72,9 +72,19 @@ class Filters:
     user_id: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    # True: only invoices with money given back (refunded or credited); False: only those without.
+    given_back: bool | None = None
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
+        """Binds a page token to its filters. A filter added after the first four is left
+        out while unset, so that the fingerprint of the filters a token from before it named
+        is the one it carries (tokens in flight across a deploy keep working)."""
+        shown = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for n, f in enumerate(fields(self))
+            if n < 4 or getattr(self, f.name) is not None
+        ]
+        return hashlib.sha256(f"Filters({', '.join(shown)})".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,7 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
             request.user_id,
             _time(request, "created_after"),
             _time(request, "created_before"),
+            request.given_back if request.HasField("given_back") else None,
         )
         page = validation.page(
             request.page if request.HasField("page") else None,

@@ -71,7 +71,13 @@ def page_size(limit: int | None) -> int:
     return limit
 
 
-def filters(status: str, user_id: str, created_after: datetime | None, created_before: datetime | None) -> Filters:
+def filters(
+    status: str,
+    user_id: str,
+    created_after: datetime | None,
+    created_before: datetime | None,
+    given_back: bool | None = None,
+) -> Filters:
     if status and status not in STATUSES:
         raise InvalidArgument("status", f"must be one of {', '.join(STATUSES)}")
     if len(user_id) > MAX_USER_FIELD:
@@ -84,6 +90,7 @@ def filters(status: str, user_id: str, created_after: datetime | None, created_b
         user_id=user_id or None,
         created_after=created_after,
         created_before=created_before,
+        given_back=given_back,
     )
 
 

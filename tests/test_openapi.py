@@ -37,8 +37,10 @@ def test_paths_and_parameters_follow_the_http_annotations() -> None:
         ("userId", "query", False),
         ("createdAfter", "query", False),
         ("createdBefore", "query", False),
+        ("givenBack", "query", False),
     ]
     assert listing["parameters"][5]["schema"] == {"type": "string", "format": "date-time"}
+    assert listing["parameters"][7]["schema"] == {"type": "boolean"}
     get = doc["paths"]["/admin/api/invoices/{id}"]["get"]
     assert [(p["name"], p["in"], p["required"]) for p in get["parameters"]] == [
         ("id", "path", True),

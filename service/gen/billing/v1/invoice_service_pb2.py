@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n billing/v1/invoice_service.proto\x12\nbilling.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x02\n\x07Invoice\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x1e\n\x04user\x18\x03 \x01(\x0b\x32\x10.billing.v1.User\x12\x0e\n\x06status\x18\x04 \x01(\t\x12%\n\x0c\x61mount_int32\x18\x05 \x01(\x05\x42\x02\x18\x01R\x0b\x61mountInt32\x12\x13\n\x0binvoice_pdf\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61mount\x18\t \x01(\x01\x12\x10\n\x08\x63urrency\x18\n \x01(\t\x12\x17\n\x0f\x61mount_credited\x18\x0b \x01(\x01\x12\x17\n\x0f\x61mount_refunded\x18\x0c \x01(\x01\"%\n\x04User\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xeb\x01\n\x13ListInvoicesRequest\x12\x11\n\x04page\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05_pageB\x08\n\x06_limit\"~\n\x14ListInvoicesResponse\x12%\n\x08invoices\x18\x01 \x03(\x0b\x32\x13.billing.v1.Invoice\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x1c\n\x0fnext_page_token\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_next_page_token\"Y\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04page\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_pageB\x08\n\x06_limit\"\x9a\x01\n\x14\x43reateInvoiceRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.billing.v1.InvoiceItem\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x16\n\x0epayment_method\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.billing.v1.User\"+\n\x0bInvoiceItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x05\"7\n\x11PayInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0epayment_method\x18\x02 \x01(\t\" \n\x12VoidInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"&\n\x18MarkUncollectibleRequest\x12\n\n\x02id\x18\x01 \x01(\t\"`\n\x14RefundInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x06\x61mount\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04memo\x18\x04 \x01(\tB\t\n\x07_amount\"a\n\x14WatchInvoicesRequest\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"\x8f\x02\n\x0cInvoiceEvent\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.billing.v1.InvoiceEvent.Kind\x12$\n\x07invoice\x18\x02 \x01(\x0b\x32\x13.billing.v1.Invoice\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12/\n\x0b\x63hange_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_CREATED\x10\x01\x12\x10\n\x0cKIND_UPDATED\x10\x02\x12\x10\n\x0cKIND_DELETED\x10\x03\x12\x11\n\rKIND_BOOKMARK\x10\x04\"+\n\x1dListInvoiceCreditNotesRequest\x12\n\n\x02id\x18\x01 \x01(\t\"N\n\x1eListInvoiceCreditNotesResponse\x12,\n\x0c\x63redit_notes\x18\x01 \x03(\x0b\x32\x16.billing.v1.CreditNote\"\xd1\x01\n\nCreditNote\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x01\x12\x10\n\x08refunded\x18\x04 \x01(\x01\x12\x10\n\x08\x63redited\x18\x05 \x01(\x01\x12\x13\n\x0bout_of_band\x18\x06 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0c\n\x04memo\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x17ListInvoiceAuditRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\tB\x08\n\x06_limit\"u\n\x18ListInvoiceAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.billing.v1.AuditEntry\x12\x1c\n\x0fnext_page_token\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_next_page_token\"\xc9\x01\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\ninvoice_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t2\xbf\t\n\x0eInvoiceService\x12n\n\x0cListInvoices\x12\x1f.billing.v1.ListInvoicesRequest\x1a .billing.v1.ListInvoicesResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/api/invoices\x12\x62\n\nGetInvoice\x12\x1d.billing.v1.GetInvoiceRequest\x1a\x13.billing.v1.Invoice\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/admin/api/invoices/{id}\x12j\n\rCreateInvoice\x12 .billing.v1.CreateInvoiceRequest\x1a\x17.google.protobuf.Struct\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/admin/api/invoices:\x01*\x12i\n\nPayInvoice\x12\x1d.billing.v1.PayInvoiceRequest\x1a\x13.billing.v1.Invoice\"\'\x82\xd3\xe4\x93\x02!\"\x1c/admin/api/invoices/{id}:pay:\x01*\x12l\n\x0bVoidInvoice\x12\x1e.billing.v1.VoidInvoiceRequest\x1a\x13.billing.v1.Invoice\"(\x82\xd3\xe4\x93\x02\"\"\x1d/admin/api/invoices/{id}:void:\x01*\x12\x85\x01\n\x11MarkUncollectible\x12$.billing.v1.MarkUncollectibleRequest\x1a\x13.billing.v1.Invoice\"5\x82\xd3\xe4\x93\x02/\"*/admin/api/invoices/{id}:markUncollectible:\x01*\x12r\n\rRefundInvoice\x12 .billing.v1.RefundInvoiceRequest\x1a\x13.billing.v1.Invoice\"*\x82\xd3\xe4\x93\x02$\"\x1f/admin/api/invoices/{id}:refund:\x01*\x12\x9d\x01\n\x16ListInvoiceCreditNotes\x12).billing.v1.ListInvoiceCreditNotesRequest\x1a*.billing.v1.ListInvoiceCreditNotesResponse\",\x82\xd3\xe4\x93\x02&\x12$/admin/api/invoices/{id}/creditNotes\x12\x85\x01\n\x10ListInvoiceAudit\x12#.billing.v1.ListInvoiceAuditRequest\x1a$.billing.v1.ListInvoiceAuditResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/admin/api/invoices/{id}/audit\x12p\n\rWatchInvoices\x12 .billing.v1.WatchInvoicesRequest\x1a\x18.billing.v1.InvoiceEvent\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/admin/api/invoices:watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n billing/v1/invoice_service.proto\x12\nbilling.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x02\n\x07Invoice\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x1e\n\x04user\x18\x03 \x01(\x0b\x32\x10.billing.v1.User\x12\x0e\n\x06status\x18\x04 \x01(\t\x12%\n\x0c\x61mount_int32\x18\x05 \x01(\x05\x42\x02\x18\x01R\x0b\x61mountInt32\x12\x13\n\x0binvoice_pdf\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61mount\x18\t \x01(\x01\x12\x10\n\x08\x63urrency\x18\n \x01(\t\x12\x17\n\x0f\x61mount_credited\x18\x0b \x01(\x01\x12\x17\n\x0f\x61mount_refunded\x18\x0c \x01(\x01\"%\n\x04User\x12\x0f\n\x02id\x18\x01 \x01(\tR\x03_id\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x93\x02\n\x13ListInvoicesRequest\x12\x11\n\x04page\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\ngiven_back\x18\x08 \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_pageB\x08\n\x06_limitB\r\n\x0b_given_back\"~\n\x14ListInvoicesResponse\x12%\n\x08invoices\x18\x01 \x03(\x0b\x32\x13.billing.v1.Invoice\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x1c\n\x0fnext_page_token\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_next_page_token\"Y\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04page\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_pageB\x08\n\x06_limit\"\x9a\x01\n\x14\x43reateInvoiceRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.billing.v1.InvoiceItem\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x16\n\x0epayment_method\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.billing.v1.User\"+\n\x0bInvoiceItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x05\"7\n\x11PayInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0epayment_method\x18\x02 \x01(\t\" \n\x12VoidInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"&\n\x18MarkUncollectibleRequest\x12\n\n\x02id\x18\x01 \x01(\t\"`\n\x14RefundInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x06\x61mount\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04memo\x18\x04 \x01(\tB\t\n\x07_amount\"a\n\x14WatchInvoicesRequest\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"\x8f\x02\n\x0cInvoiceEvent\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.billing.v1.InvoiceEvent.Kind\x12$\n\x07invoice\x18\x02 \x01(\x0b\x32\x13.billing.v1.Invoice\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12/\n\x0b\x63hange_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_CREATED\x10\x01\x12\x10\n\x0cKIND_UPDATED\x10\x02\x12\x10\n\x0cKIND_DELETED\x10\x03\x12\x11\n\rKIND_BOOKMARK\x10\x04\"+\n\x1dListInvoiceCreditNotesRequest\x12\n\n\x02id\x18\x01 \x01(\t\"N\n\x1eListInvoiceCreditNotesResponse\x12,\n\x0c\x63redit_notes\x18\x01 \x03(\x0b\x32\x16.billing.v1.CreditNote\"\xd1\x01\n\nCreditNote\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x01\x12\x10\n\x08refunded\x18\x04 \x01(\x01\x12\x10\n\x08\x63redited\x18\x05 \x01(\x01\x12\x13\n\x0bout_of_band\x18\x06 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0c\n\x04memo\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x17ListInvoiceAuditRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\tB\x08\n\x06_limit\"u\n\x18ListInvoiceAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.billing.v1.AuditEntry\x12\x1c\n\x0fnext_page_token\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_next_page_token\"\xc9\x01\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\ninvoice_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t2\xbf\t\n\x0eInvoiceService\x12n\n\x0cListInvoices\x12\x1f.billing.v1.ListInvoicesRequest\x1a .billing.v1.ListInvoicesResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/api/invoices\x12\x62\n\nGetInvoice\x12\x1d.billing.v1.GetInvoiceRequest\x1a\x13.billing.v1.Invoice\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/admin/api/invoices/{id}\x12j\n\rCreateInvoice\x12 .billing.v1.CreateInvoiceRequest\x1a\x17.google.protobuf.Struct\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/admin/api/invoices:\x01*\x12i\n\nPayInvoice\x12\x1d.billing.v1.PayInvoiceRequest\x1a\x13.billing.v1.Invoice\"\'\x82\xd3\xe4\x93\x02!\"\x1c/admin/api/invoices/{id}:pay:\x01*\x12l\n\x0bVoidInvoice\x12\x1e.billing.v1.VoidInvoiceRequest\x1a\x13.billing.v1.Invoice\"(\x82\xd3\xe4\x93\x02\"\"\x1d/admin/api/invoices/{id}:void:\x01*\x12\x85\x01\n\x11MarkUncollectible\x12$.billing.v1.MarkUncollectibleRequest\x1a\x13.billing.v1.Invoice\"5\x82\xd3\xe4\x93\x02/\"*/admin/api/invoices/{id}:markUncollectible:\x01*\x12r\n\rRefundInvoice\x12 .billing.v1.RefundInvoiceRequest\x1a\x13.billing.v1.Invoice\"*\x82\xd3\xe4\x93\x02$\"\x1f/admin/api/invoices/{id}:refund:\x01*\x12\x9d\x01\n\x16ListInvoiceCreditNotes\x12).billing.v1.ListInvoiceCreditNotesRequest\x1a*.billing.v1.ListInvoiceCreditNotesResponse\",\x82\xd3\xe4\x93\x02&\x12$/admin/api/invoices/{id}/creditNotes\x12\x85\x01\n\x10ListInvoiceAudit\x12#.billing.v1.ListInvoiceAuditRequest\x1a$.billing.v1.ListInvoiceAuditResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/admin/api/invoices/{id}/audit\x12p\n\rWatchInvoices\x12 .billing.v1.WatchInvoicesRequest\x1a\x18.billing.v1.InvoiceEvent\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/admin/api/invoices:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,41 +61,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USER']._serialized_start=478
   _globals['_USER']._serialized_end=515
   _globals['_LISTINVOICESREQUEST']._serialized_start=518
-  _globals['_LISTINVOICESREQUEST']._serialized_end=753
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=755
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=881
-  _globals['_GETINVOICEREQUEST']._serialized_start=883
-  _globals['_GETINVOICEREQUEST']._serialized_end=972
-  _globals['_CREATEINVOICEREQUEST']._serialized_start=975
-  _globals['_CREATEINVOICEREQUEST']._serialized_end=1129
-  _globals['_INVOICEITEM']._serialized_start=1131
-  _globals['_INVOICEITEM']._serialized_end=1174
-  _globals['_PAYINVOICEREQUEST']._serialized_start=1176
-  _globals['_PAYINVOICEREQUEST']._serialized_end=1231
-  _globals['_VOIDINVOICEREQUEST']._serialized_start=1233
-  _globals['_VOIDINVOICEREQUEST']._serialized_end=1265
-  _globals['_MARKUNCOLLECTIBLEREQUEST']._serialized_start=1267
-  _globals['_MARKUNCOLLECTIBLEREQUEST']._serialized_end=1305
-  _globals['_REFUNDINVOICEREQUEST']._serialized_start=1307
-  _globals['_REFUNDINVOICEREQUEST']._serialized_end=1403
-  _globals['_WATCHINVOICESREQUEST']._serialized_start=1405
-  _globals['_WATCHINVOICESREQUEST']._serialized_end=1502
-  _globals['_INVOICEEVENT']._serialized_start=1505
-  _globals['_INVOICEEVENT']._serialized_end=1776
-  _globals['_INVOICEEVENT_KIND']._serialized_start=1675
-  _globals['_INVOICEEVENT_KIND']._serialized_end=1776
-  _globals['_LISTINVOICECREDITNOTESREQUEST']._serialized_start=1778
-  _globals['_LISTINVOICECREDITNOTESREQUEST']._serialized_end=1821
-  _globals['_LISTINVOICECREDITNOTESRESPONSE']._serialized_start=1823
-  _globals['_LISTINVOICECREDITNOTESRESPONSE']._serialized_end=1901
-  _globals['_CREDITNOTE']._serialized_start=1904
-  _globals['_CREDITNOTE']._serialized_end=2113
-  _globals['_LISTINVOICEAUDITREQUEST']._serialized_start=2115
-  _globals['_LISTINVOICEAUDITREQUEST']._serialized_end=2202
-  _globals['_LISTINVOICEAUDITRESPONSE']._serialized_start=2204
-  _globals['_LISTINVOICEAUDITRESPONSE']._serialized_end=2321
-  _globals['_AUDITENTRY']._serialized_start=2324
-  _globals['_AUDITENTRY']._serialized_end=2525
-  _globals['_INVOICESERVICE']._serialized_start=2528
-  _globals['_INVOICESERVICE']._serialized_end=3743
+  _globals['_LISTINVOICESREQUEST']._serialized_end=793
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=795
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=921
+  _globals['_GETINVOICEREQUEST']._serialized_start=923
+  _globals['_GETINVOICEREQUEST']._serialized_end=1012
+  _globals['_CREATEINVOICEREQUEST']._serialized_start=1015
+  _globals['_CREATEINVOICEREQUEST']._serialized_end=1169
+  _globals['_INVOICEITEM']._serialized_start=1171
+  _globals['_INVOICEITEM']._serialized_end=1214
+  _globals['_PAYINVOICEREQUEST']._serialized_start=1216
+  _globals['_PAYINVOICEREQUEST']._serialized_end=1271
+  _globals['_VOIDINVOICEREQUEST']._serialized_start=1273
+  _globals['_VOIDINVOICEREQUEST']._serialized_end=1305
+  _globals['_MARKUNCOLLECTIBLEREQUEST']._serialized_start=1307
+  _globals['_MARKUNCOLLECTIBLEREQUEST']._serialized_end=1345
+  _globals['_REFUNDINVOICEREQUEST']._serialized_start=1347
+  _globals['_REFUNDINVOICEREQUEST']._serialized_end=1443
+  _globals['_WATCHINVOICESREQUEST']._serialized_start=1445
+  _globals['_WATCHINVOICESREQUEST']._serialized_end=1542
+  _globals['_INVOICEEVENT']._serialized_start=1545
+  _globals['_INVOICEEVENT']._serialized_end=1816
+  _globals['_INVOICEEVENT_KIND']._serialized_start=1715
+  _globals['_INVOICEEVENT_KIND']._serialized_end=1816
+  _globals['_LISTINVOICECREDITNOTESREQUEST']._serialized_start=1818
+  _globals['_LISTINVOICECREDITNOTESREQUEST']._serialized_end=1861
+  _globals['_LISTINVOICECREDITNOTESRESPONSE']._serialized_start=1863
+  _globals['_LISTINVOICECREDITNOTESRESPONSE']._serialized_end=1941
+  _globals['_CREDITNOTE']._serialized_start=1944
+  _globals['_CREDITNOTE']._serialized_end=2153
+  _globals['_LISTINVOICEAUDITREQUEST']._serialized_start=2155
+  _globals['_LISTINVOICEAUDITREQUEST']._serialized_end=2242
+  _globals['_LISTINVOICEAUDITRESPONSE']._serialized_start=2244
+  _globals['_LISTINVOICEAUDITRESPONSE']._serialized_end=2361
+  _globals['_AUDITENTRY']._serialized_start=2364
+  _globals['_AUDITENTRY']._serialized_end=2565
+  _globals['_INVOICESERVICE']._serialized_start=2568
+  _globals['_INVOICESERVICE']._serialized_end=3783
 # @@protoc_insertion_point(module_scope)

@@ -186,6 +186,7 @@ class ListInvoicesRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    GIVEN_BACK_FIELD_NUMBER: _builtins.int
     page: _builtins.int
     """1-based page number. Below 1 is INVALID_ARGUMENT. Absent: paging by
     token, starting at the first page. Not with `page_token`.
@@ -199,6 +200,11 @@ class ListInvoicesRequest(_message.Message):
     user_id: _builtins.str
     """Only invoices of this user (`user._id`; the Stripe customer id when the
     invoice names no user).
+    """
+    given_back: _builtins.bool
+    """true: only invoices with money given back, refunded or credited (a
+    non-zero `amount_refunded` or `amount_credited`); false: only those
+    without; absent: all.
     """
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
@@ -218,15 +224,20 @@ class ListInvoicesRequest(_message.Message):
         user_id: _builtins.str = ...,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
+        given_back: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "created_after", b"created_after", "created_before", b"created_before", "limit", b"limit", "page", b"page"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_given_back", b"_given_back", "_limit", b"_limit", "_page", b"_page", "created_after", b"created_after", "created_before", b"created_before", "given_back", b"given_back", "limit", b"limit", "page", b"page"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_page", b"_page", "created_after", b"created_after", "created_before", b"created_before", "limit", b"limit", "page", b"page", "page_token", b"page_token", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_given_back", b"_given_back", "_limit", b"_limit", "_page", b"_page", "created_after", b"created_after", "created_before", b"created_before", "given_back", b"given_back", "limit", b"limit", "page", b"page", "page_token", b"page_token", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__given_back: _TypeAlias = _typing.Literal["given_back"]  # noqa: Y015
+    _WhichOneofArgType__given_back: _TypeAlias = _typing.Literal["_given_back", b"_given_back"]  # noqa: Y015
     _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
     _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
     _WhichOneofReturnType__page: _TypeAlias = _typing.Literal["page"]  # noqa: Y015
     _WhichOneofArgType__page: _TypeAlias = _typing.Literal["_page", b"_page"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__given_back) -> _WhichOneofReturnType__given_back | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
     @_typing.overload
