@@ -664,90 +664,6 @@ async def test_a_declined_create_can_be_paid_with_another_card(
     assert [i.status for i in await stripe_invoices(stripe_client, customer)] == ["paid"]
 
 
-class SlowToReachStripe(Payments):
-    """A call that reaches Stripe late (a slow network, a stalled connection): the
-    attempt is still live when another one takes over."""
-
-    def __init__(self, client: stripe.StripeClient, slow: str, delay_s: float) -> None:
-        super().__init__(client)
-        self.slow, self.delay_s = slow, delay_s
-
-    async def add_lines(self, invoice_id: str, items: Any, stripe_key: str) -> dict[str, Any]:
-        if self.slow == "lines":
-            await asyncio.sleep(self.delay_s)
-        return await super().add_lines(invoice_id, items, stripe_key)
-
-    async def create_draft(self, new: NewInvoice, key: str, stripe_key: str) -> dict[str, Any]:
-        if self.slow == "draft":
-            await asyncio.sleep(self.delay_s)
-        return await super().create_draft(new, key, stripe_key)
-
-    async def finalize(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
-        if self.slow == "finalize":
-            await asyncio.sleep(self.delay_s)
-        return await super().finalize(invoice_id, stripe_key)
-
-
-@pytest.mark.parametrize("slow", ["draft", "lines"])
-async def test_an_attempt_still_in_flight_when_its_lease_runs_out_does_not_bill_twice(
-    store: Storage, stripe_client: stripe.StripeClient, slow: str
-) -> None:
-    """The second attempt finds nothing done yet and sends the same step (then finalizes
-    slowly, so the first one's late call lands before it): the two calls share Stripe's
-    key, so Stripe does the work once (or answers one of them 409)."""
-    customer, method = await customer_with_card(stripe_client)
-    first = asyncio.ensure_future(
-        creator(store, SlowToReachStripe(stripe_client, slow, 1.0), lease_s=0.3, wait_s=0).create(
-            request(customer, method), f"in-flight-{slow}"
-        )
-    )
-    await asyncio.sleep(0.5)  # the first attempt's lease ran out; its call has not reached Stripe
-    second = await asyncio.gather(
-        creator(store, SlowToReachStripe(stripe_client, "finalize", 1.0), lease_s=0.3, wait_s=0).create(
-            request(customer, method), f"in-flight-{slow}"
-        ),
-        return_exceptions=True,
-    )
-    await asyncio.gather(first, return_exceptions=True)
-    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), f"in-flight-{slow}")
-    invoices = await stripe_invoices(stripe_client, customer)
-    assert [(i.id, i.status, i.amount_paid, i.total) for i in invoices] == [(answer["id"], "paid", 4000, 4000)], second
-
-
-class TimesOut(Payments):
-    """The SDK gives up on add_lines while the request is still on its way to Stripe."""
-
-    late: asyncio.Future[Any] | None = None
-
-    async def add_lines(self, invoice_id: str, items: Any, stripe_key: str) -> dict[str, Any]:
-        async def arrives_later() -> dict[str, Any]:
-            await asyncio.sleep(0.5)
-            return await StripePayments.add_lines(self, invoice_id, items, stripe_key)
-
-        self.late = asyncio.ensure_future(arrives_later())
-        raise Unavailable("Stripe is unreachable or failing; retry later with the same idempotency key")
-
-
-async def test_a_retry_right_after_a_timeout_does_not_add_the_lines_twice(
-    store: Storage, stripe_client: stripe.StripeClient
-) -> None:
-    customer, method = await customer_with_card(stripe_client)
-    timing_out = TimesOut(stripe_client)
-    with pytest.raises(Unavailable):
-        await creator(store, timing_out).create(request(customer, method), "timed-out")
-    retry = await asyncio.gather(  # finalizing slowly, so that the late call lands first
-        creator(store, SlowToReachStripe(stripe_client, "finalize", 1.0)).create(
-            request(customer, method), "timed-out"
-        ),
-        return_exceptions=True,
-    )
-    assert timing_out.late is not None
-    await asyncio.gather(timing_out.late, return_exceptions=True)
-    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), "timed-out")
-    invoices = await stripe_invoices(stripe_client, customer)
-    assert [(i.id, i.amount_paid, i.total) for i in invoices] == [(answer["id"], 4000, 4000)], retry
-
-
 async def test_a_create_cut_off_before_the_upgrade_resumes_the_invoice_it_made(
     store: Storage, stripe_client: stripe.StripeClient, pool: Any
 ) -> None:
@@ -781,32 +697,6 @@ async def test_an_admin_pay_with_a_declined_card_is_failed_precondition(
     with pytest.raises(FailedPrecondition, match="declined"):
         await one.pay(open_invoice["id"], None, None)
     assert (await stripe_client.v1.invoices.retrieve_async(open_invoice["id"])).status == "open"
-
-
-async def test_a_500_on_a_read_does_not_renew_the_keys_while_a_call_is_in_flight(
-    store: Storage, stripe_client: stripe.StripeClient, localstripe: str
-) -> None:
-    """Only a 5xx Stripe replays for a key proves that no call with it is running. A 500
-    on a read (no key, nothing saved) must not move the key on: here the first attempt's
-    add_lines is still on its way, and a retry under new keys would add the lines twice."""
-    customer, method = await customer_with_card(stripe_client)
-    late = TimesOut(stripe_client)
-    with pytest.raises(Unavailable):
-        await creator(store, late).create(request(customer, method), "read-500")
-    await emulator(localstripe, "POST", "/_config/faults", {"path": "^/v1/invoices/in_[^/]+$", "method": "GET"})
-    try:
-        with pytest.raises(Unavailable):
-            await creator(store, Payments(stripe_client)).create(request(customer, method), "read-500")
-    finally:
-        await emulator(localstripe, "DELETE", "/_config/faults")
-    retry = await asyncio.gather(  # finalizing slowly, so that the late call lands first
-        creator(store, SlowToReachStripe(stripe_client, "finalize", 1.0)).create(request(customer, method), "read-500"),
-        return_exceptions=True,
-    )
-    await asyncio.gather(*([late.late] if late.late else []), return_exceptions=True)
-    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), "read-500")
-    invoices = await stripe_invoices(stripe_client, customer)
-    assert [(i.id, i.amount_paid, i.total) for i in invoices] == [(answer["id"], 4000, 4000)], retry
 
 
 async def old_service_create(client: stripe.StripeClient, new: NewInvoice, label: str, *, pay: bool = True) -> str:
