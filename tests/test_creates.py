@@ -607,6 +607,33 @@ async def test_ten_identical_keyless_creates_at_once_make_one_invoice(
     assert other["id"] != invoices[0].id
 
 
+async def keyless_create_charged_then_cut_off(store: Storage, client: stripe.StripeClient, new: NewInvoice) -> None:
+    """A keyless Create that Stripe charged and whose answer never came."""
+    with pytest.raises(Interrupted):
+        await creator(store, Payments(client, cut_after="pay")).create(new, None)
+
+
+async def keyless_times(store: Storage, new: NewInvoice, *, first_s: int, last_s: int) -> None:
+    """Both times the keyless window reads, moved back: the first request came `first_s`
+    seconds ago (its claim of the fingerprint, and its Create's row), and the Create's
+    last attempt `last_s` seconds ago."""
+    async with store._connection() as conn:
+        key = await conn.fetchval(
+            "UPDATE keyless_creates SET claimed_at = claimed_at - make_interval(secs => $2)"
+            " WHERE fingerprint = $1 RETURNING idempotency_key",
+            new.fingerprint(),
+            first_s,
+        )
+        status = await conn.execute(
+            "UPDATE create_requests SET created_at = created_at - make_interval(secs => $2),"
+            " updated_at = updated_at - make_interval(secs => $3) WHERE idempotency_key = $1 AND response IS NULL",
+            key,
+            first_s,
+            last_s,
+        )
+    assert status == "UPDATE 1", "no unanswered keyless Create"
+
+
 async def test_a_keyless_create_retried_past_the_window_after_its_charge_resumes_it(
     store: Storage, stripe_client: stripe.StripeClient
 ) -> None:
@@ -614,13 +641,26 @@ async def test_a_keyless_create_retried_past_the_window_after_its_charge_resumes
     from the first request (an outage): each retry within the window of the last attempt
     stays the same Create, which finds the paid invoice instead of charging again."""
     customer, method = await customer_with_card(stripe_client)
-    with pytest.raises(Interrupted):
-        await creator(store, Payments(stripe_client, cut_after="pay")).create(request(customer, method), None)
-    async with store._connection() as conn:  # the first request was two windows ago
-        await conn.execute("UPDATE keyless_creates SET claimed_at = claimed_at - interval '240 seconds'")
-    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), None)
+    new = request(customer, method)
+    await keyless_create_charged_then_cut_off(store, stripe_client, new)
+    await keyless_times(store, new, first_s=240, last_s=60)  # two windows ago; half a window ago
+    answer = await creator(store, Payments(stripe_client)).create(new, None)
     invoices = await stripe_invoices(stripe_client, customer)
     assert [i.id for i in invoices] == [answer["id"]] and answer["status"] == "paid"
+
+
+async def test_a_keyless_create_sent_again_after_its_last_attempt_left_the_window_is_a_new_one(
+    store: Storage, stripe_client: stripe.StripeClient
+) -> None:
+    """The window holds a keyless Create while it is tried; once neither its first request
+    nor its last attempt is within it, an identical request is another order."""
+    customer, method = await customer_with_card(stripe_client)
+    new = request(customer, method)
+    await keyless_create_charged_then_cut_off(store, stripe_client, new)
+    await keyless_times(store, new, first_s=240, last_s=180)
+    answer = await creator(store, Payments(stripe_client)).create(new, None)
+    invoices = await stripe_invoices(stripe_client, customer)
+    assert answer["id"] in [i.id for i in invoices] and len(invoices) == 2
 
 
 async def test_without_a_duplicate_window_identical_keyless_creates_bill_each(
@@ -664,90 +704,6 @@ async def test_a_declined_create_can_be_paid_with_another_card(
     assert [i.status for i in await stripe_invoices(stripe_client, customer)] == ["paid"]
 
 
-class SlowToReachStripe(Payments):
-    """A call that reaches Stripe late (a slow network, a stalled connection): the
-    attempt is still live when another one takes over."""
-
-    def __init__(self, client: stripe.StripeClient, slow: str, delay_s: float) -> None:
-        super().__init__(client)
-        self.slow, self.delay_s = slow, delay_s
-
-    async def add_lines(self, invoice_id: str, items: Any, stripe_key: str) -> dict[str, Any]:
-        if self.slow == "lines":
-            await asyncio.sleep(self.delay_s)
-        return await super().add_lines(invoice_id, items, stripe_key)
-
-    async def create_draft(self, new: NewInvoice, key: str, stripe_key: str) -> dict[str, Any]:
-        if self.slow == "draft":
-            await asyncio.sleep(self.delay_s)
-        return await super().create_draft(new, key, stripe_key)
-
-    async def finalize(self, invoice_id: str, stripe_key: str) -> dict[str, Any]:
-        if self.slow == "finalize":
-            await asyncio.sleep(self.delay_s)
-        return await super().finalize(invoice_id, stripe_key)
-
-
-@pytest.mark.parametrize("slow", ["draft", "lines"])
-async def test_an_attempt_still_in_flight_when_its_lease_runs_out_does_not_bill_twice(
-    store: Storage, stripe_client: stripe.StripeClient, slow: str
-) -> None:
-    """The second attempt finds nothing done yet and sends the same step (then finalizes
-    slowly, so the first one's late call lands before it): the two calls share Stripe's
-    key, so Stripe does the work once (or answers one of them 409)."""
-    customer, method = await customer_with_card(stripe_client)
-    first = asyncio.ensure_future(
-        creator(store, SlowToReachStripe(stripe_client, slow, 1.0), lease_s=0.3, wait_s=0).create(
-            request(customer, method), f"in-flight-{slow}"
-        )
-    )
-    await asyncio.sleep(0.5)  # the first attempt's lease ran out; its call has not reached Stripe
-    second = await asyncio.gather(
-        creator(store, SlowToReachStripe(stripe_client, "finalize", 1.0), lease_s=0.3, wait_s=0).create(
-            request(customer, method), f"in-flight-{slow}"
-        ),
-        return_exceptions=True,
-    )
-    await asyncio.gather(first, return_exceptions=True)
-    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), f"in-flight-{slow}")
-    invoices = await stripe_invoices(stripe_client, customer)
-    assert [(i.id, i.status, i.amount_paid, i.total) for i in invoices] == [(answer["id"], "paid", 4000, 4000)], second
-
-
-class TimesOut(Payments):
-    """The SDK gives up on add_lines while the request is still on its way to Stripe."""
-
-    late: asyncio.Future[Any] | None = None
-
-    async def add_lines(self, invoice_id: str, items: Any, stripe_key: str) -> dict[str, Any]:
-        async def arrives_later() -> dict[str, Any]:
-            await asyncio.sleep(0.5)
-            return await StripePayments.add_lines(self, invoice_id, items, stripe_key)
-
-        self.late = asyncio.ensure_future(arrives_later())
-        raise Unavailable("Stripe is unreachable or failing; retry later with the same idempotency key")
-
-
-async def test_a_retry_right_after_a_timeout_does_not_add_the_lines_twice(
-    store: Storage, stripe_client: stripe.StripeClient
-) -> None:
-    customer, method = await customer_with_card(stripe_client)
-    timing_out = TimesOut(stripe_client)
-    with pytest.raises(Unavailable):
-        await creator(store, timing_out).create(request(customer, method), "timed-out")
-    retry = await asyncio.gather(  # finalizing slowly, so that the late call lands first
-        creator(store, SlowToReachStripe(stripe_client, "finalize", 1.0)).create(
-            request(customer, method), "timed-out"
-        ),
-        return_exceptions=True,
-    )
-    assert timing_out.late is not None
-    await asyncio.gather(timing_out.late, return_exceptions=True)
-    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), "timed-out")
-    invoices = await stripe_invoices(stripe_client, customer)
-    assert [(i.id, i.amount_paid, i.total) for i in invoices] == [(answer["id"], 4000, 4000)], retry
-
-
 async def test_a_create_cut_off_before_the_upgrade_resumes_the_invoice_it_made(
     store: Storage, stripe_client: stripe.StripeClient, pool: Any
 ) -> None:
@@ -781,32 +737,6 @@ async def test_an_admin_pay_with_a_declined_card_is_failed_precondition(
     with pytest.raises(FailedPrecondition, match="declined"):
         await one.pay(open_invoice["id"], None, None)
     assert (await stripe_client.v1.invoices.retrieve_async(open_invoice["id"])).status == "open"
-
-
-async def test_a_500_on_a_read_does_not_renew_the_keys_while_a_call_is_in_flight(
-    store: Storage, stripe_client: stripe.StripeClient, localstripe: str
-) -> None:
-    """Only a 5xx Stripe replays for a key proves that no call with it is running. A 500
-    on a read (no key, nothing saved) must not move the key on: here the first attempt's
-    add_lines is still on its way, and a retry under new keys would add the lines twice."""
-    customer, method = await customer_with_card(stripe_client)
-    late = TimesOut(stripe_client)
-    with pytest.raises(Unavailable):
-        await creator(store, late).create(request(customer, method), "read-500")
-    await emulator(localstripe, "POST", "/_config/faults", {"path": "^/v1/invoices/in_[^/]+$", "method": "GET"})
-    try:
-        with pytest.raises(Unavailable):
-            await creator(store, Payments(stripe_client)).create(request(customer, method), "read-500")
-    finally:
-        await emulator(localstripe, "DELETE", "/_config/faults")
-    retry = await asyncio.gather(  # finalizing slowly, so that the late call lands first
-        creator(store, SlowToReachStripe(stripe_client, "finalize", 1.0)).create(request(customer, method), "read-500"),
-        return_exceptions=True,
-    )
-    await asyncio.gather(*([late.late] if late.late else []), return_exceptions=True)
-    answer = await creator(store, Payments(stripe_client)).create(request(customer, method), "read-500")
-    invoices = await stripe_invoices(stripe_client, customer)
-    assert [(i.id, i.amount_paid, i.total) for i in invoices] == [(answer["id"], 4000, 4000)], retry
 
 
 async def old_service_create(client: stripe.StripeClient, new: NewInvoice, label: str, *, pay: bool = True) -> str:
