@@ -253,10 +253,15 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
         # The trail is by Stripe's id: a Create's first entries come before its record.
         record = None if key.startswith("in_") else await self._store.get_invoice(key)
         stripe_id = key if record is None else record.stripe_invoice_id
-        after = pagetoken.decode_audit(request.page_token, stripe_id) if request.page_token else 0
+        try:
+            after = pagetoken.decode_audit(request.page_token, stripe_id) if request.page_token else 0
+        except InvalidArgument:
+            if record is None:  # an unknown invoice is NOT_FOUND whatever the token, as by its own id
+                await self._known(self._audit, stripe_id)
+            raise
         page = await self._audit.audit_of(stripe_id, after, limit)
         if not page.entries and record is None:
-            await self._store.get_invoice(stripe_id)  # NOT_FOUND for an invoice the service never knew
+            await self._known(self._audit, stripe_id)
         reply = pb.ListInvoiceAuditResponse()
         if page.next_after is not None:
             reply.next_page_token = pagetoken.encode_audit(stripe_id, page.next_after)
@@ -273,6 +278,12 @@ class InvoiceServicer(pb_grpc.InvoiceServiceServicer):
             )
             _set_time(target.time, entry.at)
         return reply
+
+    async def _known(self, audit: AuditTrail, stripe_id: str) -> None:
+        """NOT_FOUND unless the service knows the invoice: by its trail (a Create's first
+        entries come before its record) or its record."""
+        if not (await audit.audit_of(stripe_id, 0, 1)).entries:
+            await self._store.get_invoice(stripe_id)
 
     async def WatchInvoices(
         self,

@@ -1,5 +1,5 @@
 """What the tests share besides fixtures (those are in conftest.py): the keys and secrets
-the stack runs with, records and Stripe events to feed it, signing, delivering, waiting,
+the stack runs with, records and Stripe events to feed it, signing, delivering, watching, waiting,
 and the JSON shape checks of the REST contract."""
 
 from __future__ import annotations
@@ -268,6 +268,55 @@ async def save_invoices(store: Storage, invoices: list[Invoice]) -> None:
                 record_time(invoice.updated_at),
                 0,
             )
+
+
+class Watcher:
+    """One open WatchInvoices stream, read in the background into a queue."""
+
+    def __init__(self, stub: pb_grpc.InvoiceServiceAsyncStub, request: pb.WatchInvoicesRequest) -> None:
+        self.call = stub.WatchInvoices(request, metadata=AUTH)
+        self.events: asyncio.Queue[pb.InvoiceEvent] = asyncio.Queue()
+        self.error: grpc.aio.AioRpcError | None = None
+        self.done = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.call:
+                await self.events.put(event)
+        except grpc.aio.AioRpcError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    async def next(self, timeout_s: float = 10) -> pb.InvoiceEvent:
+        return await asyncio.wait_for(self.events.get(), timeout_s)
+
+    async def changes(self, n: int, timeout_s: float = 10) -> list[pb.InvoiceEvent]:
+        """The next `n` events that are changes (bookmarks skipped)."""
+        found: list[pb.InvoiceEvent] = []
+        while len(found) < n:
+            event = await self.next(timeout_s)
+            if event.kind != pb.InvoiceEvent.KIND_BOOKMARK:
+                found.append(event)
+        return found
+
+    async def ended(self, timeout_s: float = 10) -> grpc.aio.AioRpcError | None:
+        await asyncio.wait_for(self.done.wait(), timeout_s)
+        return self.error
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+async def open_watch(
+    stub: pb_grpc.InvoiceServiceAsyncStub, opened: list[Watcher], **request: str
+) -> tuple[Watcher, pb.InvoiceEvent]:
+    """A watch opened, kept in `opened` (for the caller to close), and its first event."""
+    watcher = Watcher(stub, pb.WatchInvoicesRequest(**request))
+    opened.append(watcher)
+    first = await watcher.next()
+    return watcher, first
 
 
 class ResumingWatch:

@@ -1,27 +1,21 @@
-"""The record cache (service/cache.py): first on its own, where the test decides when a
-read of Postgres returns and what the feed's reader applies meanwhile; then kept current
-by the real reader over the real Postgres, where a commit made elsewhere, a write
-transaction holding the feed back and this process's own writes must each show."""
+"""The record cache (service/cache.py) on its own, where the test decides when a read of
+Postgres returns and what the feed's reader applies meanwhile (with the real reader over
+the real Postgres: test_cache_feed.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator
 from functools import partial
 
-import asyncpg
 import pytest
 
-from service.cache import BYPASS, HIT, MAX_AGE_S, MISS, CachedReads, ForgettingWrites, RecordCache
+from service.cache import BYPASS, HIT, MAX_AGE_S, MISS, ForgettingWrites, RecordCache
 from service.credit_notes import NoteStatus, StripeCreditNote
 from service.domain import Invoice, NotFound, StripeInvoice, User
-from service.feed import Change, ChangeKind, FeedPosition, FeedRead, WatchFilter
-from service.storage import Storage, changes
-from service.watch import Watches, WatchLimits
-from tests.helpers import make_invoice, poll_until, save_invoices, until
+from service.feed import Change, ChangeKind, FeedPosition, FeedRead
+from tests.helpers import make_invoice, until
 
 
 def _count(outcomes: Counter[str], outcome: str) -> None:
@@ -242,6 +236,10 @@ async def test_losing_listen_forgets_everything(cache: RecordCache, clock: Clock
     assert db.reads == 2
 
 
+def _stripe(invoice: Invoice, status: str) -> StripeInvoice:
+    return StripeInvoice(invoice.stripe_invoice_id, status, invoice.amount, "", User("u1", "Ada"), "eur", 1_700_000_000)
+
+
 class FailingStore:
     async def get_invoice(self, key: str) -> Invoice:
         raise AssertionError("not read")
@@ -275,132 +273,3 @@ async def test_size_zero_turns_it_off(clock: Clock) -> None:
     await cache.get(invoice.id, db.read)
     await cache.get(invoice.id, db.read)
     assert db.reads == 2
-
-
-# --- kept current by the real reader over the real Postgres ---
-
-
-@pytest.fixture
-async def cached(
-    store: Storage, database: str, outcomes: Counter[str]
-) -> AsyncIterator[tuple[CachedReads, Watches, RecordCache]]:
-    cache = RecordCache(100, 1.0, observe=partial(_count, outcomes))
-    watches = Watches(store, WatchLimits(poll_s=0.5), listen=partial(changes.listen, database), follower=cache)
-    watches.start()
-    await until(lambda: cache.serving, "the reader to LISTEN and catch up")
-    yield CachedReads(store, cache), watches, cache
-    await watches.close()
-
-
-def _stripe(invoice: Invoice, status: str) -> StripeInvoice:
-    return StripeInvoice(invoice.stripe_invoice_id, status, invoice.amount, "", User("u1", "Ada"), "eur", 1_700_000_000)
-
-
-async def _primed(
-    cached: tuple[CachedReads, Watches, RecordCache], store: Storage, outcomes: Counter[str]
-) -> tuple[Invoice, AsyncGenerator[Change, None]]:
-    """An open invoice the cache holds once the reader has applied its creation, and a
-    watch of it (the caller closes it)."""
-    reads, watches, _ = cached
-    invoice = make_invoice(1, status="open")
-    watch = watches.watch(None, WatchFilter(invoice_id=invoice.id))
-    async with asyncio.timeout(20):
-        await anext(watch)  # the bookmark: watching from now
-        await save_invoices(store, [invoice])
-        assert (await anext(watch)).kind is ChangeKind.CREATED
-    for _ in range(3):
-        assert (await reads.get_invoice(invoice.id)).status == "open"
-    assert outcomes == {MISS: 1, HIT: 2}
-    return invoice, watch
-
-
-async def test_a_commit_made_elsewhere_shows_once_the_reader_applies_it(
-    cached: tuple[CachedReads, Watches, RecordCache], store: Storage, outcomes: Counter[str]
-) -> None:
-    reads, _, _ = cached
-    invoice, watch = await _primed(cached, store, outcomes)
-    async with asyncio.timeout(20), contextlib.aclosing(watch):
-        # As the sidecar records a webhook: another connection, another transaction.
-        await store.apply_stripe_invoice(_stripe(invoice, "paid"), stripe_time=1_700_000_100)
-        change = await anext(watch)
-    assert change.invoice is not None and change.invoice.status == "paid"
-    # A watcher told of a change never reads the record as it was before it.
-    assert (await reads.get_invoice(invoice.stripe_invoice_id)).status == "paid"
-
-
-async def test_a_change_held_back_behind_an_open_transaction_still_shows(
-    cached: tuple[CachedReads, Watches, RecordCache], store: Storage, database: str, outcomes: Counter[str]
-) -> None:
-    """An older write transaction stays open: the feed cannot hand out the younger commit
-    (the older one may yet commit changes before it), but Get must not serve what it replaced."""
-    reads, _, _ = cached
-    invoice, watch = await _primed(cached, store, outcomes)
-    older: asyncpg.Connection = await asyncpg.connect(database)
-    try:
-        async with contextlib.aclosing(watch), older.transaction():
-            await older.fetchval("SELECT pg_current_xact_id()")  # holds the feed's xmin back
-            await store.apply_stripe_invoice(_stripe(invoice, "paid"), stripe_time=1_700_000_100)
-
-            async def shows_paid() -> bool | None:
-                return (await reads.get_invoice(invoice.id)).status == "paid" or None
-
-            await poll_until(shows_paid, "Get to show the held-back commit", timeout_s=5)
-            assert outcomes[BYPASS] == 0  # read again because it was named, not because the cache stopped
-            with pytest.raises(TimeoutError):  # the feed is indeed held back
-                async with asyncio.timeout(0.3):
-                    await anext(watch)
-    finally:
-        await older.close()
-
-
-async def test_a_write_of_this_process_shows_to_the_next_get_at_once(store: Storage, clock: Clock) -> None:
-    """No reader here: only the write itself can make the cache forget what it changed."""
-    cache = RecordCache(100, 1.0, clock=clock)
-    cache.listening(True)
-    cache.applied(FeedRead([], FeedPosition(1, 0)), clock.now)
-    reads = CachedReads(store, cache)
-    invoice = make_invoice(1, status="open")
-    await save_invoices(store, [invoice])
-    assert (await reads.get_invoice(invoice.id)).status == "open"
-    await ForgettingWrites(store, cache).record_stripe_invoice(_stripe(invoice, "void"), stripe_time=1_700_000_100)
-    assert (await reads.get_invoice(invoice.id)).status == "void"
-    assert (await reads.get_invoice(invoice.stripe_invoice_id)).status == "void"
-
-
-async def test_a_read_of_the_feed_names_the_records_held_back_and_whether_it_saw_them_all(
-    store: Storage, database: str
-) -> None:
-    head = await store.feed_head()
-    invoices = [make_invoice(n) for n in range(3)]
-    older: asyncpg.Connection = await asyncpg.connect(database)
-    try:
-        async with older.transaction():
-            await older.fetchval("SELECT pg_current_xact_id()")
-            await save_invoices(store, invoices)  # three transactions, younger than `older`
-            cut = await store.read_changes(head, 2)
-            whole = await store.read_changes(head, 5)
-    finally:
-        await older.close()
-    assert cut.changes == [] and whole.changes == []
-    assert not cut.complete and len(cut.held) == 4  # two records, each by both ids
-    assert whole.complete
-    assert set(whole.held) == {k for i in invoices for k in (i.id, i.stripe_invoice_id)}
-    after = await store.read_changes(head, 5)  # `older` ended: they are handed out now
-    assert [c.invoice.id for c in after.changes if c.invoice] == [i.id for i in invoices]
-    assert after.held == () and after.complete
-
-
-async def test_without_listen_every_get_reads_postgres(store: Storage, outcomes: Counter[str]) -> None:
-    cache = RecordCache(100, 1.0, observe=partial(_count, outcomes))
-    watches = Watches(store, WatchLimits(poll_s=0.05), follower=cache)  # as behind PgBouncer
-    watches.start()
-    try:
-        invoice = make_invoice(1)
-        await save_invoices(store, [invoice])
-        reads = CachedReads(store, cache)
-        await asyncio.sleep(0.2)  # several reads of the feed
-        for _ in range(3):
-            await reads.get_invoice(invoice.id)
-        assert outcomes == {BYPASS: 3}
-    finally:
-        await watches.close()

@@ -1,6 +1,7 @@
 """The admin's verbs after an invoice exists, through the real Envoy, server, sidecar and
 Stripe emulator: `:pay` and `:void` over REST and PayInvoice/VoidInvoice over gRPC, the
-seed's own Create payload, and the Envoy routes that must never retry a POST."""
+seed's own Create payload, and the Envoy routes that must never retry a POST (by their own retry
+policy or their virtual host's)."""
 
 from __future__ import annotations
 
@@ -255,26 +256,41 @@ async def test_the_audit_trail_names_who_created_paid_and_voided_in_order(
         assert refused.status_code == 400 and refused.json()["message"], (params, refused.text)
 
 
-def test_envoy_retries_no_post_route() -> None:
-    """A retried POST would bill again for a keyless caller, or void and pay twice: only
-    routes matching GET alone may carry a retry policy."""
-    config = yaml.safe_load(render(Settings(), gateway_port=0, admin_port=0, grpc_port=1, webhook_port=2))
-    routes = [
-        route
+def _with_retry_policies(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Every route in order, with the retry policy Envoy applies to it: its own, else its
+    virtual host's (a route's replaces the host's whole)."""
+    return [
+        (route, route.get("route", {}).get("retry_policy", host.get("retry_policy")))
         for listener in config["static_resources"]["listeners"]
         for chain in listener["filter_chains"]
         for f in chain["filters"]
         for host in f["typed_config"]["route_config"]["virtual_hosts"]
         for route in host["routes"]
     ]
-    retrying = [route for route in routes if "retry_policy" in route.get("route", {})]
+
+
+def _matches(match: dict[str, Any], method: str, path: str) -> bool:
+    """Whether Envoy would take the route for this request (the kinds of match the
+    gateway uses; any other fails the test rather than being guessed at)."""
+    assert set(match) <= {"path", "prefix", "headers"}, match
+    assert all(h["name"] == ":method" and set(h["string_match"]) == {"exact"} for h in match.get("headers", [])), match
+    if match.get("path", path) != path or not path.startswith(match.get("prefix", "")):
+        return False
+    return all(h["string_match"]["exact"] == method for h in match.get("headers", []))
+
+
+def test_envoy_retries_no_post_route() -> None:
+    """A retried POST would bill again for a keyless caller, or void and pay twice: only
+    routes matching GET alone may carry a retry policy, of their own or their virtual host's."""
+    config = yaml.safe_load(render(Settings(), gateway_port=0, admin_port=0, grpc_port=1, webhook_port=2))
+    routes = _with_retry_policies(config)
+    retrying = [route for route, policy in routes if "route" in route and policy]
     assert retrying, "the GET routes are expected to retry"
     for route in retrying:
         methods = [h for h in route["match"].get("headers", []) if h["name"] == ":method"]
         webhook = route["match"].get("path") == "/webhooks/stripe"
         assert webhook or methods == [{"name": ":method", "string_match": {"exact": "GET"}}], route
-    for verb in ("pay", "void", ""):
+    for verb in ("pay", "void", "markUncollectible", "refund", ""):
         path = f"/admin/api/invoices/in_x:{verb}" if verb else "/admin/api/invoices"
-        unconditional = [r for r in routes if not r["match"].get("headers")]
-        matching = [r for r in unconditional if path.startswith(r["match"].get("prefix", "\0"))]
-        assert matching and "retry_policy" not in matching[0]["route"], path
+        taken = next((route, policy) for route, policy in routes if _matches(route["match"], "POST", path))
+        assert taken[0]["route"]["cluster"] == "invoice_grpc" and taken[1] is None, (path, taken)

@@ -27,7 +27,7 @@ from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.reconcile import reconcile_from
 from service.storage import Storage
-from tests.helpers import AUTH, Stack, deliver
+from tests.helpers import AUTH, Stack, deliver, poll_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -156,13 +156,22 @@ async def test_a_signed_event_that_can_never_be_recorded_is_taken_as_rejected(
     stack: Stack, http: httpx.AsyncClient, stack_store: Storage, status: str
 ) -> None:
     """Stripe retries anything but a 2xx for three days; an invoice the service cannot
-    read would fail every time, so it is taken (200 `rejected`) and logged at ERROR."""
-    reply = await deliver(http, event_of(invoice_object("in_unknown001", status=status)))
+    read would fail every time, so it is taken (200 `rejected`) and logged at ERROR: this
+    delivery's own line, found by its event id (other tests log rejected events too)."""
+    payload = event_of(invoice_object("in_unknown001", status=status))
+    event_id = json.loads(payload)["id"]
+    reply = await deliver(http, payload)
     assert (reply.status_code, reply.json()["outcome"]) == (200, "rejected"), reply.text
     assert "status" in reply.json()["reason"]
     assert (await http.get("/admin/api/invoices/in_unknown001")).status_code == 404
-    lines = [json.loads(line) for line in stack.log.read_text().splitlines() if line.startswith("{")]
-    assert any(line.get("outcome") == "rejected" and line["level"] == "ERROR" for line in lines[-50:])
+
+    async def logged() -> list[dict[str, Any]] | None:
+        lines = [json.loads(line) for line in stack.log.read_text().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("event") == event_id] or None
+
+    (line,) = await poll_until(logged, f"the sidecar's line for {event_id}", timeout_s=5)
+    assert (line["level"], line["outcome"], line["status"]) == ("ERROR", "rejected", 200)
+    assert "status" in line["reason"]
 
 
 async def test_a_non_ascii_signature_is_400_json(http: httpx.AsyncClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -12,11 +13,22 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service.domain import Page
+from service import pagetoken
+from service.domain import Page, new_record_id
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from service.grpc_server import start_grpc
 from service.storage import Storage
-from tests.helpers import ADDED_INVOICE_KEYS, AUTH, ROTATED_KEY, has_shape, json_shape, make_invoice, save_invoice
+from tests.helpers import (
+    ADDED_INVOICE_KEYS,
+    API_KEY,
+    AUTH,
+    ROTATED_KEY,
+    has_shape,
+    json_shape,
+    make_invoice,
+    save_invoice,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RFC3339_MILLIS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -193,3 +205,39 @@ async def test_invoice_json_has_the_referencejson_shape(stub: pb_grpc.InvoiceSer
     for key in ("createdAt", "updatedAt"):
         assert RFC3339_MILLIS.fullmatch(printed[key]), printed[key]
     assert printed["createdAt"] == "2026-11-01T00:00:03.250Z"
+
+
+@pytest.fixture
+async def audited(store: Storage) -> AsyncIterator[pb_grpc.InvoiceServiceAsyncStub]:
+    """A server with the audit trail (the default one's is left out)."""
+    running = await start_grpc(store, [API_KEY], "127.0.0.1:0", audit=store)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield pb_grpc.InvoiceServiceStub(channel)
+    await running.server.stop(None)
+
+
+# Page tokens this service never issued: garbage, another invoice's, and one shaped for the unknown invoice.
+FORGED_AUDIT_TOKENS = (
+    "not-a-token",
+    pagetoken.encode_audit("in_another", 1),
+    pagetoken.encode_audit("in_unknownaudit", 3),
+)
+
+
+async def test_an_unknown_invoices_audit_is_not_found_whatever_the_page_token(
+    audited: pb_grpc.InvoiceServiceAsyncStub, store: Storage
+) -> None:
+    """Which invoices exist is answered the same way with a token or without: an unknown
+    one is NOT_FOUND first, by either id, before its token is judged."""
+    for key in ("in_unknownaudit", new_record_id()):
+        for token in ("", *FORGED_AUDIT_TOKENS):
+            request = pb.ListInvoiceAuditRequest(id=key, page_token=token)
+            error = await _rpc_error(audited.ListInvoiceAudit(request, metadata=AUTH))
+            assert (error.code(), key in (error.details() or "")) == (grpc.StatusCode.NOT_FOUND, True), (key, token)
+    # The same tokens on an invoice that exists are refused as tokens.
+    known = await save_invoice(store, make_invoice(1))
+    for key in (known.id, known.stripe_invoice_id):
+        for token in FORGED_AUDIT_TOKENS:
+            request = pb.ListInvoiceAuditRequest(id=key, page_token=token)
+            error = await _rpc_error(audited.ListInvoiceAudit(request, metadata=AUTH))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (key, token)

@@ -2,7 +2,7 @@
 HTTPS at the gateway (plaintext refused), Envoy to the server over TLS with a client
 certificate and its health checks passing, and the server requiring client certificates
 (mTLS): none or another CA's refused, the configured CA's accepted, its subject naming the
-caller in the log and the metrics."""
+caller in the log and the metrics, a `read` subject refused every write."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
 from service.grpc_server import GrpcServer, ServerTls, start_grpc
 from service.metrics import Metrics
 from service.storage import Storage
-from tests.helpers import API_KEY, READ_KEY, READER, envoy_hosts, stack_env, wait_until
+from tests.helpers import API_KEY, READ_KEY, READER, envoy_hosts, make_invoice, save_invoice, stack_env, wait_until
 from tools import tls as local_tls
 from tools.stack import backend, wait_until_routed
 
@@ -42,16 +42,18 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> local_tls.LocalTls:
     return local_tls.make(tmp_path_factory.mktemp("other-tls"))
 
 
+async def _mtls_server(store: Storage, ca: local_tls.LocalTls, subjects: tuple[str, ...]) -> tuple[GrpcServer, Metrics]:
+    """A server requiring client certificates of `ca`, naming callers by `subjects`."""
+    metrics = Metrics()
+    tls = ServerTls(ca.cert("server").read_bytes(), ca.key("server").read_bytes(), ca.ca.read_bytes(), subjects)
+    running = await start_grpc(store, [API_KEY, f"{READER}:read:{READ_KEY}"], "127.0.0.1:0", metrics=metrics, tls=tls)
+    return running, metrics
+
+
 @pytest.fixture
 async def secured(store: Storage, ca: local_tls.LocalTls) -> AsyncIterator[tuple[GrpcServer, Metrics]]:
-    metrics = Metrics()
-    tls = ServerTls(
-        ca.cert("server").read_bytes(),
-        ca.key("server").read_bytes(),
-        ca.ca.read_bytes(),
-        (f"{local_tls.CLI_SUBJECT}:write", f"{local_tls.ENVOY_SUBJECT}-not-listed:read"),
-    )
-    running = await start_grpc(store, [API_KEY, f"{READER}:read:{READ_KEY}"], "127.0.0.1:0", metrics=metrics, tls=tls)
+    subjects = (f"{local_tls.CLI_SUBJECT}:write", f"{local_tls.ENVOY_SUBJECT}-not-listed:read")
+    running, metrics = await _mtls_server(store, ca, subjects)
     yield running, metrics
     await running.server.stop(None)
 
@@ -95,6 +97,38 @@ async def test_mtls_refuses_no_certificate_and_another_cas_and_names_the_callers
     assert metrics.registry.get_sample_value(
         "invoice_rpc_calls_total", {"method": "ListInvoices", "code": "OK", "caller": local_tls.CLI_SUBJECT}
     )
+
+
+async def test_a_read_scoped_subject_reads_and_is_denied_every_write(store: Storage, ca: local_tls.LocalTls) -> None:
+    """A certificate whose subject is listed with `read` names a read caller, as a read
+    key does: List and Get answer; a write is PERMISSION_DENIED, naming the subject, where
+    the same call from a `write` subject gets past the edge."""
+    invoice = await save_invoice(store, make_invoice(1, status="paid"))
+    subjects = (f"{local_tls.CLI_SUBJECT}:write", f"{local_tls.ENVOY_SUBJECT}:read")
+    running, _ = await _mtls_server(store, ca, subjects)
+    void = pb.VoidInvoiceRequest(id=invoice.stripe_invoice_id)
+    try:
+        async with _channel(running.port, ca, (ca, local_tls.ENVOY_SUBJECT)) as reader:
+            stub = pb_grpc.InvoiceServiceStub(reader)
+            assert await _list(reader) == grpc.StatusCode.OK
+            got = await stub.GetInvoice(pb.GetInvoiceRequest(id=invoice.id), timeout=5)
+            assert got.invoice_id == invoice.stripe_invoice_id
+            for write in (
+                stub.VoidInvoice(void, timeout=5),
+                stub.PayInvoice(pb.PayInvoiceRequest(id=invoice.id), timeout=5),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await write
+                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert local_tls.ENVOY_SUBJECT in (denied.value.details() or "")
+        async with _channel(running.port, ca, (ca, local_tls.CLI_SUBJECT)) as writer:
+            with pytest.raises(grpc.aio.AioRpcError) as reached:
+                await pb_grpc.InvoiceServiceStub(writer).VoidInvoice(void, timeout=5)
+            # Past the edge to the handler, which has no Stripe here.
+            assert reached.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Stripe is not configured" in (reached.value.details() or "")
+    finally:
+        await running.server.stop(None)
 
 
 async def test_grpcurl_reaches_the_tls_server_with_the_ca_and_a_client_certificate(

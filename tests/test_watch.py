@@ -1,10 +1,9 @@
 """WatchInvoices against the real Postgres and the real gRPC server: what a watcher sees,
-in which order, how it resumes, what it is refused, and that a change committing after
-a later one is never skipped (the reason feed positions are not bare sequences)."""
+in which order, how it resumes, what it is refused, and that the feed stays in order when
+two transactions would interleave their changes to one record."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,10 +15,8 @@ import pytest
 from service.domain import StripeInvoice, User
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
-from service.grpc_server import GrpcServer, start_grpc
 from service.storage import Storage
-from service.watch import Watches, WatchLimits
-from tests.helpers import API_KEY, AUTH, make_invoice, poll_until, save_invoices
+from tests.helpers import AUTH, Watcher, make_invoice, open_watch, save_invoices
 
 Event = pb.InvoiceEvent
 KIND = pb.InvoiceEvent.Kind.Name
@@ -33,45 +30,6 @@ async def _apply(store: Storage, invoice: StripeInvoice, at: int) -> None:
     await store.apply_stripe_invoice(invoice, stripe_time=at)
 
 
-class Watcher:
-    """One open WatchInvoices stream, read in the background into a queue."""
-
-    def __init__(self, stub: pb_grpc.InvoiceServiceAsyncStub, request: pb.WatchInvoicesRequest) -> None:
-        self.call = stub.WatchInvoices(request, metadata=AUTH)
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.error: grpc.aio.AioRpcError | None = None
-        self.done = asyncio.Event()
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for event in self.call:
-                await self.events.put(event)
-        except grpc.aio.AioRpcError as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    async def next(self, timeout_s: float = 10) -> Event:
-        return await asyncio.wait_for(self.events.get(), timeout_s)
-
-    async def changes(self, n: int, timeout_s: float = 10) -> list[Event]:
-        """The next `n` events that are changes (bookmarks skipped)."""
-        found: list[Event] = []
-        while len(found) < n:
-            event = await self.next(timeout_s)
-            if event.kind != Event.KIND_BOOKMARK:
-                found.append(event)
-        return found
-
-    async def ended(self, timeout_s: float = 10) -> grpc.aio.AioRpcError | None:
-        await asyncio.wait_for(self.done.wait(), timeout_s)
-        return self.error
-
-    def close(self) -> None:
-        self.call.cancel()
-
-
 @pytest.fixture
 async def watch(stub: pb_grpc.InvoiceServiceAsyncStub) -> AsyncIterator[list[Watcher]]:
     opened: list[Watcher] = []
@@ -80,17 +38,10 @@ async def watch(stub: pb_grpc.InvoiceServiceAsyncStub) -> AsyncIterator[list[Wat
         watcher.close()
 
 
-async def _open(stub: pb_grpc.InvoiceServiceAsyncStub, opened: list[Watcher], **request: str) -> tuple[Watcher, Event]:
-    watcher = Watcher(stub, pb.WatchInvoicesRequest(**request))
-    opened.append(watcher)
-    first = await watcher.next()
-    return watcher, first
-
-
 async def test_a_watcher_sees_each_change_with_the_record_it_left(
     stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
 ) -> None:
-    watcher, first = await _open(stub, watch)
+    watcher, first = await open_watch(stub, watch)
     assert first.kind == Event.KIND_BOOKMARK and first.resume_token and not first.HasField("invoice")
 
     await _apply(store, _stripe("in_watch1", "draft", 0), 1)
@@ -119,7 +70,7 @@ async def test_a_watcher_sees_each_change_with_the_record_it_left(
 async def test_a_resumed_watch_gets_exactly_what_came_after_its_token(
     stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
 ) -> None:
-    watcher, _ = await _open(stub, watch)
+    watcher, _ = await open_watch(stub, watch)
     for n in range(3):
         await _apply(store, _stripe(f"in_resume{n}", "open"), 1)
     third = (await watcher.changes(3))[2]
@@ -129,7 +80,7 @@ async def test_a_resumed_watch_gets_exactly_what_came_after_its_token(
         await _apply(store, _stripe(f"in_resume{n}", "open"), 1)
     await _apply(store, _stripe("in_resume0", "paid"), 2)
 
-    resumed, _ = await _open(stub, watch, resume_token=third.resume_token)
+    resumed, _ = await open_watch(stub, watch, resume_token=third.resume_token)
     later = await resumed.changes(6)
     assert [(e.invoice.invoice_id, e.invoice.status) for e in later] == [
         *((f"in_resume{n}", "open") for n in range(3, 8)),
@@ -144,50 +95,17 @@ async def test_a_resumed_watch_gets_exactly_what_came_after_its_token(
     # A replay narrowed to one invoice, named by either id.
     record = await stub.GetInvoice(pb.GetInvoiceRequest(id="in_resume0"), metadata=AUTH)
     for name in ("in_resume0", record.id):
-        narrowed, _ = await _open(stub, watch, resume_token=third.resume_token, invoice_id=name)
+        narrowed, _ = await open_watch(stub, watch, resume_token=third.resume_token, invoice_id=name)
         (only,) = await narrowed.changes(1)
         assert (only.invoice.invoice_id, only.invoice.status) == ("in_resume0", "paid")
-
-
-async def test_a_change_that_commits_after_a_later_one_is_not_skipped(
-    stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, database: str, watch: list[Watcher]
-) -> None:
-    """Transaction A writes its change first (the lower sequence number) and commits last.
-    A reader that took positions as bare sequence numbers would hand out B's change,
-    move past A's number, and never see A's."""
-    watcher, _ = await _open(stub, watch)
-    one, two = make_invoice(1), make_invoice(2)
-    await save_invoices(store, [one, two])
-    await watcher.changes(2)
-
-    a, b = await asyncpg.connect(database), await asyncpg.connect(database)
-    try:
-        ta, tb = a.transaction(), b.transaction()
-        await ta.start()
-        await a.execute("UPDATE invoices SET status = 'void' WHERE id = $1", one.id)
-        await tb.start()
-        await b.execute("UPDATE invoices SET status = 'open' WHERE id = $1", two.id)
-        await tb.commit()
-        await asyncio.sleep(0.5)  # several polls: B is committed and readable meanwhile
-        await ta.commit()
-    finally:
-        await a.close()
-        await b.close()
-
-    seen = await watcher.changes(2)
-    assert sorted((e.invoice.id, e.invoice.status) for e in seen) == sorted([(one.id, "void"), (two.id, "open")])
-    # And a watch resumed from the first of them still gets the second.
-    resumed, _ = await _open(stub, watch, resume_token=seen[0].resume_token)
-    (again,) = await resumed.changes(1)
-    assert again.invoice.id == seen[1].invoice.id
 
 
 async def test_filters_narrow_a_watch(
     stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
 ) -> None:
-    by_invoice, _ = await _open(stub, watch, invoice_id="in_filter1")
-    by_user, _ = await _open(stub, watch, user_id="u2")
-    paid, _ = await _open(stub, watch, status="paid")
+    by_invoice, _ = await open_watch(stub, watch, invoice_id="in_filter1")
+    by_user, _ = await open_watch(stub, watch, user_id="u2")
+    paid, _ = await open_watch(stub, watch, status="paid")
     await _apply(store, _stripe("in_filter1", "open", user="u1"), 1)
     await _apply(store, _stripe("in_filter2", "open", user="u2"), 1)
     await _apply(store, _stripe("in_filter2", "paid", user="u2"), 2)
@@ -204,7 +122,7 @@ async def test_filters_narrow_a_watch(
     assert [e.invoice.invoice_id for e in await paid.changes(2)] == ["in_filter2", "in_filter1"]
     # The record's own id filters as Stripe's does.
     record = await stub.GetInvoice(pb.GetInvoiceRequest(id="in_filter1"), metadata=AUTH)
-    by_id, _ = await _open(stub, watch, invoice_id=record.id)
+    by_id, _ = await open_watch(stub, watch, invoice_id=record.id)
     await _apply(store, _stripe("in_filter1", "paid", amount=6000, user="u1"), 3)
     assert (await by_id.changes(1))[0].invoice.amount == 6000
     assert by_user.events.empty()
@@ -213,7 +131,7 @@ async def test_filters_narrow_a_watch(
 async def test_200_watchers_all_see_the_same_changes(
     stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
 ) -> None:
-    watchers = [(await _open(stub, watch))[0] for _ in range(200)]
+    watchers = [(await open_watch(stub, watch))[0] for _ in range(200)]
     for n in range(20):
         await _apply(store, _stripe(f"in_many{n}", "open"), 1)
     expected = [f"in_many{n}" for n in range(20)]
@@ -245,7 +163,7 @@ async def test_a_forged_token_is_invalid_argument(stub: pb_grpc.InvoiceServiceAs
 async def test_a_token_beyond_the_retention_is_out_of_range_and_one_beyond_the_feed_invalid(
     stub: pb_grpc.InvoiceServiceAsyncStub, store: Storage, watch: list[Watcher]
 ) -> None:
-    watcher, _ = await _open(stub, watch)
+    watcher, _ = await open_watch(stub, watch)
     await _apply(store, _stripe("in_old1", "open"), 1)
     old = (await watcher.changes(1))[0].resume_token
     await _apply(store, _stripe("in_old2", "open"), 1)
@@ -260,7 +178,7 @@ async def test_a_token_beyond_the_retention_is_out_of_range_and_one_beyond_the_f
                 pass
         assert refused.value.code() == code
         assert "list, then watch again" in (refused.value.details() or "")
-    _, first = await _open(stub, watch, resume_token=recent)
+    _, first = await open_watch(stub, watch, resume_token=recent)
     assert first.kind == Event.KIND_BOOKMARK
 
 
@@ -283,113 +201,6 @@ async def test_bad_filters_are_invalid_argument(stub: pb_grpc.InvoiceServiceAsyn
                 pass
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (refused.value.details() or "").startswith(field)
-
-
-async def _server(store: Storage, limits: WatchLimits) -> tuple[GrpcServer, Watches]:
-    watches = Watches(store, limits)
-    watches.start()
-    return await start_grpc(store, [API_KEY], "127.0.0.1:0", watches=watches), watches
-
-
-async def test_beyond_the_cap_a_watch_is_resource_exhausted(store: Storage) -> None:
-    running, _ = await _server(store, WatchLimits(max_streams=3, poll_s=0.1))
-    opened: list[Watcher] = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pb_grpc.InvoiceServiceStub(channel)
-            for _ in range(3):
-                await _open(stub, opened)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                async for _ in stub.WatchInvoices(pb.WatchInvoicesRequest(), metadata=AUTH):
-                    pass
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            opened.pop().close()
-            await asyncio.sleep(0.2)
-            await _open(stub, opened)  # a slot freed is a slot again
-            for watcher in opened:
-                watcher.close()
-    finally:
-        await running.stop(0)
-
-
-async def test_a_slow_watcher_is_ended_and_resumes_without_loss(store: Storage) -> None:
-    running, _ = await _server(store, WatchLimits(buffer=20, poll_s=0.05))
-    opened: list[Watcher] = []
-    # No window growth: the server's sends block once 64 KiB are unread.
-    options = [("grpc.http2.bdp_probe", 0)]
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=options) as channel:
-            stub = pb_grpc.InvoiceServiceStub(channel)
-            call = stub.WatchInvoices(pb.WatchInvoicesRequest(), metadata=AUTH)
-            first = await call.read()
-            assert isinstance(first, pb.InvoiceEvent)
-            invoices = [make_invoice(n) for n in range(1500)]
-            await save_invoices(store, invoices)
-            await asyncio.sleep(1)  # the reader hands them out; this watcher reads none
-            received: list[pb.InvoiceEvent] = []
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                while (event := await call.read()) is not grpc.aio.EOF:
-                    assert isinstance(event, pb.InvoiceEvent)
-                    if event.kind != Event.KIND_BOOKMARK:
-                        received.append(event)
-            assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "resume" in (ended.value.details() or "")
-            assert 0 < len(received) < len(invoices)
-            watcher, _ = await _open(stub, opened, resume_token=received[-1].resume_token)
-            rest = await watcher.changes(len(invoices) - len(received))
-            ids = [e.invoice.id for e in received + rest]
-            assert ids == [invoice.id for invoice in invoices]
-            watcher.close()
-    finally:
-        await running.stop(0)
-
-
-async def test_shutdown_ends_watches_unavailable_after_the_drain(store: Storage) -> None:
-    running, watches = await _server(store, WatchLimits(poll_s=0.05))
-    opened: list[Watcher] = []
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.InvoiceServiceStub(channel)
-        watcher, _ = await _open(stub, opened)
-        stopping = asyncio.create_task(running.stop(5, drain_delay=1))
-        await asyncio.sleep(0.3)
-        # Still served during the drain: a change made now reaches the watcher.
-        await _apply(store, _stripe("in_drain1", "open"), 1)
-        (during,) = await watcher.changes(1)
-        assert during.invoice.invoice_id == "in_drain1"
-        error = await watcher.ended()
-        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "resume" in (error.details() or "")
-        await stopping
-    assert watches.open_streams == 0
-
-
-async def test_the_reader_prunes_what_is_older_than_the_retention(store: Storage) -> None:
-    running, _ = await _server(store, WatchLimits(poll_s=0.05, retention_s=0.5, prune_every_s=0.2))
-    opened: list[Watcher] = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pb_grpc.InvoiceServiceStub(channel)
-            watcher, _ = await _open(stub, opened)
-            await _apply(store, _stripe("in_pruned1", "open"), 1)
-            await _apply(store, _stripe("in_pruned2", "open"), 1)
-            first, _ = await watcher.changes(2)
-            watcher.close()
-
-            async def refused() -> grpc.StatusCode | None:
-                try:
-                    async for _ in stub.WatchInvoices(
-                        pb.WatchInvoicesRequest(resume_token=first.resume_token), metadata=AUTH
-                    ):
-                        return None
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code()
-                return None
-
-            assert await poll_until(refused, "the first change pruned") == grpc.StatusCode.OUT_OF_RANGE
-            async with store._connection() as conn:
-                assert await conn.fetchval("SELECT count(*) FROM invoice_changes") == 0
-    finally:
-        await running.stop(0)
 
 
 async def test_a_writer_that_would_feed_a_records_changes_out_of_order_is_refused(
