@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from service.credit_notes import StripeCreditNote
+from service.credit_notes import StripeCreditNote, StripeRefund
 from service.domain import Invoice, InvoicePage, Page, StripeInvoice
 from service.feed import FeedRead
 
@@ -186,6 +186,9 @@ class Records(Protocol):
     async def get_invoice(self, key: str) -> Invoice: ...
     async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice: ...
     async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None: ...
+    async def record_stripe_refunds(
+        self, stripe_invoice_id: str, refunds: list[StripeRefund], *, stripe_time: int
+    ) -> None: ...
 
 
 class CachedReads:
@@ -232,3 +235,14 @@ class ForgettingWrites:
             self._cache.clear()
             raise
         self._cache.forget((note.stripe_invoice_id,))
+
+    async def record_stripe_refunds(
+        self, stripe_invoice_id: str, refunds: list[StripeRefund], *, stripe_time: int
+    ) -> None:
+        """Refunds of the invoice's payments change its totals, as a note does."""
+        try:
+            await self._store.record_stripe_refunds(stripe_invoice_id, refunds, stripe_time=stripe_time)
+        except BaseException:
+            self._cache.clear()
+            raise
+        self._cache.forget((stripe_invoice_id,))

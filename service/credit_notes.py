@@ -68,6 +68,14 @@ class InvoicePayment:
     stripe_invoice_id: str
 
 
+def refunded_outside(notes: list[StripeCreditNote], refunds: list[StripeRefund]) -> int:
+    """What refunds gave back outside the issued notes: one a note made or linked counts in
+    the note's `refunded`, a failed or canceled one gave nothing. The rule the record's
+    totals follow (service/storage/credit_notes.py, REFRESH_TOTALS)."""
+    noted = {rid for n in notes if n.status == NoteStatus.ISSUED for rid in n.refund_ids}
+    return sum(r.amount for r in refunds if r.status not in _REFUND_FINAL and r.id not in noted)
+
+
 # Stripe's credit note reasons (the `reason` parameter's enum).
 REASONS = frozenset({"duplicate", "fraudulent", "order_change", "product_unsatisfactory"})
 

@@ -1,6 +1,6 @@
 """Every call to Stripe: the steps of a Create (an empty draft, its lines added in one
 call, finalize, pay), the look-ups a resumed Create needs, Pay, Void and MarkUncollectible,
-a refund's credit note, and the listings that reconcile reads. Maps Stripe's errors to
+and the listings that reconcile reads (a refund's calls: service/stripe_money_back.py). Maps Stripe's errors to
 domain errors. Nothing here knows gRPC, HTTP or the database; service/invoices.py and
 service/refunds.py decide the order of the calls and their keys."""
 
@@ -16,14 +16,11 @@ from typing import Any, TypeVar
 import stripe
 from stripe import RequestOptions
 from stripe.params import (
-    CreditNoteCreateParams,
-    CreditNoteListParams,
     InvoiceAddLinesParamsLine,
     InvoiceListParams,
     InvoicePayParams,
 )
 
-from service.credit_notes import RefundAsk
 from service.domain import (
     AlreadyExists,
     DomainError,
@@ -37,7 +34,8 @@ from service.domain import (
     StripeReplayed,
     Unavailable,
 )
-from service.stripe_objects import USER_ID, USER_NAME
+from service.stripe_money_back import MoneyBackCalls
+from service.stripe_objects import CREATE_KEY, USER_ID, USER_NAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,12 +107,9 @@ LINES_PER_CALL = 250
 PAYABLE = (Status.DRAFT, Status.OPEN, Status.UNCOLLECTIBLE)
 VOIDABLE = (Status.OPEN, Status.UNCOLLECTIBLE)
 COLLECTIBLE = (Status.OPEN,)
-# Metadata key on the Stripe invoice: the idempotency key of the Create that made it, so
-# that a retry that never learned the draft's id finds it in the customer's invoices.
-CREATE_KEY = "invoice_service_key"
 
 
-class StripePayments:
+class StripePayments(MoneyBackCalls):
     """The Stripe calls of the service, one method per call (plus the look-ups a resumed
     Create needs), each answering Stripe's invoice object as a plain dict and raising
     domain errors. The order of the calls, and what to do after a failure, is the
@@ -332,33 +327,6 @@ class StripePayments:
         log.info("stripe refused a call on an invoice whose status changed", extra={"invoice": invoice_id})
         return current
 
-    async def credit_notes(self, invoice_id: str) -> list[dict[str, Any]]:
-        """Every credit note of the invoice, newest first, page by page."""
-        params: CreditNoteListParams = {"invoice": invoice_id, "limit": 100}
-        found: list[dict[str, Any]] = []
-        while True:
-            page = await self._call("credit_notes.list", self._stripe.v1.credit_notes.list_async(params))
-            found += [note.to_dict(for_json=True) for note in page.data]
-            if not page.has_more or not page.data:
-                return found
-            params = {**params, "starting_after": str(page.data[-1].id)}
-
-    async def refund(self, invoice_id: str, amount: int, ask: RefundAsk, key: str, stripe_key: str) -> dict[str, Any]:
-        """A credit note for `amount`, all of it refunded to the invoice's payment, carrying
-        the RefundInvoice's key in its metadata (service/refunds.py finds it by that)."""
-        params: CreditNoteCreateParams = {
-            "invoice": invoice_id,
-            "amount": amount,
-            "refund_amount": amount,
-            "metadata": {CREATE_KEY: key},
-        }
-        if ask.reason:
-            params["reason"] = ask.reason
-        if ask.memo:
-            params["memo"] = ask.memo
-        call = self._stripe.v1.credit_notes.create_async(params, {"idempotency_key": stripe_key})
-        return (await self._call("credit_notes.create", call)).to_dict(for_json=True)
-
     def invoices_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
         """Every Stripe invoice object created at or after `since` (see `_since`)."""
         return self._since("invoices.list", self._stripe.v1.invoices.list_async, since, page_size)
@@ -366,12 +334,6 @@ class StripePayments:
     def credit_notes_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
         """Every Stripe credit note created at or after `since` (see `_since`)."""
         return self._since("credit_notes.list", self._stripe.v1.credit_notes.list_async, since, page_size)
-
-    async def invoice_payment_of(self, payment_intent: str) -> dict[str, Any] | None:
-        """The invoice payment a payment intent made, if it paid an invoice."""
-        params: Any = {"payment": {"type": "payment_intent", "payment_intent": payment_intent}, "limit": 1}
-        page = await self._call("invoice_payments.list", self._stripe.v1.invoice_payments.list_async(params))
-        return page.data[0].to_dict(for_json=True) if page.data else None
 
     def refunds_since(self, since: datetime, page_size: int = 100) -> AsyncIterator[tuple[dict[str, Any], int]]:
         """Every refund created at or after `since`, with a credit note or without (see `_since`)."""

@@ -13,7 +13,7 @@ import uuid
 from typing import Any, Protocol
 
 from service.attempts import KeyedAttempts, audited_call, stripe_key
-from service.credit_notes import NoteStatus, RefundAsk, StripeCreditNote
+from service.credit_notes import NoteStatus, RefundAsk, StripeCreditNote, StripeRefund, refunded_outside
 from service.domain import (
     CreateClaim,
     DomainError,
@@ -25,22 +25,26 @@ from service.domain import (
     StripeReplayed,
 )
 from service.domain import fingerprint as fingerprint_of
-from service.payments import CREATE_KEY, StripePayments
-from service.stripe_objects import credit_note_from_stripe, invoice_from_stripe
+from service.payments import StripePayments
+from service.stripe_objects import CREATE_KEY, credit_note_from_stripe, invoice_from_stripe, refund_from_stripe
 
 
 class RefundRecords(Protocol):
     async def get_invoice(self, key: str) -> Invoice: ...
     async def record_stripe_invoice(self, invoice: StripeInvoice, *, stripe_time: int) -> Invoice: ...
     async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None: ...
+    async def record_stripe_refunds(
+        self, stripe_invoice_id: str, refunds: list[StripeRefund], *, stripe_time: int
+    ) -> None: ...
 
 
-def left_to_refund(invoice: dict[str, Any], notes: list[StripeCreditNote]) -> int:
+def left_to_refund(invoice: dict[str, Any], notes: list[StripeCreditNote], refunds: list[StripeRefund]) -> int:
     """What a credit note may still refund: no more than was paid less what the issued
-    notes refunded, and no more than the invoice's total less every note's amount (a
-    note's credit to the balance counts against the total too)."""
+    notes refunded and what refunds outside them gave back (Stripe refuses a note's refund
+    beyond what the payment has left), and no more than the invoice's total less every
+    note's amount (a note's credit to the balance counts against the total too)."""
     issued = [n for n in notes if n.status == NoteStatus.ISSUED]
-    paid = int(invoice.get("amount_paid") or 0) - sum(n.refunded for n in issued)
+    paid = int(invoice.get("amount_paid") or 0) - sum(n.refunded for n in issued) - refunded_outside(notes, refunds)
     creditable = int(invoice.get("total") or 0) - sum(n.amount for n in issued)
     return max(0, min(paid, creditable))
 
@@ -102,13 +106,23 @@ class Refunding(KeyedAttempts):
             await self._records.record_stripe_invoice(invoice_from_stripe(invoice), stripe_time=asked_at)
             raise FailedPrecondition(f"invoice {stripe_id} is {status}; only paid can be refunded")
         notes = [credit_note_from_stripe(n) for n in await self._payments.credit_notes(stripe_id)]
-        left = left_to_refund(invoice, notes)
+        refunds = await self._refunds(stripe_id, asked_at)
+        left = left_to_refund(invoice, notes, refunds)
         currency = invoice.get("currency") or ""
         if left == 0:
             raise FailedPrecondition(f"invoice {stripe_id} has nothing left to refund")
         if ask.amount is not None and ask.amount > left:
             raise FailedPrecondition(f"invoice {stripe_id} has {left} {currency} (minor units) left to refund")
         return ask.amount or left
+
+    async def _refunds(self, stripe_id: str, asked_at: int) -> list[StripeRefund]:
+        """The refunds of the invoice's payments, recorded as Stripe listed them: one made
+        without a note may not have reached the record by its webhook yet, and the answer
+        should show what the check counted."""
+        listed = [refund_from_stripe(r) for r in await self._payments.refunds_of(stripe_id)]
+        refunds = [r for r in listed if r is not None]
+        await self._records.record_stripe_refunds(stripe_id, refunds, stripe_time=asked_at)
+        return refunds
 
     async def _stripe_id(self, invoice_id: str) -> str:
         """Stripe's id of the invoice named by the service's `_id` or by `in_...`; an

@@ -13,6 +13,10 @@ from service.domain import STATUSES, InvalidArgument, StripeInvoice, User
 
 # Metadata keys that carry the invoice's owner to Stripe and back through webhooks.
 USER_ID, USER_NAME = "invoice_service_user_id", "invoice_service_user_name"
+# Metadata key on the Stripe invoice or credit note: the idempotency key of the call that
+# made it, so that a retry that never learned its id finds it among the customer's
+# invoices (service/payments.py) or the invoice's notes (service/refunds.py).
+CREATE_KEY = "invoice_service_key"
 
 
 # What a bigint column holds; Stripe's totals stay far inside (250 lines of 8 digits).

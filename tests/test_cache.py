@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 
 from service.cache import BYPASS, HIT, MAX_AGE_S, MISS, ForgettingWrites, RecordCache
-from service.credit_notes import NoteStatus, StripeCreditNote
+from service.credit_notes import NoteStatus, StripeCreditNote, StripeRefund
 from service.domain import Invoice, NotFound, StripeInvoice, User
 from service.feed import Change, ChangeKind, FeedPosition, FeedRead
 from tests.helpers import make_invoice, until
@@ -250,6 +250,11 @@ class FailingStore:
     async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None:
         raise ConnectionResetError("lost after COMMIT was sent")
 
+    async def record_stripe_refunds(
+        self, stripe_invoice_id: str, refunds: list[StripeRefund], *, stripe_time: int
+    ) -> None:
+        raise ConnectionResetError("lost after COMMIT was sent")
+
 
 async def test_a_write_that_fails_without_saying_forgets_everything(cache: RecordCache) -> None:
     invoice = make_invoice(1)
@@ -261,6 +266,12 @@ async def test_a_write_that_fails_without_saying_forgets_everything(cache: Recor
     note = StripeCreditNote("cn_1", invoice.stripe_invoice_id, NoteStatus.ISSUED, 100, 100, 0, 0, "", "")
     with pytest.raises(ConnectionResetError):
         await ForgettingWrites(FailingStore(), cache).record_stripe_credit_note(note, stripe_time=1)
+    assert len(cache) == 0
+    await cache.get(invoice.id, Postgres(invoice).read)
+    with pytest.raises(ConnectionResetError):
+        await ForgettingWrites(FailingStore(), cache).record_stripe_refunds(
+            invoice.stripe_invoice_id, [], stripe_time=1
+        )
     assert len(cache) == 0
 
 

@@ -20,7 +20,7 @@ import stripe
 from service.storage import Storage
 from tests.helpers import deliver, event, intents_of, poll_until
 from tests.test_credit_notes import note_event, note_object
-from tests.test_refunds import paid_invoice
+from tests.test_refunds import FAILED_PRECONDITION, TOTAL, at_stripe, paid_invoice, refund
 
 
 def refund_object(refund_id: str, intent: str | None, amount: int, status: str = "succeeded") -> dict[str, Any]:
@@ -139,3 +139,23 @@ async def test_a_refund_made_at_stripe_without_a_note_reaches_the_record_by_webh
         return totals if totals[0] else None
 
     assert await poll_until(refunded, "the dashboard's refund without a note") == (900, 0)
+
+
+async def test_a_refund_without_a_note_takes_from_what_refund_invoice_has_left(
+    http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    """Stripe refuses a note's refund beyond what the payment has left, so RefundInvoice
+    counts a refund made without a note: the rest of the payment, not all of it."""
+    invoice = await paid_invoice(http, stripe_client)
+    (paid_by,) = await intents_of(stripe_client, invoice["id"])
+    await stripe_client.v1.refunds.create_async({"payment_intent": paid_by, "amount": 1500})
+    beyond = await refund(http, invoice["id"], amount=TOTAL - 1500 + 1)
+    assert beyond.status_code == 400 and beyond.json()["code"] == FAILED_PRECONDITION, beyond.text
+    assert f"{TOTAL - 1500} eur (minor units) left to refund" in beyond.json()["message"]
+    rest = await refund(http, invoice["id"])
+    assert rest.status_code == 200, rest.text
+    assert (rest.json()["amountRefunded"], rest.json()["amountCredited"]) == (TOTAL, TOTAL - 1500)
+    notes, refunded = await at_stripe(stripe_client, invoice["id"])
+    assert [n.amount for n in notes] == [TOTAL - 1500] and refunded == TOTAL
+    nothing = await refund(http, invoice["id"])
+    assert nothing.status_code == 400 and "nothing left to refund" in nothing.json()["message"], nothing.text

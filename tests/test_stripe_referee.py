@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from service import payments, stripe_objects
+from service import payments, stripe_objects, webhooks
+from service.credit_notes import RefundAsk
 from service.domain import NewInvoice, NewItem, User
 from tests.referee.judge import Referee, Verdict, records
 from tools.customers import customer_with_card
@@ -34,11 +35,17 @@ THE_SERVICES_CALLS = {
     "GET /v1/invoices",
     "GET /v1/invoices/{invoice}",
     "GET /v1/invoices/{invoice}/lines",
+    "POST /v1/invoices/{invoice}/mark_uncollectible",
+    "POST /v1/credit_notes",
+    "GET /v1/credit_notes",
+    "GET /v1/invoice_payments",
+    "GET /v1/refunds",
 }
 
 
 async def every_call(base: str) -> None:
-    """Each StripePayments method, as Create, Pay, Void, a resumed Create and reconcile use them."""
+    """Each StripePayments method, as Create, Pay, Void, MarkUncollectible, Refund, a
+    resumed Create and reconcile use them."""
     client = payments.client(LOCALSTRIPE_KEY, api_base=base, timeout_s=10, max_retries=0)
     stripe_api = payments.StripePayments(client, lines_per_call=2)
     since = datetime.now(UTC) - timedelta(minutes=1)
@@ -77,6 +84,22 @@ async def every_call(base: str) -> None:
     assert (await stripe_api.pay(refused["id"], bad_card, "key-3:pay"))["status"] == "open"  # a 402, answered open
     # Paid already: Stripe's 400, then a retrieve that finds it paid.
     assert (await stripe_api.pay(draft["id"], card, "key-4:pay"))["status"] == "paid"
+    assert (await stripe_api.mark_uncollectible(refused["id"], "key-3:uncollectible"))["status"] == "uncollectible"
+
+    # Money given back: a note's refund, a refund without one, and what Refund and reconcile read.
+    await stripe_api.refund(draft["id"], 500, RefundAsk(None, "duplicate", "memo"), "key-5", "key-5:refund")
+    paid_by = await _intent(client, draft["id"])
+    assert (await stripe_api.invoice_payment_of(paid_by) or {}).get("invoice") == draft["id"]
+    await client.v1.refunds.create_async({"payment_intent": paid_by, "amount": 300})
+    assert [n["amount"] for n in await stripe_api.credit_notes(draft["id"])] == [500]
+    assert sorted(r["amount"] for r in await stripe_api.refunds_of(draft["id"])) == [300, 500]
+    assert [obj["id"] async for obj, _ in stripe_api.credit_notes_since(since)]
+    assert len([obj async for obj, _ in stripe_api.refunds_since(since)]) == 2
+
+
+async def _intent(client: Any, invoice_id: str) -> str:
+    payments = await client.v1.invoice_payments.list_async({"invoice": invoice_id})
+    return str(payments.data[0].payment["payment_intent"])
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +141,13 @@ def test_every_call_the_service_makes_is_one_stripe_takes(recorded: list[dict[st
     assert {200, 400, 402, 404} <= statuses  # answers and Stripe's errors, all judged
     events = {r["event"]["type"] for r in recorded if r["kind"] == "event"}
     assert {"invoice.finalized", "invoice.paid", "invoice.voided", "invoice.payment_failed"} <= events
+    assert {"credit_note.created", "refund.created", "invoice_payment.paid"} <= events
+
+
+def test_every_event_the_sidecar_records_is_one_stripe_sends(referee: Referee) -> None:
+    """A misspelt type in the sidecar's sets would never match a delivery, and be ignored."""
+    missing = webhooks.RECORDED_EVENTS - referee.checker.event_types
+    assert not missing, missing
 
 
 def with_answer(recorded: list[dict[str, Any]], operation: str) -> dict[str, Any]:

@@ -279,6 +279,17 @@ class Storage(CreateRequests, ChangeFeed):
             rows = await conn.fetch(credit_notes.NOTES_OF, stripe_invoice_id)
         return [credit_notes.note_of(row) for row in rows]
 
+    async def record_stripe_refunds(
+        self, stripe_invoice_id: str, refunds: list[StripeRefund], *, stripe_time: int
+    ) -> None:
+        """Applies the refunds Stripe listed for the invoice's payments to a call of the
+        service's own (Refund): each payment intent is the invoice's, since it was listed
+        by the invoice."""
+        for intent in sorted({r.payment_intent for r in refunds}):
+            await self.apply_stripe_invoice_payment(InvoicePayment(intent, stripe_invoice_id))
+        for refund in refunds:
+            await self.apply_stripe_refund(refund, stripe_time=stripe_time)
+
     async def record_stripe_credit_note(self, note: StripeCreditNote, *, stripe_time: int) -> None:
         """Applies a credit note Stripe answered to a call of the service's own (Refund)."""
         await self.apply_stripe_credit_note(note, stripe_time=stripe_time)
