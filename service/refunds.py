@@ -63,9 +63,10 @@ class Refunding(KeyedAttempts):
 
         async def run(generation: int) -> Invoice:
             asked_at = int(time.time()) - 1  # as in Pay: an event of the same second wins
-            made = await self._note_of(stripe_id, key)
-            if made is None:
-                made = await self._create(stripe_id, ask, key, stripe_key(key, generation, "refund"), asked_at)
+            notes = await self._payments.credit_notes(stripe_id)
+            made = next((n for n in notes if (n.get("metadata") or {}).get(CREATE_KEY) == key), None)
+            if made is None:  # no earlier attempt (or run) of the key made one
+                made = await self._create(stripe_id, ask, (key, stripe_key(key, generation, "refund")), asked_at, notes)
             await self._records.record_stripe_credit_note(credit_note_from_stripe(made), stripe_time=asked_at)
             invoice = await self._payments.retrieve(stripe_id)
             return await self._records.record_stripe_invoice(invoice_from_stripe(invoice), stripe_time=asked_at)
@@ -79,35 +80,33 @@ class Refunding(KeyedAttempts):
 
         return await self._detached(claimed())
 
-    async def _note_of(self, stripe_id: str, key: str) -> dict[str, Any] | None:
-        """The credit note an earlier attempt (or run) of the key made, if any."""
-        for note in await self._payments.credit_notes(stripe_id):
-            if (note.get("metadata") or {}).get(CREATE_KEY) == key:
-                return note
-        return None
-
-    async def _create(self, stripe_id: str, ask: RefundAsk, key: str, call_key: str, asked_at: int) -> dict[str, Any]:
-        """The credit note, once the invoice shows it paid with enough left to refund.
-        Stripe refusing it (another refund took what was left meanwhile) is answered from
-        what is left then, as the check before would have."""
-        amount = await self._amount(stripe_id, ask, asked_at)
+    async def _create(
+        self, stripe_id: str, ask: RefundAsk, keys: tuple[str, str], asked_at: int, notes: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The credit note, once the invoice shows it paid with enough left to refund
+        (`notes`: the invoice's, as just listed). Stripe refusing it (another refund took
+        what was left meanwhile) is answered from what is left then, as the check before
+        would have."""
+        amount = await self._amount(stripe_id, ask, asked_at, notes)
         try:
-            return await self._payments.refund(stripe_id, amount, ask, key, call_key)
+            return await self._payments.refund(stripe_id, amount, ask, *keys)
         except DomainError as error:
             if isinstance(error, StripeReplayed | FailedPrecondition):
                 raise
             await self._amount(stripe_id, ask, asked_at)  # FAILED_PRECONDITION if that is why
             raise
 
-    async def _amount(self, stripe_id: str, ask: RefundAsk, asked_at: int) -> int:
+    async def _amount(
+        self, stripe_id: str, ask: RefundAsk, asked_at: int, notes: list[dict[str, Any]] | None = None
+    ) -> int:
         invoice = await self._payments.retrieve(stripe_id)
         status = invoice.get("status")
         if status != Status.PAID:
             await self._records.record_stripe_invoice(invoice_from_stripe(invoice), stripe_time=asked_at)
             raise FailedPrecondition(f"invoice {stripe_id} is {status}; only paid can be refunded")
-        notes = [credit_note_from_stripe(n) for n in await self._payments.credit_notes(stripe_id)]
+        listed = notes if notes is not None else await self._payments.credit_notes(stripe_id)
         refunds = await self._refunds(stripe_id, asked_at)
-        left = left_to_refund(invoice, notes, refunds)
+        left = left_to_refund(invoice, [credit_note_from_stripe(n) for n in listed], refunds)
         currency = invoice.get("currency") or ""
         if left == 0:
             raise FailedPrecondition(f"invoice {stripe_id} has nothing left to refund")
