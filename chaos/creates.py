@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import sys
 import time
 import urllib.request
@@ -32,7 +31,7 @@ import asyncpg
 import httpx
 
 from bench.load import percentile
-from chaos import API_KEY, STRIPE_LIKE_DELIVERIES, prepare, stack_env
+from chaos import API_KEY, STRIPE_LIKE_DELIVERIES, post_retrying, prepare, stack_env
 from chaos.refunds import refund_some, refunded_once, refunds_at_stripe
 from chaos.storm import applications_at, applied_once
 from service import payments
@@ -85,30 +84,21 @@ async def create(
     attempts: int = 1000,
     order: str = "",
 ) -> None:
-    """One caller: retries 429, 5xx and lost connections with capped, jittered backoff,
-    always with the same key (or always without one), until an answer or `attempts`; a
-    4xx other than 429 is final."""
-    started, attempt, order = time.monotonic(), 0, order or str(key)
+    """One caller (chaos.post_retrying), always with the same key or always without one."""
     headers = {"Idempotency-Key": key} if key else {}
-    while time.monotonic() - started < deadline_s and attempt < attempts:
-        attempt += 1
-        try:
-            reply = await http.post("/admin/api/invoices", json=body, headers=headers)
-            tally.answers[str(reply.status_code)] += 1
-        except httpx.HTTPError as exc:
-            tally.answers[type(exc).__name__] += 1
-        else:
-            if reply.status_code == 200:
-                tally.invoice_of[order] = str(reply.json()["id"])
-                tally.attempts[attempt] += 1
-                tally.seconds.append(time.monotonic() - started)
-                return
-            if reply.status_code < 500 and reply.status_code != 429:
-                tally.failed[order] = f"{reply.status_code} {reply.text[:300]}"
-                return
-        if attempt < attempts:
-            await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))  # noqa: S311 - jitter
-    tally.failed[order] = "gave up after the deadline" if attempt < attempts else f"gave up after {attempt}"
+    order = order or str(key)
+    started = time.monotonic()
+    reply, attempt = await post_retrying(
+        http, "/admin/api/invoices", body, headers, tally.answers, deadline_s=deadline_s, attempts=attempts
+    )
+    if reply is None:
+        tally.failed[order] = "gave up after the deadline" if attempt < attempts else f"gave up after {attempt}"
+    elif reply.status_code == 200:
+        tally.invoice_of[order] = str(reply.json()["id"])
+        tally.attempts[attempt] += 1
+        tally.seconds.append(time.monotonic() - started)
+    else:
+        tally.failed[order] = f"{reply.status_code} {reply.text[:300]}"
 
 
 def order_body(customers: list[tuple[str, str]], kind: str, n: int) -> dict[str, Any]:

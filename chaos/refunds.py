@@ -7,15 +7,13 @@ for the amount asked, and no order is refunded twice."""
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from chaos import API_KEY
+from chaos import API_KEY, post_retrying
 from tools.stack import LOCALSTRIPE_KEY
 
 REFUND_EVERY = 5
@@ -23,24 +21,10 @@ DEADLINE_S = 300.0
 
 
 async def _refund(http: httpx.AsyncClient, invoice_id: str, key: str, amount: int, answers: Counter[str]) -> bool:
-    """One caller: as a Create's, retries 429, 5xx and lost connections with the same key."""
-    started, attempt = time.monotonic(), 0
-    while time.monotonic() - started < DEADLINE_S:
-        attempt += 1
-        try:
-            reply = await http.post(
-                f"/admin/api/invoices/{invoice_id}:refund", json={"amount": amount}, headers={"Idempotency-Key": key}
-            )
-            answers[str(reply.status_code)] += 1
-        except httpx.HTTPError as exc:
-            answers[type(exc).__name__] += 1
-        else:
-            if reply.status_code == 200:
-                return True
-            if reply.status_code < 500 and reply.status_code != 429:
-                return False
-        await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))  # noqa: S311 - jitter
-    return False
+    """One caller, retrying as a Create's does, with its key (chaos.post_retrying)."""
+    path, headers = f"/admin/api/invoices/{invoice_id}:refund", {"Idempotency-Key": key}
+    reply, _ = await post_retrying(http, path, {"amount": amount}, headers, answers, deadline_s=DEADLINE_S)
+    return reply is not None and reply.status_code == 200
 
 
 async def refund_some(
