@@ -38,20 +38,26 @@ help:
 	@echo "make lock      requirements/*.lock, the images' Python dependencies with their hashes, from .venv's versions"
 	@echo "make bench     the benchmark at BENCH_INVOICES (default 1,000,000); results/ has JSON and a chart"
 
+# uv (pinned among the dev dependencies in pyproject.toml) installs what pip would, the same
+# versions, in parallel: 13 s against pip's 33 s for .venv, 2 s against 27 s for checkov's
+# (2026-12-06, 2 cores), which keeps a fresh `make test` under its 10 minutes.
+UV_PIN := $(shell grep -o '"uv==[^"]*"' pyproject.toml | tr -d '"')
+UV := $(BIN)/uv
+
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,local]'
+	$(BIN)/python -m pip install --quiet $(UV_PIN)
+	$(UV) pip install --quiet --python $(BIN)/python -e '.[dev,local]'
 	touch $@
 
 $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-$(CHECKOV):
+$(CHECKOV): | $(BIN)/.installed
 	rm -rf .tools/checkov-$(CHECKOV_VERSION)
-	$(PYTHON) -m venv .tools/checkov-$(CHECKOV_VERSION)
-	.tools/checkov-$(CHECKOV_VERSION)/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
+	$(UV) venv --quiet --python $(PYTHON) .tools/checkov-$(CHECKOV_VERSION)
+	$(UV) pip install --quiet --python .tools/checkov-$(CHECKOV_VERSION)/bin/python checkov==$(CHECKOV_VERSION)
 
 # Rebuilt when the pin (this Makefile) or the extraction changes.
 $(STRIPE_SPEC): Makefile tools/stripe_spec.py | $(BIN)/.installed

@@ -134,10 +134,10 @@ def build_patroni() -> None:
     """Patroni's venv on Debian's python3 (root's pyenv is not readable by the Postgres user)."""
     if PATRONI.exists():
         return
-    venv = PATRONI.parent.parent
-    subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, f"patroni[etcd3]=={PATRONI_VERSION}", "psycopg2-binary"], check=True)
+    venv, uv = PATRONI.parent.parent, str(Path(sys.executable).parent / "uv")  # the Makefile's uv
+    subprocess.run([uv, "venv", "--quiet", "--python", "/usr/bin/python3", str(venv)], check=True)
+    install = [uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python")]
+    subprocess.run([*install, f"patroni[etcd3]=={PATRONI_VERSION}", "psycopg2-binary"], check=True)
 
 
 class Cluster:
