@@ -3,7 +3,7 @@ describes rather than left to sleeps: a test holds one attempt's Stripe call bef
 leaves (Held) until the other attempt has done what the race needs, ends a lease by
 moving its time in the database instead of waiting it out, and checks from the log of
 calls as Stripe answered them that the interleaving happened. Helpers shared with the
-other Create tests come from tests/test_creates.py."""
+other Create tests come from tests/create_helpers.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import stripe
 
 from service.domain import CreateInProgress, NewInvoice, Unavailable
 from service.storage import Storage
-from tests.test_creates import Payments, creator, emulator, request, stripe_invoices
+from tests.create_helpers import Payments, creator, emulator, request, stripe_invoices
 from tools.customers import customer_with_card
 
 # (attempt, step) of each Stripe call, in the order Stripe answered them.

@@ -37,8 +37,8 @@ from service.app import SERVICE_ROLE
 from service.dblink import DEFAULT_BUDGET_S
 from service.gen.billing.v1 import invoice_service_pb2 as pb
 from service.gen.billing.v1 import invoice_service_pb2_grpc as pb_grpc
+from tests.create_helpers import stripe_invoices
 from tests.helpers import API_KEY, deliver, event, sign, stack_env
-from tests.test_creates import stripe_invoices
 from tools.customers import customer_with_card
 from tools.freeze import frozen
 from tools.stack import backend, wait_until_routed

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import stripe
 
-from tests import test_localstripe as launcher
+from tests import emulator_helpers as shared
+from tests.emulator_helpers import Receiver, draft_with_items, key, open_invoice, replayed
 from tests.helpers import intents_of
-from tests.test_localstripe import Receiver, draft_with_items, key, open_invoice, replayed
 from tools.customers import customer_with_card
 
-# test_localstripe's fixtures: this module gets an emulator of its own (module scope), and
-# the same per-test client and webhook receiver.
-emulator, client, receiver = launcher.emulator, launcher.client, launcher.receiver
+# The shared fixtures (tests/emulator_helpers.py): this module gets an emulator of its own
+# (module scope), and the same per-test client and webhook receiver.
+emulator, client, receiver = shared.emulator, shared.client, shared.receiver
 
 # Every key of these objects in Stripe's published fixtures (API 2026-10-28).
 CREDIT_NOTE_KEYS = {
@@ -43,7 +43,7 @@ REFUND_KEYS = {
     *("destination_details", "id", "metadata", "object", "payment_intent", "payment_method", "reason"),
     *("receipt_number", "source_transfer_reversal", "status", "transfer_reversal"),
 }
-TOTAL = 4000  # test_localstripe's ITEMS: 3300 + 700, in eur
+TOTAL = 4000  # emulator_helpers' ITEMS: 3300 + 700, in eur
 
 
 async def paid_invoice(client: stripe.StripeClient) -> tuple[str, str]:

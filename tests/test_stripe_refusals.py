@@ -17,7 +17,7 @@ import stripe
 from chaos.creates import charged_twice
 from service.domain import FailedPrecondition, InvalidArgument
 from service.storage import Storage
-from tests.test_creates import Payments, creator, emulator, request, stripe_invoices
+from tests.create_helpers import Payments, creator, emulator, request, stripe_invoices
 from tools.customers import DECLINED_ON_CHARGE, customer_with_card
 
 GOOD_CARD: Any = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}

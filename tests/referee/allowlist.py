@@ -41,17 +41,18 @@ ALLOWED: tuple[Allowed, ...] = (
         "*total_count",
         "unknown",
         "Stripe answers a list's total_count only when include[]=total_count asks for it;"
-        " tests/test_localstripe.py counts an invoice's 250 lines with it (a list embeds at"
-        " most 10), and the service never reads it",
+        " tests/test_localstripe_invoices.py counts an invoice's 250 lines with it (a list"
+        " embeds at most 10), and the service never reads it",
     ),
     Allowed(
         "invoice",
         "payment_intent",
         "unknown",
-        "removed from Invoice by 2025-03-31.basil (now under `payments`); tests/test_localstripe.py"
-        " tells one charge from two by it, and the service never reads it (service/payments.py"
-        " reads id, status, total, currency, customer, customer_name, metadata, invoice_pdf,"
-        " created, subtotal and the lines' description and amount)",
+        "removed from Invoice by 2025-03-31.basil (now under `payments`);"
+        " tests/test_localstripe_idempotency.py and tests/test_localstripe_payments.py tell one"
+        " charge from two by it, and the service never reads it (service/payments.py reads id,"
+        " status, total, currency, customer, customer_name, metadata, invoice_pdf, created,"
+        " subtotal and the lines' description and amount)",
     ),
     Allowed("charge", "*", "*", _UNREAD),
     Allowed("payment_intent", "*", "*", _UNREAD),
@@ -59,8 +60,9 @@ ALLOWED: tuple[Allowed, ...] = (
         "POST /v1/customers/{customer}",
         "invoice_settings",
         "type",
-        "tests/test_localstripe.py crashes the emulator on purpose with this invalid parameter, to"
-        " test its Stripe-shaped 500 (Stripe would refuse it with a 400 before running)",
+        "tests/test_localstripe_idempotency.py crashes the emulator on purpose with this invalid"
+        " parameter, to test its Stripe-shaped 500 (Stripe would refuse it with a 400 before"
+        " running)",
     ),
 )
 
