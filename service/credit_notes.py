@@ -32,8 +32,10 @@ class StripeCreditNote:
     memo: str
     currency: str | None = None
     created: int | None = None
-    # The refunds the note made or linked: counted in `refunded`, never again on their own.
-    refund_ids: tuple[str, ...] = ()
+    # The refunds the note made or linked, each with the part of it the note counts in
+    # `refunded` (that part never counts again on its own); None when not known (a note
+    # recorded before they were kept).
+    refund_links: tuple[tuple[str, int], ...] | None = ()
 
 
 class RefundStatus(StrEnum):
@@ -69,11 +71,19 @@ class InvoicePayment:
 
 
 def refunded_outside(notes: list[StripeCreditNote], refunds: list[StripeRefund]) -> int:
-    """What refunds gave back outside the issued notes: one a note made or linked counts in
-    the note's `refunded`, a failed or canceled one gave nothing. The rule the record's
-    totals follow (service/storage/credit_notes.py, REFRESH_TOTALS)."""
-    noted = {rid for n in notes if n.status == NoteStatus.ISSUED for rid in n.refund_ids}
-    return sum(r.amount for r in refunds if r.status not in _REFUND_FINAL and r.id not in noted)
+    """What refunds gave back outside the issued notes: the part of a refund a note linked
+    is in the note's `refunded`, the rest of it is outside; a failed or canceled one gave
+    nothing. An issued note whose links are unknown may have made any of those refunds, so
+    its `refunded` is taken off what they seem to give outside (never below 0). The rule the
+    record's totals follow (service/storage/credit_notes.py, REFRESH_TOTALS)."""
+    issued = [n for n in notes if n.status == NoteStatus.ISSUED]
+    linked: dict[str, int] = {}
+    for note in issued:
+        for refund_id, amount in note.refund_links or ():
+            linked[refund_id] = linked.get(refund_id, 0) + amount
+    outside = sum(max(r.amount - linked.get(r.id, 0), 0) for r in refunds if r.status not in _REFUND_FINAL)
+    unknown = sum(n.refunded for n in issued if n.refund_links is None)
+    return max(outside - unknown, 0)
 
 
 # Stripe's credit note reasons (the `reason` parameter's enum).

@@ -8,6 +8,7 @@ recorded from what Stripe says. Knows no SQL and no status codes."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from service.domain import (
     CreateClaim,
     DomainError,
     FailedPrecondition,
+    InvalidArgument,
     Invoice,
     NotFound,
     Status,
@@ -27,6 +29,8 @@ from service.domain import (
 from service.domain import fingerprint as fingerprint_of
 from service.payments import StripePayments
 from service.stripe_objects import CREATE_KEY, credit_note_from_stripe, invoice_from_stripe, refund_from_stripe
+
+log = logging.getLogger(__name__)
 
 
 class RefundRecords(Protocol):
@@ -105,8 +109,11 @@ class Refunding(KeyedAttempts):
             await self._records.record_stripe_invoice(invoice_from_stripe(invoice), stripe_time=asked_at)
             raise FailedPrecondition(f"invoice {stripe_id} is {status}; only paid can be refunded")
         listed = notes if notes is not None else await self._payments.credit_notes(stripe_id)
+        described = [credit_note_from_stripe(n) for n in listed]
+        for note in described:  # recorded first: a note kept without its refunds learns them
+            await self._records.record_stripe_credit_note(note, stripe_time=asked_at)
         refunds = await self._refunds(stripe_id, asked_at)
-        left = left_to_refund(invoice, [credit_note_from_stripe(n) for n in listed], refunds)
+        left = left_to_refund(invoice, described, refunds)
         currency = invoice.get("currency") or ""
         if left == 0:
             raise FailedPrecondition(f"invoice {stripe_id} has nothing left to refund")
@@ -118,8 +125,15 @@ class Refunding(KeyedAttempts):
         """The refunds of the invoice's payments, recorded as Stripe listed them: one made
         without a note may not have reached the record by its webhook yet, and the answer
         should show what the check counted."""
-        listed = [refund_from_stripe(r) for r in await self._payments.refunds_of(stripe_id)]
-        refunds = [r for r in listed if r is not None]
+        refunds = []
+        for obj in await self._payments.refunds_of(stripe_id):
+            try:
+                refund = refund_from_stripe(obj)
+            except InvalidArgument as error:  # the webhook rejects it too, at ERROR
+                log.warning("a refund the service cannot read", extra={"refund": obj.get("id"), "error": str(error)})
+                continue
+            if refund is not None:
+                refunds.append(refund)
         await self._records.record_stripe_refunds(stripe_id, refunds, stripe_time=asked_at)
         return refunds
 

@@ -80,8 +80,9 @@ def _optional_id(value: object) -> str | None:
     return value
 
 
-def _minor_units(obj: Mapping[str, Any], key: str) -> int:
-    value = obj.get(key) or 0
+def _minor_units(obj: Mapping[str, Any], key: str, *, required: bool = False) -> int:
+    """An amount; one Stripe leaves out or nulls is 0 unless `required`."""
+    value = obj[key] if required else obj.get(key) or 0
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _INT64:
         raise ValueError(f"{key} {value!r} is not a non-negative 64-bit integer")
     return value
@@ -102,11 +103,15 @@ def _refunded(obj: Mapping[str, Any], amount: int, out_of_band: int) -> int:
     return amount - out_of_band
 
 
-def _refund_ids(obj: Mapping[str, Any]) -> tuple[str, ...]:
-    """The refunds the note made or linked, in either API version's field."""
+def _refund_links(obj: Mapping[str, Any], refunded: int) -> tuple[tuple[str, int], ...]:
+    """The refunds the note made or linked, each with the part of it the note counts: in
+    `refunds` with its amount, or (2023) the one `refund`, all of what the note refunded."""
     refunds = obj.get("refunds")
-    named = [r.get("refund") for r in refunds] if isinstance(refunds, list) else [obj.get("refund")]
-    return tuple(ref for ref in map(_optional_id, named) if ref is not None)
+    if isinstance(refunds, list):
+        named = [(_optional_id(r.get("refund")), _minor_units(r, "amount_refunded")) for r in refunds]
+        return tuple((ref, amount) for ref, amount in named if ref is not None)
+    single = _optional_id(obj.get("refund"))
+    return ((single, refunded),) if single is not None else ()
 
 
 def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
@@ -130,7 +135,7 @@ def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
             memo=_text(obj.get("memo") or ""),
             currency=_currency(obj),
             created=_created(obj),
-            refund_ids=_refund_ids(obj),
+            refund_links=_refund_links(obj, refunded),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidArgument("data.object", f"not a Stripe credit note: {type(exc).__name__} {exc}") from exc
@@ -168,14 +173,16 @@ def refund_from_stripe(obj: Mapping[str, Any]) -> StripeRefund | None:
             id=_text(obj["id"]),
             payment_intent=payment_intent,
             status=RefundStatus(obj["status"]),
-            amount=_minor_units(obj, "amount"),
+            amount=_minor_units(obj, "amount", required=True),  # a refund of no amount says nothing
             reason=_text(obj.get("reason") or ""),
             currency=_currency(obj),
             created=_created(obj),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidArgument("data.object", f"not a Stripe refund: {type(exc).__name__} {exc}") from exc
-    if not validation.STRIPE_ID["re"].fullmatch(refund.id) or not validation.STRIPE_ID["pi"].fullmatch(payment_intent):
+    # `re_` for a card's refund, `pyr_` for one of a payment by bank debit or transfer.
+    is_refund = any(validation.STRIPE_ID[prefix].fullmatch(refund.id) for prefix in ("re", "pyr"))
+    if not is_refund or not validation.STRIPE_ID["pi"].fullmatch(payment_intent):
         raise InvalidArgument("data.object.id", "not a Stripe refund id of a payment intent")
     return refund
 

@@ -31,7 +31,9 @@ MAX_USER_FIELD = 200
 CURRENCY = re.compile(r"[a-z]{3}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
-STRIPE_ID = {prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm", "cn", "pi", "re")}
+STRIPE_ID = {
+    prefix: re.compile(prefix + r"_[A-Za-z0-9]{1,250}") for prefix in ("in", "cus", "pm", "cn", "pi", "re", "pyr")
+}
 
 
 def page(

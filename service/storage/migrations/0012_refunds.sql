@@ -28,10 +28,16 @@ CREATE TABLE refunds (
 );
 CREATE INDEX refunds_payment_intent ON refunds (payment_intent);
 
--- The refunds a credit note made or linked (its `refunds[].refund`, or the 2023 `refund`):
--- already in the note's `refunded`, so the totals do not count them again. The default
--- keeps the old code's inserts valid during a rollout (expand-only).
-ALTER TABLE credit_notes ADD COLUMN refund_ids text[] NOT NULL DEFAULT '{}';
+-- The refunds a credit note made or linked (its `refunds[].refund`, or the 2023 `refund`),
+-- each with the part of it the note counts (`refunds[].amount_refunded`; a refund can be
+-- linked in part): that part is in the note's `refunded`, so the totals count only the rest
+-- of the refund again. NULL for a note recorded without them (before this migration, or by
+-- the previous version during a rollout): which refunds it made is unknown, so the totals
+-- count its `refunded` against refunds no note names (service/credit_notes.py).
+ALTER TABLE credit_notes ADD COLUMN refund_ids text[], ADD COLUMN refund_amounts bigint[],
+    ADD CONSTRAINT credit_notes_refund_links CHECK (
+        (refund_ids IS NULL) = (refund_amounts IS NULL)
+        AND cardinality(refund_ids) = cardinality(refund_amounts));
 
 -- stripe_events.stripe_invoice_id holds, for a refund or invoice payment event, the
 -- payment intent it was applied under (its lock key; the invoice may not be known yet).
