@@ -179,8 +179,11 @@ def _strike_each(
 
         wait_for(lambda: recorded() or None, "the storm under way", 300)
         held: list[str] = []
+        # Whether the fault struck the storm: asked as it strikes, not once the cluster is
+        # whole again (a slow rejoin outlasted the storm once, in a fault that struck it).
+        storm_running = sender.poll() is None
         record = strike(cluster, fault, DATABASE, f"chaos-{run}", _holding(proxy, fault, held), f"chaos-{run}-service")
-        record["storm_running"] = sender.poll() is None
+        record["storm_running"] = storm_running
         record["held_creates"] = sorted(set(held))
         records.append(record)
     return records

@@ -61,10 +61,10 @@ def test_a_webhook_storm_through_a_postgres_restart_loses_and_doubles_nothing() 
 
 
 def test_creates_under_stripe_faults_make_exactly_one_invoice_per_key() -> None:
-    figures = _scenario("creates", CHAOS_CREATES="60", CHAOS_KEYLESS="6", CHAOS_FAULT_RATE="0.4")
-    assert figures["stripe_invoices"] == figures["orders"] == figures["rows"] == 66
-    assert figures["keys_with_one_invoice"] == 60
-    assert figures["keyless_orders_with_one_invoice"] == 6
+    figures = _scenario("creates", CHAOS_CREATES="40", CHAOS_KEYLESS="4", CHAOS_FAULT_RATE="0.4")
+    assert figures["stripe_invoices"] == figures["orders"] == figures["rows"] == 44
+    assert figures["keys_with_one_invoice"] == 40
+    assert figures["keyless_orders_with_one_invoice"] == 4
     assert figures["stripe_invoices_per_order_max"] == 1
     assert figures["orders_charged_twice"] == 0
     assert figures["keys_with_several_invoices"] == figures["invoices_without_their_one_item"] == 0
@@ -75,7 +75,7 @@ def test_creates_under_stripe_faults_make_exactly_one_invoice_per_key() -> None:
     assert figures["replays_naming_another_invoice"] == 0
     # Every fifth keyed order refunded by half through the same faults: one credit note each,
     # for the amount asked, none refunded twice.
-    assert figures["refunds_asked"] == figures["refunds_answered"] == figures["credit_notes"] == 12
+    assert figures["refunds_asked"] == figures["refunds_answered"] == figures["credit_notes"] == 8
     assert figures["credit_notes_per_refund_max"] == 1
     assert figures["orders_refunded_twice"] == figures["refunds_not_as_asked"] == figures["credit_notes_not_asked"] == 0
     # The emulator's webhooks, each applied once by the count its applying transaction kept.
@@ -91,6 +91,10 @@ def test_creates_under_stripe_faults_make_exactly_one_invoice_per_key() -> None:
     assert faults["stalled_calls_retried"] > 0
 
 
+@pytest.mark.skipif(
+    os.environ.get("CHAOS_SCENARIO_TESTS") != "1",
+    reason="make chaos runs it (scenario `stripe stalls`, in CI too): make test keeps to 10 minutes",
+)
 def test_creates_under_stripe_stalls_alone_time_out_and_still_make_one_invoice_per_key() -> None:
     """Stalls only, so what callers see is theirs: the service's Stripe calls time out
     (the SDK's one retry too, often), Creates fail and are retried, and the result is
