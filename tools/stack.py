@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from tools import tls as local_tls
 from tools.customers import DEMO_FILE, prepare_demo
 from tools.direct import MIN_READY_S, held_for
 from tools.direct import direct_channel as direct_channel  # where chaos/failover.py imports it
+from tools.ports import free_port as free_port  # where the tests, bench and chaos import it
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +47,6 @@ ENVOY_FLAGS = ("--use-dynamic-base-id", "--log-level", "warn", "--concurrency", 
 # localstripe accepts any key of this form; it is not a secret.
 LOCALSTRIPE_KEY = "sk_test_localstripe"
 LOCAL_WEBHOOK_SECRET = "whsec_local_development_only"  # noqa: S105 - local emulator only
-
-
-def free_port() -> int:
-    """A port free now, for parts that cannot report the one they picked (localstripe)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def serving(port: int) -> bool:
