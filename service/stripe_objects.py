@@ -4,7 +4,8 @@ of service/payments.py and the events of service/webhooks.py. No I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from service import validation
@@ -25,6 +26,16 @@ _INT64 = 2**63
 _YEAR_10000 = 253_402_300_800
 
 
+@contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Reads a Stripe object field by field: a field missing or of another shape is
+    INVALID_ARGUMENT saying what the object is not (the webhook answers it `rejected`)."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidArgument("data.object", f"not {what}: {type(exc).__name__} {exc}") from exc
+
+
 def _text(value: object) -> str:
     """What Postgres text can hold: no NUL (dropped) and no lone surrogate (JSON can
     escape one, UTF-8 cannot encode it: replaced), so that no invoice Stripe sends is
@@ -36,7 +47,7 @@ def invoice_from_stripe(obj: Mapping[str, Any]) -> StripeInvoice:
     """Reads a Stripe invoice object of any API version since the seed's 2023 sample.
     The owner is the user named at creation (metadata) or, failing that, the Stripe
     customer with Stripe's customer name."""
-    try:
+    with _reading("a Stripe invoice"):
         metadata = obj.get("metadata") or {}
         user_id, user_name = metadata.get(USER_ID), metadata.get(USER_NAME)
         if user_id:
@@ -58,8 +69,6 @@ def invoice_from_stripe(obj: Mapping[str, Any]) -> StripeInvoice:
             created=_created(obj),
             payment_intent=_optional_id(obj.get("payment_intent")),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidArgument("data.object", f"not a Stripe invoice: {type(exc).__name__} {exc}") from exc
     if not validation.STRIPE_ID["in"].fullmatch(invoice.stripe_invoice_id):
         raise InvalidArgument("data.object.id", "not a Stripe invoice id")
     if invoice.payment_intent is not None and not validation.STRIPE_ID["pi"].fullmatch(invoice.payment_intent):
@@ -116,7 +125,7 @@ def _refund_links(obj: Mapping[str, Any], refunded: int) -> tuple[tuple[str, int
 
 def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
     """Reads a Stripe credit note object of any API version since 2023."""
-    try:
+    with _reading("a Stripe credit note"):
         invoice = obj["invoice"]
         invoice_id = invoice.get("id") if isinstance(invoice, Mapping) else invoice  # expanded or not
         amount, out_of_band = _minor_units(obj, "amount"), _minor_units(obj, "out_of_band_amount")
@@ -137,8 +146,6 @@ def credit_note_from_stripe(obj: Mapping[str, Any]) -> StripeCreditNote:
             created=_created(obj),
             refund_links=_refund_links(obj, refunded),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidArgument("data.object", f"not a Stripe credit note: {type(exc).__name__} {exc}") from exc
     if not validation.STRIPE_ID["cn"].fullmatch(note.id) or not validation.STRIPE_ID["in"].fullmatch(
         note.stripe_invoice_id
     ):
@@ -165,7 +172,7 @@ def _created(obj: Mapping[str, Any]) -> int | None:
 def refund_from_stripe(obj: Mapping[str, Any]) -> StripeRefund | None:
     """Reads a Stripe refund object of any API version since 2023; None for a refund of no
     payment intent (a charge made without one), which pays no invoice."""
-    try:
+    with _reading("a Stripe refund"):
         payment_intent = _optional_id(obj.get("payment_intent"))
         if payment_intent is None:
             return None
@@ -178,8 +185,6 @@ def refund_from_stripe(obj: Mapping[str, Any]) -> StripeRefund | None:
             currency=_currency(obj),
             created=_created(obj),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidArgument("data.object", f"not a Stripe refund: {type(exc).__name__} {exc}") from exc
     # `re_` for a card's refund, `pyr_` for one of a payment by bank debit or transfer.
     is_refund = any(validation.STRIPE_ID[prefix].fullmatch(refund.id) for prefix in ("re", "pyr"))
     if not is_refund or not validation.STRIPE_ID["pi"].fullmatch(payment_intent):
@@ -190,7 +195,7 @@ def refund_from_stripe(obj: Mapping[str, Any]) -> StripeRefund | None:
 def invoice_payment_from_stripe(obj: Mapping[str, Any]) -> InvoicePayment | None:
     """Reads a Stripe invoice payment (2025-03-31.basil on); None for one paid by other
     than a payment intent (a payment record, an old charge), which no refund event names."""
-    try:
+    with _reading("a Stripe invoice payment"):
         payment = obj["payment"]
         if payment.get("type") != "payment_intent":
             return None
@@ -198,8 +203,6 @@ def invoice_payment_from_stripe(obj: Mapping[str, Any]) -> InvoicePayment | None
             payment_intent=_text(_optional_id(payment.get("payment_intent")) or ""),
             stripe_invoice_id=_text(_optional_id(obj["invoice"]) or ""),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidArgument("data.object", f"not a Stripe invoice payment: {type(exc).__name__} {exc}") from exc
     if not validation.STRIPE_ID["pi"].fullmatch(paid.payment_intent) or not validation.STRIPE_ID["in"].fullmatch(
         paid.stripe_invoice_id
     ):
