@@ -22,6 +22,7 @@ from tools.localstripe import (
     payment_methods,
     refunds,
     shapes,
+    store_index,
     version,
 )
 from tools.localstripe.config import HOOKS, Hooks, add_routes
@@ -46,6 +47,7 @@ def install(public_base: str = DEFAULT_PUBLIC_BASE) -> None:
         return
     if "localstripe.server" in sys.modules:
         raise RuntimeError("localstripe.server was imported before tools.localstripe could patch its routes")
+    store_index.patch()
     errors.patch()
     invoices.patch()
     invoice_lifecycle.patch()

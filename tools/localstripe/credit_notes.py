@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tools.localstripe import store_index
 from tools.localstripe.credit_note_params import CreditNoteParams, LineParams, parse
 from tools.localstripe.customers import adjust_balance
 from tools.localstripe.errors import bad_request, invalid_param, reject_unknown
@@ -342,7 +343,7 @@ def list_notes(invoice: Any = None, customer: Any = None, created: Any = None, *
     if invoice is not None:
         notes = [resources.store[f"credit_note:{n}"] for n in _notes_of(resources.Invoice._api_retrieve(invoice))]
     else:
-        notes = [obj for obj in resources.store.values() if isinstance(obj, CreditNote)]
+        notes = store_index.of_type(CreditNote.object)
     page = resources.List("/v1/credit_notes", **params)
     page._list = sorted(
         (note for note in reversed(notes) if all(f(note) for f in filters)), key=lambda n: n.created, reverse=True

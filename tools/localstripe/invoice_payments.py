@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tools.localstripe import store_index
 from tools.localstripe.errors import invalid_param, one_of, reject_unknown
 from tools.localstripe.invoices import created_filters
 from tools.localstripe.stock import emit, resources
@@ -60,6 +61,6 @@ def list_payments(
             lambda p: p.payment["type"] == payment["type"] and all(p.payment.get(k) == v for k, v in wanted.items())
         )
     page = resources.List("/v1/invoice_payments", **params)
-    found = [obj for obj in resources.store.values() if isinstance(obj, InvoicePayment)]
+    found = store_index.of_type(InvoicePayment.object)
     page._list = sorted((p for p in found if all(f(p) for f in filters)), key=lambda p: p.created, reverse=True)
     return page
