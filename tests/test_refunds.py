@@ -14,7 +14,7 @@ import grpc
 import httpx
 import stripe
 
-from tests.helpers import READ_KEY, REQUEST, Stack, poll_until, wait_for_status
+from tests.helpers import READ_KEY, REQUEST, Stack, poll_until, until_delivered, wait_for_status
 from tests.test_manage import create
 from tests.test_watch_gateway import ndjson
 from tools.customers import customer_with_card
@@ -46,9 +46,12 @@ async def at_stripe(client: stripe.StripeClient, invoice_id: str) -> tuple[list[
 
 
 async def test_a_full_refund_gives_everything_back_once(
-    http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+    http: httpx.AsyncClient, stripe_client: stripe.StripeClient, localstripe: str
 ) -> None:
     invoice = await paid_invoice(http, stripe_client)
+    # The payment's own events (invoice_payment.paid, a late invoice.paid) update the record
+    # too: the watch's first change must be the refund's, so they land before it opens.
+    await until_delivered(localstripe)
     key = uuid.uuid4().hex
     async with ndjson(http, invoiceId=invoice["id"]) as lines:
         assert (await asyncio.wait_for(lines.get(), 10))["kind"] == "KIND_BOOKMARK"
