@@ -22,6 +22,10 @@ SWAGGER_UI_VERSION := 5.35.0
 SWAGGER_UI_SHA256 := 1b8e891893404ea4c3558b6a87e2a3e494e7eedba41168c2ece5800a391a6ea6
 SWAGGER_UI := .build/swagger-ui
 SWAGGER_UI_TGZ := $(SWAGGER_UI)/swagger-ui-dist-$(SWAGGER_UI_VERSION).tgz
+# make test's pytest workers (pytest-xdist): the machines have 2 cores. The load and fault
+# scenarios run one after another on one worker (tests/conftest.py, SCENARIOS); the rest
+# share both. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install debian-tools patroni container-tools lock base-image image image-smoke generate check-generated lint format typecheck test run bench chaos clean release-contract cluster
@@ -146,7 +150,7 @@ typecheck: install
 	$(BIN)/mypy
 
 test: lint typecheck debian-tools patroni
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 run: check-generated
 	TLS=$(TLS) $(BIN)/python -m tools.stack

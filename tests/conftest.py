@@ -37,6 +37,16 @@ from tools.stack import (
 )
 
 TEMPLATE = "invoices_template"
+# The scenarios that load the machine and time what they see (faults under a storm, restarts
+# under load, the benchmark): `make test` runs on two workers (pytest-xdist, --dist
+# loadgroup), and these run one after another on one of them, never two at once.
+SCENARIOS = ("test_chaos.py", "test_rolling.py", "test_restart.py", "test_frozen.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SCENARIOS:
+            item.add_marker(pytest.mark.xdist_group("scenarios"))
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,16 @@ Postgres, Patroni, etcd): picked below the kernel's ephemeral range, which port-
 and every outgoing connection draw from. A port picked from that range was free when
 probed and could be an outgoing connection's a moment later: a fresh make chaos saw
 Patroni's Postgres refused its port 40011 ("Address already in use") and the cluster
-never formed (2026-12-06)."""
+never formed (2026-12-06).
+
+Processes of one run that pick at once (make test's pytest-xdist workers) could each find
+the same port free before either's part binds it: each worker picks from a slice of its
+own (PYTEST_XDIST_WORKER gw0, gw1, ... of PYTEST_XDIST_WORKER_COUNT); the parts it starts
+inherit its environment, and with it its slice."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -21,7 +27,13 @@ def _below_ephemeral() -> range:
         first = int(_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         first = 32_768  # Linux's default
-    return range(_LOWEST, max(first, _LOWEST + 1_000))
+    whole = range(_LOWEST, max(first, _LOWEST + 1_000))
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and workers.isdigit() and int(workers) > 0):
+        return whole
+    size = len(whole) // int(workers)
+    start = whole.start + int(worker[2:]) % int(workers) * size
+    return range(start, start + size)
 
 
 def free_port() -> int:
