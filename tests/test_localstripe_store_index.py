@@ -63,9 +63,25 @@ def test_the_index_lists_what_a_scan_finds_through_every_write(store: Any) -> No
     assert store_index.of_type("customer") == [customers[0], customers[2]]
     assert store_index.of_type("balance") == [store["balance"]]
 
+    store.update({"customer:cus_9": SimpleNamespace(id="cus_9")})  # onto an index in use
+    agree(store)
+
     snapshot = dict(store)
     store.clear()
     assert store_index.of_type("customer") == []
     store.update(snapshot)  # how stock loads its pickle
     agree(store)
     assert store_index.of_type("invoiceitem") == items
+
+
+def test_a_write_whose_save_fails_is_still_listed(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unwritable(self: Any) -> None:
+        raise OSError("localstripe.pickle: read-only file system")
+
+    monkeypatch.setattr(resources.Store, "dump_to_disk", unwritable)
+    with pytest.raises(OSError):
+        store["customer:cus_1"] = SimpleNamespace(id="cus_1")
+    agree(store)
+    with pytest.raises(OSError):
+        del store["customer:cus_1"]
+    agree(store)

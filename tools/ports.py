@@ -8,7 +8,8 @@ never formed (2026-12-06).
 Processes of one run that pick at once (make test's pytest-xdist workers) could each find
 the same port free before either's part binds it: each worker picks from a slice of its
 own (PYTEST_XDIST_WORKER gw0, gw1, ... of PYTEST_XDIST_WORKER_COUNT); the parts it starts
-inherit its environment, and with it its slice."""
+inherit its environment, and with it its slice. (A worker xdist starts in place of one that
+crashed, gw2 of 2, shares gw0's slice: that run has failed already.)"""
 
 from __future__ import annotations
 

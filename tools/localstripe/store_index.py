@@ -45,16 +45,21 @@ def of_type(object_name: str) -> list[Any]:
 
 def _set_with(stock: Callable[..., None]) -> Callable[..., None]:
     def set_item(self: Any, key: str, value: Any) -> None:
-        stock(self, key, value)
-        _index(self).setdefault(_type_of(key), {})[key] = value
+        try:
+            stock(self, key, value)  # the dict's write, then stock's save to its pickle
+        finally:  # a save that failed leaves the write made
+            _index(self).setdefault(_type_of(key), {})[key] = value
 
     return set_item
 
 
 def _delete_with(stock: Callable[..., None]) -> Callable[..., None]:
     def delete_item(self: Any, key: str) -> None:
-        stock(self, key)
-        _index(self).get(_type_of(key), {}).pop(key, None)
+        try:
+            stock(self, key)
+        finally:
+            if key not in self:  # deleted, even if the save after it failed
+                _index(self).get(_type_of(key), {}).pop(key, None)
 
     return delete_item
 
