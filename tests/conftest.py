@@ -1,6 +1,7 @@
 """Shared fixtures: one real Postgres per test session (the embedded one, or the server
 in TEST_DATABASE_URL), a fresh migrated database per test cloned from a template, and
-the real gRPC server on a free port with a real channel to it."""
+the real gRPC server on a free port with a real channel to it. Each pytest-xdist worker of
+`make test` is a session of its own; the hooks below say what the workers share."""
 
 from __future__ import annotations
 
